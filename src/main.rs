@@ -1,0 +1,239 @@
+//! The `vlembed` command line: `serve` (the HTTP server, the default) and
+//! `embed` (one input, printed as JSON).
+//!
+//! Owns argument parsing, logging setup, the tokio runtime and OS signals;
+//! the server itself is [`vlembed::app`], configured by [`vlembed::config`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use vlembed::embedder::Embedder;
+use vlembed::input::{Input, Role};
+use vlembed::config::{Config, Layers, Overrides};
+use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
+
+#[derive(Parser)]
+#[command(
+    name = "vlembed",
+    version,
+    about = "Serves the BGE-VL vision-language embedding models",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "VLEMBED_JSON_LOGS")]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand, `vlembed` runs `serve` with these arguments.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (the default command).
+    Serve(ServeArgs),
+    /// Embed one input and print {"model", "dimensions", "embedding"} on stdout.
+    Embed(EmbedArgs),
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// A TOML configuration file (see config/default.toml for every key).
+    #[arg(long, env = "VLEMBED_CONFIG")]
+    config: Option<PathBuf>,
+    /// Serve this one model (a Hub id or a local directory) instead of the
+    /// config file's [[models]].
+    #[arg(long)]
+    model: Option<String>,
+    /// The served model's name (default: the Hub id or the directory name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Hub revision (branch, tag or commit) of every served model.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Address to listen on.
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Devices of every served model, comma separated: cpu, cuda:0, cuda:1, ...
+    #[arg(long, value_parser = parse_devices)]
+    devices: Option<Devices>,
+    /// Weight precision of every served model.
+    #[arg(long)]
+    dtype: Option<Precision>,
+}
+
+#[derive(Clone)]
+struct Devices(Vec<DeviceSpec>);
+
+fn parse_devices(s: &str) -> Result<Devices, String> {
+    vlembed::config::parse_devices(s).map(Devices)
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// A Hub id (BAAI/BGE-VL-base) or a local directory in the Hub layout.
+    #[arg(long)]
+    model: String,
+    /// The model's name in the output (default: the Hub id or directory name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    revision: Option<String>,
+    #[arg(long)]
+    text: Option<String>,
+    /// Path of an image file.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    instruction: Option<String>,
+    #[arg(long, default_value = "candidate")]
+    role: Role,
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Return the unnormalised embedding.
+    #[arg(long)]
+    no_normalize: bool,
+    /// Refuse texts over the model's token limit instead of truncating them.
+    #[arg(long)]
+    no_truncate: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VLEMBED_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn embed(args: EmbedArgs) -> anyhow::Result<()> {
+    if args.text.is_none() && args.image.is_none() {
+        anyhow::bail!("give --text, --image or both");
+    }
+    let image = match &args.image {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read image {}", p.display()))?),
+        None => None,
+    };
+    let source = ModelSource::parse(&args.model, args.revision.as_deref());
+    let name = args.model_name.clone().unwrap_or_else(|| source.default_name());
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        ..Default::default()
+    };
+    let embedder = Embedder::load(&source, args.device, &opts)
+        .with_context(|| format!("cannot load model {}", source.describe()))?;
+    let input = Input {
+        text: args.text,
+        image,
+        instruction: args.instruction,
+        role: args.role,
+    };
+    let mut out = embedder.embed(&[input], !args.no_normalize, !args.no_truncate)?;
+    let embedding = out.pop().context("the model returned no embedding")?;
+    let json = serde_json::json!({
+        "model": name,
+        "dimensions": embedding.len(),
+        "embedding": embedding,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let flags = Overrides {
+        host: args.host,
+        port: args.port,
+        api_keys: None,
+        model: args.model,
+        model_name: args.model_name,
+        revision: args.revision,
+        devices: args.devices.map(|d| d.0),
+        dtype: args.dtype,
+    };
+    let config = Config::load(&Layers::from_process_env(args.config, flags))?;
+    for m in &config.models {
+        tracing::info!(
+            model = %m.name,
+            source = %m.source,
+            dtype = %m.dtype,
+            devices = ?m.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            "configured model"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vlembed-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = vlembed::app::start(config, vlembed::app::Hooks::default()).await?;
+        let trigger = server.shutdown_trigger();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            trigger.shutdown();
+        });
+        server.wait().await?;
+        Ok(())
+    })
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.json_logs);
+    let result = match cli.command {
+        Some(Command::Embed(args)) => embed(args),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
