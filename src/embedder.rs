@@ -5,8 +5,10 @@
 //! Owns the post-processing every front end shares: L2 normalisation.
 
 use crate::input::Input;
-use crate::models::{DeviceSpec, EmbeddingModel, LoadOptions, LoadedModel, ModelError, ModelInfo, ModelSource};
-use crate::preprocess::{PreprocessError, Prepared};
+use crate::models::{
+    DeviceSpec, EmbeddingModel, LoadOptions, LoadedModel, ModelError, ModelInfo, ModelSource,
+};
+use crate::preprocess::{Prepared, PreprocessError};
 
 /// Why a synchronous embedding failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +25,11 @@ pub enum EmbedError {
 
 /// L2-normalises `v` in place (a zero vector stays zero).
 pub fn l2_normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let norm = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
     if norm > 0.0 {
         let inv = (1.0 / norm) as f32;
         v.iter_mut().for_each(|x| *x *= inv);
@@ -38,7 +44,11 @@ pub struct Embedder {
 
 impl Embedder {
     /// Loads `source` onto `device`.
-    pub fn load(source: &ModelSource, device: DeviceSpec, opts: &LoadOptions) -> Result<Self, ModelError> {
+    pub fn load(
+        source: &ModelSource,
+        device: DeviceSpec,
+        opts: &LoadOptions,
+    ) -> Result<Self, ModelError> {
         let loaded = LoadedModel::open(source, opts)?;
         let replica = loaded.replica(&device.open()?)?;
         Ok(Embedder { loaded, replica })
@@ -54,7 +64,11 @@ impl Embedder {
     }
 
     /// Embeds already prepared inputs in one batch.
-    pub fn embed_prepared(&self, items: &[&Prepared], normalize: bool) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn embed_prepared(
+        &self,
+        items: &[&Prepared],
+        normalize: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut out = self.replica.embed(items)?;
         if normalize {
             out.iter_mut().for_each(|v| l2_normalize(v));
@@ -63,11 +77,19 @@ impl Embedder {
     }
 
     /// Preprocesses and embeds `inputs` in one batch.
-    pub fn embed(&self, inputs: &[Input], normalize: bool, truncate: bool) -> Result<Vec<Vec<f32>>, EmbedError> {
+    pub fn embed(
+        &self,
+        inputs: &[Input],
+        normalize: bool,
+        truncate: bool,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let prepared = inputs
             .iter()
             .enumerate()
-            .map(|(index, i)| self.prepare(i, truncate).map_err(|source| EmbedError::Input { index, source }))
+            .map(|(index, i)| {
+                self.prepare(i, truncate)
+                    .map_err(|source| EmbedError::Input { index, source })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Prepared> = prepared.iter().collect();
         Ok(self.embed_prepared(&refs, normalize)?)

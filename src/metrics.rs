@@ -66,8 +66,11 @@ impl Metrics {
             IntGaugeVec::new(Opts::new(name, help), labels).map(|m| reg(&registry, m))
         };
         let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-                .map(|m| reg(&registry, m))
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .map(|m| reg(&registry, m))
         };
         let build = || -> prometheus::Result<Metrics> {
             Ok(Metrics {
@@ -106,7 +109,11 @@ impl Metrics {
                     &["model"],
                     BATCH_BUCKETS,
                 )?,
-                queue_depth: gauge("vlembed_queue_depth", "Inputs waiting in the queue", &["model"])?,
+                queue_depth: gauge(
+                    "vlembed_queue_depth",
+                    "Inputs waiting in the queue",
+                    &["model"],
+                )?,
                 inputs: counter(
                     "vlembed_inputs_total",
                     "Inputs embedded, by modality",
@@ -157,14 +164,20 @@ mod tests {
     fn every_contract_metric_is_exported() {
         let m = Metrics::new();
         m.requests.with_label_values(&["/embed", "m", "200"]).inc();
-        m.request_duration.with_label_values(&["/embed", "m"]).observe(0.1);
+        m.request_duration
+            .with_label_values(&["/embed", "m"])
+            .observe(0.1);
         m.queue_duration.with_label_values(&["m"]).observe(0.01);
         m.inference_duration.with_label_values(&["m"]).observe(0.02);
-        m.preprocess_duration.with_label_values(&["m", "image"]).observe(0.003);
+        m.preprocess_duration
+            .with_label_values(&["m", "image"])
+            .observe(0.003);
         m.batch_size.with_label_values(&["m"]).observe(4.0);
         m.queue_depth.with_label_values(&["m"]).set(3);
         m.inputs.with_label_values(&["m", "text"]).inc();
-        m.rejected.with_label_values(&["m", reason::QUEUE_FULL]).inc();
+        m.rejected
+            .with_label_values(&["m", reason::QUEUE_FULL])
+            .inc();
         m.model_ready.with_label_values(&["m"]).set(1);
         let text = m.render();
         for name in [

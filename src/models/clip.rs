@@ -9,7 +9,9 @@
 //! - composed inputs: the sum of the two unnormalised embeddings.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
+};
 use serde::Deserialize;
 
 use super::{EmbeddingModel, ModelError};
@@ -101,7 +103,18 @@ fn d_eos() -> u32 {
 macro_rules! defaults {
     ($($name:ident = $v:expr),*) => { $(fn $name() -> usize { $v })* };
 }
-defaults!(d_3 = 3, d_8 = 8, d_12 = 12, d_32 = 32, d_77 = 77, d_224 = 224, d_512 = 512, d_768 = 768, d_2048 = 2048, d_3072 = 3072);
+defaults!(
+    d_3 = 3,
+    d_8 = 8,
+    d_12 = 12,
+    d_32 = 32,
+    d_77 = 77,
+    d_224 = 224,
+    d_512 = 512,
+    d_768 = 768,
+    d_2048 = 2048,
+    d_3072 = 3072
+);
 
 /// The parts of a CLIP `config.json` the model needs.
 #[derive(Debug, Clone)]
@@ -132,7 +145,7 @@ impl ClipConfig {
                 .ok_or("projection_dim is not a positive integer")? as usize,
         };
         let check_heads = |what: &str, hidden: usize, heads: usize| {
-            if heads == 0 || hidden % heads != 0 {
+            if heads == 0 || !hidden.is_multiple_of(heads) {
                 Err(format!(
                     "{what}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
                 ))
@@ -140,14 +153,18 @@ impl ClipConfig {
                 Ok(())
             }
         };
-        check_heads("text_config", text_config.hidden_size, text_config.num_attention_heads)?;
+        check_heads(
+            "text_config",
+            text_config.hidden_size,
+            text_config.num_attention_heads,
+        )?;
         check_heads(
             "vision_config",
             vision_config.hidden_size,
             vision_config.num_attention_heads,
         )?;
         let vc = &vision_config;
-        if vc.patch_size == 0 || vc.image_size % vc.patch_size != 0 {
+        if vc.patch_size == 0 || !vc.image_size.is_multiple_of(vc.patch_size) {
             return Err(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
                 vc.image_size, vc.patch_size
@@ -248,7 +265,9 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let h = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
-        let m = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&h)?)?)?)?;
+        let m = self
+            .fc2
+            .forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&h)?)?)?)?;
         h + m
     }
 }
@@ -269,7 +288,9 @@ impl Encoder {
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let layers = (0..n)
-            .map(|i| EncoderLayer::new(hidden, inter, heads, eps, act, vb.pp(format!("layers.{i}"))))
+            .map(|i| {
+                EncoderLayer::new(hidden, inter, heads, eps, act, vb.pp(format!("layers.{i}")))
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok(Encoder { layers })
     }
@@ -297,7 +318,11 @@ impl TextTower {
     fn new(c: &ClipTextConfig, proj: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let tm = vb.pp("text_model");
         Ok(TextTower {
-            token_embedding: embedding(c.vocab_size, c.hidden_size, tm.pp("embeddings.token_embedding"))?,
+            token_embedding: embedding(
+                c.vocab_size,
+                c.hidden_size,
+                tm.pp("embeddings.token_embedding"),
+            )?,
             position_embedding: tm.get(
                 (c.max_position_embeddings, c.hidden_size),
                 "embeddings.position_embedding.weight",
@@ -330,7 +355,9 @@ impl TextTower {
             }
             best
         } else {
-            ids.iter().position(|&id| id == self.eos_token_id).unwrap_or(0)
+            ids.iter()
+                .position(|&id| id == self.eos_token_id)
+                .unwrap_or(0)
         }
     }
 
@@ -401,7 +428,10 @@ impl VisionTower {
         Ok(VisionTower {
             patch_weight,
             class_embedding: vm.get(c.hidden_size, "embeddings.class_embedding")?,
-            position_embedding: vm.get((num_pos, c.hidden_size), "embeddings.position_embedding.weight")?,
+            position_embedding: vm.get(
+                (num_pos, c.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
             pre_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vm.pp("pre_layrnorm"))?,
             encoder: Encoder::new(
                 c.num_hidden_layers,
@@ -438,7 +468,9 @@ impl VisionTower {
             .contiguous()?
             .reshape((n * g * g, ch * p * p))?;
         let hidden = self.patch_weight.dim(1)?;
-        let emb = patches.matmul(&self.patch_weight)?.reshape((n, g * g, hidden))?;
+        let emb = patches
+            .matmul(&self.patch_weight)?
+            .reshape((n, g * g, hidden))?;
         let cls = self
             .class_embedding
             .reshape((1, 1, hidden))?
@@ -474,7 +506,10 @@ impl ClipModel {
 
     /// Unnormalised text embeddings, [n, proj] in f32.
     pub fn embed_texts(&self, seqs: &[&[u32]]) -> Result<Tensor, ModelError> {
-        Ok(self.text.forward(seqs, &self.device)?.to_dtype(DType::F32)?)
+        Ok(self
+            .text
+            .forward(seqs, &self.device)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Unnormalised image embeddings from channel-first pixel planes, [n, proj] in f32.
@@ -491,7 +526,8 @@ impl ClipModel {
             }
             flat.extend_from_slice(img);
         }
-        let pixels = Tensor::from_vec(flat, (images.len(), c, s, s), &self.device)?.to_dtype(self.dtype)?;
+        let pixels =
+            Tensor::from_vec(flat, (images.len(), c, s, s), &self.device)?.to_dtype(self.dtype)?;
         Ok(self.vision.forward(&pixels)?.to_dtype(DType::F32)?)
     }
 }
@@ -521,7 +557,9 @@ impl EmbeddingModel for ClipModel {
                 None => None,
             };
             if t.is_none() && v.is_none() {
-                return Err(ModelError::Batch(format!("item {i} has neither text nor image")));
+                return Err(ModelError::Batch(format!(
+                    "item {i} has neither text nor image"
+                )));
             }
             rows.push((t, v));
         }
@@ -578,7 +616,9 @@ mod tests {
         let v = serde_json::json!({"vision_config": {"image_size": 100, "patch_size": 32}});
         assert!(ClipConfig::from_json(&v).unwrap_err().contains("multiple"));
         let v = serde_json::json!({"text_config": {"hidden_act": "swish"}});
-        assert!(ClipConfig::from_json(&v).unwrap_err().contains("text_config"));
+        assert!(ClipConfig::from_json(&v)
+            .unwrap_err()
+            .contains("text_config"));
     }
 
     #[test]

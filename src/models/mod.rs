@@ -115,7 +115,9 @@ impl FromStr for Precision {
             "f32" | "float32" => Ok(Precision::F32),
             "f16" | "float16" | "half" => Ok(Precision::F16),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => Err(format!("unknown dtype {other:?}: expected f32, f16 or bf16")),
+            other => Err(format!(
+                "unknown dtype {other:?}: expected f32, f16 or bf16"
+            )),
         }
     }
 }
@@ -217,9 +219,8 @@ impl LoadedModel {
     pub fn open(source: &ModelSource, opts: &LoadOptions) -> Result<Self, ModelError> {
         let files = ModelFiles::new(source)?;
         let config_path = files.required(source::CONFIG)?;
-        let config_text = std::fs::read_to_string(&config_path).map_err(|e| {
-            ModelError::Load(format!("cannot read {}: {e}", config_path.display()))
-        })?;
+        let config_text = std::fs::read_to_string(&config_path)
+            .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", config_path.display())))?;
         let config: serde_json::Value =
             serde_json::from_str(&config_text).map_err(|e| ModelError::Config {
                 path: config_path.display().to_string(),
@@ -228,19 +229,18 @@ impl LoadedModel {
         let arch = Architecture::detect(&config, &config_path)?;
         match arch {
             Architecture::Clip => {
-                let cfg = clip::ClipConfig::from_json(&config).map_err(|message| {
-                    ModelError::Config {
+                let cfg =
+                    clip::ClipConfig::from_json(&config).map_err(|message| ModelError::Config {
                         path: config_path.display().to_string(),
                         message,
-                    }
-                })?;
+                    })?;
                 let tokenizer_path = files.required(source::TOKENIZER)?;
                 let pre_path = files.required(source::PREPROCESSOR_CONFIG)?;
                 let pre = preprocess::ClipPreprocessor::load(
                     &tokenizer_path,
                     &pre_path,
                     cfg.text_config.max_position_embeddings,
-                    opts.image_limits.clone(),
+                    opts.image_limits,
                 )
                 .map_err(ModelError::Load)?;
                 let (h, w) = pre.crop_size();
@@ -273,10 +273,9 @@ impl LoadedModel {
         let dtype = self.info.dtype.dtype();
         // SAFETY: the weight files are memory-mapped read-only; like every
         // safetensors loader we rely on them not being modified while served.
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device)
-        }
-        .map_err(|e| ModelError::Load(format!("cannot map the weights: {e}")))?;
+        let vb =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
+                .map_err(|e| ModelError::Load(format!("cannot map the weights: {e}")))?;
         match &self.kind {
             Kind::Clip(cfg) => {
                 let model = clip::ClipModel::new(cfg, vb)
@@ -297,10 +296,16 @@ mod tests {
         let clip = serde_json::json!({"architectures": ["CLIPModel"], "model_type": "clip"});
         assert_eq!(Architecture::detect(&clip, p).unwrap(), Architecture::Clip);
         let legacy = serde_json::json!({"model_type": "clip"});
-        assert_eq!(Architecture::detect(&legacy, p).unwrap(), Architecture::Clip);
+        assert_eq!(
+            Architecture::detect(&legacy, p).unwrap(),
+            Architecture::Clip
+        );
         let bert = serde_json::json!({"architectures": ["BertModel"]});
         let msg = Architecture::detect(&bert, p).unwrap_err().to_string();
-        assert!(msg.contains("BertModel") && msg.contains("CLIPModel"), "{msg}");
+        assert!(
+            msg.contains("BertModel") && msg.contains("CLIPModel"),
+            "{msg}"
+        );
         let empty = serde_json::json!({});
         let msg = Architecture::detect(&empty, p).unwrap_err().to_string();
         assert!(msg.contains("no \"architectures\""), "{msg}");

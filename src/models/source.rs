@@ -76,7 +76,7 @@ enum Resolver {
     Hub {
         cache: hf_hub::CacheRepo,
         /// The Hub client and the repository's file list, when online.
-        api: Option<(ApiRepo, Vec<String>)>,
+        api: Option<Box<(ApiRepo, Vec<String>)>>,
     },
 }
 
@@ -126,15 +126,17 @@ impl ModelFiles {
                     };
                     let api = api
                         .build()
-                        .map_err(|e| ModelError::Load(format!("cannot set up the Hub client: {e}")))?
+                        .map_err(|e| {
+                            ModelError::Load(format!("cannot set up the Hub client: {e}"))
+                        })?
                         .repo(repo.clone());
                     // One request lists the repository's files; without the
                     // network we carry on with whatever the cache holds.
                     match api.info() {
-                        Ok(info) => Some((
+                        Ok(info) => Some(Box::new((
                             api,
                             info.siblings.into_iter().map(|s| s.rfilename).collect(),
-                        )),
+                        ))),
                         Err(e) => {
                             tracing::warn!(model = %description, error = %e, "Hub unreachable, using the local cache only");
                             None
@@ -162,7 +164,7 @@ impl ModelFiles {
                 if let Some(p) = cache.get(name) {
                     return Ok(Some(p));
                 }
-                let Some((api, files)) = api else {
+                let Some((api, files)) = api.as_deref() else {
                     return Ok(None);
                 };
                 if !files.iter().any(|f| f == name) {
@@ -181,9 +183,8 @@ impl ModelFiles {
 
     /// The local path of `name`, which the model must have.
     pub fn required(&self, name: &str) -> Result<PathBuf, ModelError> {
-        self.optional(name)?.ok_or_else(|| {
-            ModelError::Load(format!("{} has no {name}", self.description))
-        })
+        self.optional(name)?
+            .ok_or_else(|| ModelError::Load(format!("{} has no {name}", self.description)))
     }
 
     /// The safetensors files: `model.safetensors`, or every shard listed in
@@ -192,9 +193,8 @@ impl ModelFiles {
         if let Some(index) = self.optional(SAFETENSORS_INDEX)? {
             let text = std::fs::read_to_string(&index)
                 .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", index.display())))?;
-            let shards = shard_names(&text).map_err(|e| {
-                ModelError::Load(format!("invalid {}: {e}", index.display()))
-            })?;
+            let shards = shard_names(&text)
+                .map_err(|e| ModelError::Load(format!("invalid {}: {e}", index.display())))?;
             return shards.iter().map(|s| self.required(s)).collect();
         }
         if let Some(single) = self.optional(SAFETENSORS)? {

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::clip_image::ClipImageProcessor;
 use super::image::{decode_image, ImageLimits};
 use super::text::TextTokenizer;
-use super::{Pixels, PreprocessError, Prepared};
+use super::{Pixels, Prepared, PreprocessError};
 use crate::input::{Input, Modality};
 
 /// Tokenizer + image processor of a CLIP model.
@@ -27,9 +27,8 @@ impl ClipPreprocessor {
         limits: ImageLimits,
     ) -> Result<Self, String> {
         let tokenizer = TextTokenizer::from_file(tokenizer, max_tokens)?;
-        let images = ClipImageProcessor::from_file(preprocessor_config).map_err(|e| {
-            format!("invalid {}: {e}", preprocessor_config.display())
-        })?;
+        let images = ClipImageProcessor::from_file(preprocessor_config)
+            .map_err(|e| format!("invalid {}: {e}", preprocessor_config.display()))?;
         Ok(ClipPreprocessor {
             tokenizer,
             images,
