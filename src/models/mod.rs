@@ -24,7 +24,7 @@ pub use source::{ModelFiles, ModelSource};
 pub enum ModelError {
     #[error("{0}")]
     Load(String),
-    #[error("unsupported model architecture {found:?} in {path}: vlembed serves {supported}")]
+    #[error("unsupported model architecture {found} in {path}: vlembed serves {supported}")]
     UnknownArchitecture {
         found: String,
         path: String,
@@ -68,8 +68,8 @@ impl Architecture {
             return Ok(Architecture::Clip);
         }
         let found = match (archs.first(), model_type) {
-            (Some(a), _) => a.to_string(),
-            (None, Some(t)) => format!("model_type {t}"),
+            (Some(a), _) => format!("{a:?}"),
+            (None, Some(t)) => format!("(model_type {t:?})"),
             (None, None) => "nothing (no \"architectures\" or \"model_type\")".to_string(),
         };
         Err(ModelError::UnknownArchitecture {
