@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use vlembed::config::{Config, Layers, Overrides};
 use vlembed::embedder::Embedder;
 use vlembed::input::{Input, Role};
-use vlembed::config::{Config, Layers, Overrides};
 use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
 
 #[derive(Parser)]
@@ -127,11 +127,16 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         anyhow::bail!("give --text, --image or both");
     }
     let image = match &args.image {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read image {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::read(p).with_context(|| format!("cannot read image {}", p.display()))?)
+        }
         None => None,
     };
     let source = ModelSource::parse(&args.model, args.revision.as_deref());
-    let name = args.model_name.clone().unwrap_or_else(|| source.default_name());
+    let name = args
+        .model_name
+        .clone()
+        .unwrap_or_else(|| source.default_name());
     let opts = LoadOptions {
         dtype: args.dtype,
         ..Default::default()

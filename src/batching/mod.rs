@@ -1,0 +1,244 @@
+//! Dynamic batching: from a request's inputs to its embeddings, in order.
+//!
+//! Owns the per-model [`Batcher`]: admission into the bounded [`Queue`] (429
+//! instead of growing), preprocessing in a bounded blocking pool (it overlaps
+//! the workers' forward passes), turning each input into a queue [`Item`]
+//! with a deadline, re-assembling the workers' answers in order, and
+//! normalisation. Dropping a request's future cancels its items: they are
+//! skipped before inference. It knows nothing of HTTP and never touches a
+//! tensor or a model replica (that is [`crate::worker`]).
+
+pub mod policy;
+pub mod queue;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::embedder::l2_normalize;
+use crate::input::{Input, Modality};
+use crate::metrics::Metrics;
+use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
+pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
+
+/// How a request wants its inputs handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedOptions {
+    /// L2-normalise each embedding.
+    pub normalize: bool,
+    /// Clip texts over the model's token limit instead of refusing them.
+    pub truncate: bool,
+}
+
+/// A request's embeddings, in input order, with what it used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub embeddings: Vec<Vec<f32>>,
+    /// Text tokens over every input (special tokens included).
+    pub text_tokens: usize,
+    /// Inputs that carried an image.
+    pub images: usize,
+}
+
+/// Why a request got no embeddings.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    #[error("input {index}: {source}")]
+    Input {
+        index: usize,
+        #[source]
+        source: PreprocessError,
+    },
+    #[error("{0}")]
+    Item(ItemError),
+    #[error("the request did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Bounds how many inputs are preprocessed at once, over every model.
+#[derive(Debug, Clone)]
+pub struct PreprocessPool {
+    permits: Arc<Semaphore>,
+}
+
+impl PreprocessPool {
+    pub fn new(concurrency: usize) -> Self {
+        PreprocessPool {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
+    }
+}
+
+/// Sets a flag when dropped: tells queued preprocessing jobs that their
+/// request went away.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The request-facing side of one model: preprocess, queue, await.
+pub struct Batcher {
+    model: String,
+    queue: Arc<Queue>,
+    preprocessor: Arc<Preprocessor>,
+    pool: PreprocessPool,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    pub fn new(
+        queue: Arc<Queue>,
+        preprocessor: Arc<Preprocessor>,
+        pool: PreprocessPool,
+        metrics: Metrics,
+    ) -> Self {
+        Batcher {
+            model: queue.model().to_string(),
+            queue,
+            preprocessor,
+            pool,
+            metrics,
+        }
+    }
+
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
+    }
+
+    /// Embeds `inputs` (in order), giving up `timeout` after `started`
+    /// (when the request arrived).
+    pub async fn embed(
+        &self,
+        inputs: Vec<Input>,
+        opts: EmbedOptions,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<Embedded, EmbedError> {
+        let deadline = started + timeout;
+        let budget = timeout;
+        let run = self.run(inputs, opts, deadline, budget);
+        match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(r) => r,
+            Err(_) => Err(EmbedError::Timeout(budget)),
+        }
+    }
+
+    async fn run(
+        &self,
+        inputs: Vec<Input>,
+        opts: EmbedOptions,
+        deadline: Instant,
+        budget: Duration,
+    ) -> Result<Embedded, EmbedError> {
+        let mut admission = self.queue.admit(inputs.len())?;
+        let prepared = self.prepare_all(inputs, opts.truncate).await?;
+        let text_tokens = prepared.iter().map(|p| p.text_tokens).sum();
+        let images = prepared.iter().filter(|p| p.modality.has_image()).count();
+        let modalities: Vec<Modality> = prepared.iter().map(|p| p.modality).collect();
+        let mut receivers = Vec::with_capacity(prepared.len());
+        let items = prepared
+            .into_iter()
+            .map(|p| {
+                let (item, rx) = Item::new(p, deadline);
+                receivers.push(rx);
+                item
+            })
+            .collect();
+        admission.push(items)?;
+        drop(admission);
+        let mut embeddings = Vec::with_capacity(receivers.len());
+        for rx in receivers {
+            let mut v = match rx.await {
+                Ok(Ok(v)) => v,
+                Ok(Err(ItemError::Expired)) => return Err(EmbedError::Timeout(budget)),
+                Ok(Err(e)) => return Err(EmbedError::Item(e)),
+                Err(_) => {
+                    return Err(EmbedError::Item(ItemError::WorkerDied(
+                        "the input was dropped without an answer".into(),
+                    )))
+                }
+            };
+            if opts.normalize {
+                l2_normalize(&mut v);
+            }
+            embeddings.push(v);
+        }
+        for m in modalities {
+            self.metrics
+                .inputs
+                .with_label_values(&[&self.model, m.as_str()])
+                .inc();
+        }
+        Ok(Embedded {
+            embeddings,
+            text_tokens,
+            images,
+        })
+    }
+
+    /// Preprocesses every input on the blocking pool, at most the pool's
+    /// concurrency at once, and returns them in order (or the first error).
+    async fn prepare_all(
+        &self,
+        inputs: Vec<Input>,
+        truncate: bool,
+    ) -> Result<Vec<Prepared>, EmbedError> {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(Arc::clone(&cancelled));
+        let mut jobs = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let permit = Arc::clone(&self.pool.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| EmbedError::Internal("the preprocessing pool is closed".into()))?;
+            let pre = Arc::clone(&self.preprocessor);
+            let cancelled = Arc::clone(&cancelled);
+            let hist = self.metrics.preprocess_duration.clone();
+            let model = self.model.clone();
+            jobs.push(tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                if cancelled.load(Ordering::Relaxed) {
+                    return Err(PreprocessError::Internal("request cancelled".into()));
+                }
+                let start = Instant::now();
+                let result = pre.prepare(&input, truncate);
+                if let Some(m) = input.modality() {
+                    hist.with_label_values(&[&model, m.as_str()])
+                        .observe(start.elapsed().as_secs_f64());
+                }
+                result
+            }));
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for (index, job) in jobs.into_iter().enumerate() {
+            match job.await {
+                Ok(Ok(p)) => out.push(p),
+                Ok(Err(source)) => return Err(EmbedError::Input { index, source }),
+                Err(e) => {
+                    return Err(EmbedError::Input {
+                        index,
+                        source: PreprocessError::Internal(format!("preprocessing panicked: {e}")),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+}

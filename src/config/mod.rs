@@ -1,0 +1,739 @@
+//! Server configuration: the structs, their layering and their validation.
+//!
+//! Owns reading `config/default.toml` (compiled in), an optional `--config`
+//! file, `VLEMBED_*` environment variables and command-line overrides, in that
+//! order of precedence, into one validated [`Config`]. It touches no model
+//! files and no network; it may not depend on the HTTP, batching or worker
+//! modules.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use crate::models::{DeviceSpec, ModelSource, Precision};
+
+/// The built-in defaults, documented key by key.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Prefix of every environment variable the configuration reads.
+pub const ENV_PREFIX: &str = "VLEMBED_";
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TOML in {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid configuration ({origin}): {message}")]
+    Invalid { origin: String, message: String },
+}
+
+fn invalid(origin: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin: origin.into(),
+        message: message.into(),
+    }
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    pub max_body_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub max_inputs_per_request: usize,
+    pub request_timeout_ms: u64,
+    pub preprocess_threads: usize,
+    pub retry_after_s: u64,
+    pub shutdown_timeout_ms: u64,
+    pub fetch_image_urls: bool,
+}
+
+impl ServerConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// Preprocessing concurrency, `0` resolved to the number of CPU cores.
+    pub fn preprocess_concurrency(&self) -> usize {
+        if self.preprocess_threads > 0 {
+            self.preprocess_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Batching limits of one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_batch_size: usize,
+    pub max_batch_cost: usize,
+    pub max_queue_inputs: usize,
+    pub max_delay: Duration,
+}
+
+/// One served model, after defaults are applied and values validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The name clients use in requests.
+    pub name: String,
+    /// A Hub id or a local directory, as configured.
+    pub source: String,
+    pub revision: String,
+    pub dtype: Precision,
+    pub devices: Vec<DeviceSpec>,
+    pub batching: BatchLimits,
+    pub max_image_pixels: u64,
+}
+
+impl ModelConfig {
+    /// A model with the built-in defaults, named after its source.
+    pub fn with_defaults(source: &str) -> Result<Self, ConfigError> {
+        let defaults = Config::builtin()?.model_defaults;
+        let mut table = defaults;
+        table.insert("source".into(), Value::String(source.to_string()));
+        resolve_model(table, "built-in defaults")
+    }
+
+    /// Where the model's files come from.
+    pub fn model_source(&self) -> ModelSource {
+        ModelSource::parse(&self.source, Some(&self.revision))
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub models: Vec<ModelConfig>,
+    /// `[model_defaults]` as merged from every layer (for models added later).
+    model_defaults: Table,
+}
+
+/// Overrides given on the command line or through the flags' short
+/// environment variables. `None` leaves the layers below untouched.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub api_keys: Option<Vec<String>>,
+    /// Serve this one model instead of the configured list.
+    pub model: Option<String>,
+    pub model_name: Option<String>,
+    pub revision: Option<String>,
+    pub devices: Option<Vec<DeviceSpec>>,
+    pub dtype: Option<Precision>,
+}
+
+impl Overrides {
+    /// `self` with every field that `higher` sets replaced by `higher`'s.
+    pub fn overlay(self, higher: Overrides) -> Overrides {
+        Overrides {
+            host: higher.host.or(self.host),
+            port: higher.port.or(self.port),
+            api_keys: higher.api_keys.or(self.api_keys),
+            model: higher.model.or(self.model),
+            model_name: higher.model_name.or(self.model_name),
+            revision: higher.revision.or(self.revision),
+            devices: higher.devices.or(self.devices),
+            dtype: higher.dtype.or(self.dtype),
+        }
+    }
+}
+
+/// Every source of configuration, lowest precedence first (after the
+/// built-in defaults).
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    /// A TOML file (`--config`).
+    pub file: Option<PathBuf>,
+    /// Environment variables (name, value); names without the `VLEMBED_`
+    /// prefix are ignored.
+    pub env: Vec<(String, String)>,
+    /// Command-line flags.
+    pub flags: Overrides,
+}
+
+impl Layers {
+    /// Layers with the process's environment.
+    pub fn from_process_env(file: Option<PathBuf>, flags: Overrides) -> Self {
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Layers { file, env, flags }
+    }
+}
+
+/// Environment variables read by other parts of the program, not by the
+/// configuration layers.
+const ENV_NOT_CONFIG: &[&str] = &["VLEMBED_LOG", "VLEMBED_JSON_LOGS", "VLEMBED_CONFIG"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: ServerConfig,
+    model_defaults: Table,
+    #[serde(default)]
+    models: Vec<Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Option<String>,
+    source: String,
+    revision: String,
+    dtype: Precision,
+    devices: Vec<String>,
+    max_batch_size: usize,
+    max_batch_cost: usize,
+    max_queue_inputs: usize,
+    max_delay_ms: u64,
+    max_image_pixels: u64,
+}
+
+impl Config {
+    /// The built-in defaults alone (no models).
+    pub fn builtin() -> Result<Self, ConfigError> {
+        let table = parse_toml(DEFAULT_TOML, "config/default.toml (built in)")?;
+        Self::from_table(table, "config/default.toml (built in)")
+    }
+
+    /// Builds the configuration from every layer and validates it.
+    pub fn load(layers: &Layers) -> Result<Self, ConfigError> {
+        let mut table = parse_toml(DEFAULT_TOML, "config/default.toml (built in)")?;
+        let mut origin = "config/default.toml".to_string();
+        if let Some(path) = &layers.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file = parse_toml(&text, &path.display().to_string())?;
+            merge(&mut table, file);
+            origin = path.display().to_string();
+        }
+        let (env_table, env_overrides) = env_layer(&layers.env)?;
+        if !env_table.is_empty() {
+            merge(&mut table, env_table);
+            origin.push_str(" + environment");
+        }
+        let mut config = Self::from_table(table, &origin)?;
+        config.apply(env_overrides.overlay(layers.flags.clone()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_table(table: Table, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = deserialize(Value::Table(table), origin)?;
+        let models = raw
+            .models
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut t = raw.model_defaults.clone();
+                merge(&mut t, m);
+                resolve_model(t, &format!("{origin}, models[{i}]"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The defaults must be valid on their own too (they are what --model uses).
+        let mut probe = raw.model_defaults.clone();
+        probe.insert("source".into(), Value::String("probe".into()));
+        resolve_model(probe, &format!("{origin}, [model_defaults]"))?;
+        Ok(Config {
+            server: raw.server,
+            models,
+            model_defaults: raw.model_defaults,
+        })
+    }
+
+    /// Applies command-line style overrides.
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        if let Some(host) = o.host {
+            self.server.host = host;
+        }
+        if let Some(port) = o.port {
+            self.server.port = port;
+        }
+        if let Some(keys) = o.api_keys {
+            self.server.api_keys = keys;
+        }
+        if let Some(source) = o.model {
+            let mut t = self.model_defaults.clone();
+            t.insert("source".into(), Value::String(source));
+            if let Some(name) = &o.model_name {
+                t.insert("name".into(), Value::String(name.clone()));
+            }
+            if let Some(rev) = &o.revision {
+                t.insert("revision".into(), Value::String(rev.clone()));
+            }
+            self.models = vec![resolve_model(t, "--model")?];
+        } else if let Some(name) = o.model_name {
+            match self.models.as_mut_slice() {
+                [only] => only.name = name,
+                _ => {
+                    return Err(invalid(
+                        "--model-name",
+                        format!(
+                            "--model-name needs --model or exactly one configured model, found {}",
+                            self.models.len()
+                        ),
+                    ))
+                }
+            }
+        }
+        for m in &mut self.models {
+            if let Some(rev) = &o.revision {
+                m.revision.clone_from(rev);
+            }
+            if let Some(devices) = &o.devices {
+                m.devices.clone_from(devices);
+            }
+            if let Some(dtype) = o.dtype {
+                m.dtype = dtype;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that are valid TOML but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.host.trim().is_empty() {
+            return Err(invalid("server.host", "must not be empty"));
+        }
+        if s.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("server.api_keys", "keys must not be empty"));
+        }
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1"));
+        }
+        if s.max_concurrent_requests == 0 {
+            return Err(invalid(
+                "server.max_concurrent_requests",
+                "must be at least 1",
+            ));
+        }
+        if s.max_inputs_per_request == 0 {
+            return Err(invalid(
+                "server.max_inputs_per_request",
+                "must be at least 1",
+            ));
+        }
+        if s.request_timeout_ms == 0 {
+            return Err(invalid("server.request_timeout_ms", "must be at least 1"));
+        }
+        if s.fetch_image_urls {
+            return Err(invalid(
+                "server.fetch_image_urls",
+                "fetching image URLs is not implemented in this version; set it to false \
+                 and send images inline (base64 or multipart)",
+            ));
+        }
+        if self.models.is_empty() {
+            return Err(invalid(
+                "models",
+                "no model to serve: give --model SOURCE or list [[models]] in a --config file",
+            ));
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("models[{i}] ({})", m.name);
+            if m.name.trim().is_empty() {
+                return Err(invalid(at, "name must not be empty"));
+            }
+            if self.models[..i].iter().any(|o| o.name == m.name) {
+                return Err(invalid(
+                    at,
+                    format!(
+                        "two models are named {:?}; give each a distinct name",
+                        m.name
+                    ),
+                ));
+            }
+            if m.devices.is_empty() {
+                return Err(invalid(at, "devices must list at least one device"));
+            }
+            let b = &m.batching;
+            if b.max_batch_size == 0 || b.max_batch_cost == 0 || b.max_queue_inputs == 0 {
+                return Err(invalid(
+                    at,
+                    "max_batch_size, max_batch_cost and max_queue_inputs must be at least 1",
+                ));
+            }
+            if b.max_queue_inputs < s.max_inputs_per_request {
+                return Err(invalid(
+                    at,
+                    format!(
+                        "max_queue_inputs ({}) is below server.max_inputs_per_request ({}): \
+                         a full-size request could never be admitted",
+                        b.max_queue_inputs, s.max_inputs_per_request
+                    ),
+                ));
+            }
+            if m.max_image_pixels == 0 {
+                return Err(invalid(at, "max_image_pixels must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks a model up by name.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+fn parse_toml(text: &str, origin: &str) -> Result<Table, ConfigError> {
+    text.parse::<Table>().map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(
+    value: Value,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    T::deserialize(value).map_err(|e| invalid(origin, e.to_string().trim().to_string()))
+}
+
+fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError> {
+    let raw: RawModel = deserialize(Value::Table(table), origin)?;
+    if raw.source.trim().is_empty() {
+        return Err(invalid(origin, "source must not be empty"));
+    }
+    let devices = raw
+        .devices
+        .iter()
+        .map(|d| d.parse::<DeviceSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(origin, e))?;
+    let name = match raw.name {
+        Some(n) => n,
+        None => ModelSource::parse(&raw.source, Some(&raw.revision)).default_name(),
+    };
+    Ok(ModelConfig {
+        name,
+        source: raw.source,
+        revision: raw.revision,
+        dtype: raw.dtype,
+        devices,
+        batching: BatchLimits {
+            max_batch_size: raw.max_batch_size,
+            max_batch_cost: raw.max_batch_cost,
+            max_queue_inputs: raw.max_queue_inputs,
+            max_delay: Duration::from_millis(raw.max_delay_ms),
+        },
+        max_image_pixels: raw.max_image_pixels,
+    })
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else
+/// (arrays included) replaces.
+fn merge(base: &mut Table, over: Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// A value from the environment: TOML when it parses as a TOML value, else a
+/// plain string.
+fn env_value(raw: &str) -> Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| Value::String(raw.to_string())),
+        Err(_) => Value::String(raw.to_string()),
+    }
+}
+
+fn comma_list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Splits the environment into a TOML patch (`VLEMBED_SECTION__KEY`) and the
+/// flags' short forms.
+fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError> {
+    let mut table = Table::new();
+    let mut o = Overrides::default();
+    let mut sorted: Vec<&(String, String)> = env.iter().collect();
+    sorted.sort();
+    for (name, value) in sorted {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if ENV_NOT_CONFIG.contains(&name.as_str()) {
+            continue;
+        }
+        if let Some((section, key)) = rest.split_once("__") {
+            let section = section.to_ascii_lowercase();
+            let key = key.to_ascii_lowercase();
+            if !matches!(section.as_str(), "server" | "model_defaults") || key.is_empty() {
+                return Err(invalid(
+                    name.clone(),
+                    "expected VLEMBED_SERVER__<KEY> or VLEMBED_MODEL_DEFAULTS__<KEY>",
+                ));
+            }
+            let mut v = env_value(value);
+            if key == "api_keys" || key == "devices" {
+                if let Value::String(s) = &v {
+                    v = Value::Array(comma_list(s).into_iter().map(Value::String).collect());
+                }
+            }
+            let entry = table
+                .entry(section)
+                .or_insert_with(|| Value::Table(Table::new()));
+            if let Value::Table(t) = entry {
+                t.insert(key, v);
+            }
+            continue;
+        }
+        let bad = |e: String| invalid(name.clone(), e);
+        match rest {
+            "HOST" => o.host = Some(value.clone()),
+            "PORT" => {
+                o.port = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(format!("{value:?} is not a port number")))?,
+                )
+            }
+            "API_KEYS" => o.api_keys = Some(comma_list(value)),
+            "MODEL" => o.model = Some(value.clone()),
+            "MODEL_NAME" => o.model_name = Some(value.clone()),
+            "REVISION" => o.revision = Some(value.clone()),
+            "DEVICES" => o.devices = Some(parse_devices(value).map_err(bad)?),
+            "DTYPE" => o.dtype = Some(value.parse().map_err(bad)?),
+            _ => tracing::warn!(variable = %name, "ignoring unknown VLEMBED_ environment variable"),
+        }
+    }
+    Ok((table, o))
+}
+
+/// Parses a comma-separated device list (`cpu`, `cuda:0,cuda:1`).
+pub fn parse_devices(s: &str) -> Result<Vec<DeviceSpec>, String> {
+    let devices = comma_list(s)
+        .iter()
+        .map(|d| d.parse::<DeviceSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if devices.is_empty() {
+        return Err("the device list is empty".into());
+    }
+    Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vlembed-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn builtin_defaults_parse_and_need_a_model() {
+        let c = Config::builtin().unwrap();
+        assert_eq!(c.server.port, 8080);
+        assert!(c.models.is_empty());
+        let err = Config::load(&Layers::default()).unwrap_err().to_string();
+        assert!(err.contains("--model"), "{err}");
+    }
+
+    #[test]
+    fn model_flag_serves_one_model_with_defaults() {
+        let layers = Layers {
+            flags: Overrides {
+                model: Some("BAAI/BGE-VL-base".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = Config::load(&layers).unwrap();
+        assert_eq!(c.models.len(), 1);
+        let m = &c.models[0];
+        assert_eq!(m.name, "BAAI/BGE-VL-base");
+        assert_eq!(m.devices, vec![DeviceSpec::Cpu]);
+        assert_eq!(m.dtype, Precision::F32);
+        assert_eq!(m.batching.max_batch_size, 32);
+        assert_eq!(m.batching.max_delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let file = write_file(
+            "layers.toml",
+            r#"
+            [server]
+            port = 9000
+            host = "127.0.0.1"
+            request_timeout_ms = 1234
+            [model_defaults]
+            max_batch_size = 8
+            [[models]]
+            name = "a"
+            source = "org/a"
+            dtype = "f16"
+            [[models]]
+            name = "b"
+            source = "org/b"
+            max_batch_size = 4
+            devices = ["cuda:0", "cuda:1"]
+            "#,
+        );
+        let layers = Layers {
+            file: Some(file),
+            env: env(&[
+                ("VLEMBED_SERVER__PORT", "9100"),
+                ("VLEMBED_SERVER__REQUEST_TIMEOUT_MS", "5000"),
+                ("VLEMBED_HOST", "10.0.0.1"),
+                ("VLEMBED_SERVER__API_KEYS", "k1, k2"),
+                ("VLEMBED_LOG", "debug"),
+                ("PATH", "/bin"),
+            ]),
+            flags: Overrides {
+                port: Some(9200),
+                ..Default::default()
+            },
+        };
+        let c = Config::load(&layers).unwrap();
+        // flags > env > file > defaults
+        assert_eq!(c.server.port, 9200);
+        assert_eq!(c.server.host, "10.0.0.1");
+        assert_eq!(c.server.request_timeout_ms, 5000);
+        assert_eq!(c.server.api_keys, vec!["k1", "k2"]);
+        assert_eq!(c.server.max_body_bytes, 16777216);
+        let a = c.model("a").unwrap();
+        assert_eq!((a.dtype, a.batching.max_batch_size), (Precision::F16, 8));
+        let b = c.model("b").unwrap();
+        assert_eq!(b.batching.max_batch_size, 4);
+        assert_eq!(b.devices, vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]);
+        assert_eq!(b.dtype, Precision::F32);
+    }
+
+    #[test]
+    fn flags_override_models_and_env_short_forms() {
+        let file = write_file(
+            "flags.toml",
+            "[[models]]\nname = \"a\"\nsource = \"org/a\"\n",
+        );
+        let layers = Layers {
+            file: Some(file.clone()),
+            env: env(&[("VLEMBED_DTYPE", "bf16"), ("VLEMBED_DEVICES", "cuda:1")]),
+            flags: Overrides {
+                devices: Some(vec![DeviceSpec::Cuda(0)]),
+                model_name: Some("renamed".into()),
+                ..Default::default()
+            },
+        };
+        let c = Config::load(&layers).unwrap();
+        assert_eq!(c.models[0].name, "renamed");
+        assert_eq!(c.models[0].dtype, Precision::Bf16);
+        assert_eq!(c.models[0].devices, vec![DeviceSpec::Cuda(0)]);
+
+        let layers = Layers {
+            file: Some(file),
+            env: env(&[("VLEMBED_MODEL", "org/from-env")]),
+            flags: Overrides::default(),
+        };
+        let c = Config::load(&layers).unwrap();
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].name, "org/from-env");
+    }
+
+    #[test]
+    fn rejects_bad_values_with_their_place() {
+        let cases: &[(&str, &str)] = &[
+            ("[server]\nprot = 1\n", "prot"),
+            ("[server]\nport = \"x\"\n", "port"),
+            ("[[models]]\nsource = \"a/b\"\ndevices = [\"tpu\"]\n", "tpu"),
+            ("[[models]]\nsource = \"a/b\"\ndtype = \"f64\"\n", "f64"),
+            ("[[models]]\nsource = \"a/b\"\nmax_batch_size = 0\n", "max_batch_size"),
+            ("[[models]]\nsource = \"a/b\"\nmax_queue_inputs = 4\n", "max_queue_inputs"),
+            (
+                "[[models]]\nname = \"x\"\nsource = \"a/b\"\n[[models]]\nname = \"x\"\nsource = \"a/c\"\n",
+                "distinct",
+            ),
+            ("[server]\nfetch_image_urls = true\n[[models]]\nsource = \"a/b\"\n", "not implemented"),
+            ("[[models]]\nname = \"x\"\n", "source"),
+            ("[server\n", "TOML"),
+        ];
+        for (i, (text, needle)) in cases.iter().enumerate() {
+            let file = write_file(&format!("bad{i}.toml"), text);
+            let err = Config::load(&Layers {
+                file: Some(file),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(needle), "case {i}: {err}");
+        }
+        let err = Config::load(&Layers {
+            env: env(&[("VLEMBED_PORT", "eighty")]),
+            flags: Overrides {
+                model: Some("a/b".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("VLEMBED_PORT"), "{err}");
+        let err = Config::load(&Layers {
+            env: env(&[("VLEMBED_NOPE__X", "1")]),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("VLEMBED_NOPE__X"), "{err}");
+    }
+
+    #[test]
+    fn env_values_are_toml_or_strings() {
+        assert_eq!(env_value("12"), Value::Integer(12));
+        assert_eq!(env_value("true"), Value::Boolean(true));
+        assert_eq!(env_value("0.0.0.0"), Value::String("0.0.0.0".into()));
+        assert_eq!(env_value("\"q\""), Value::String("q".into()));
+        assert_eq!(
+            parse_devices("cpu, cuda:2").unwrap(),
+            vec![DeviceSpec::Cpu, DeviceSpec::Cuda(2)]
+        );
+        assert!(parse_devices(" , ").is_err());
+    }
+}

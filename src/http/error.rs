@@ -1,0 +1,291 @@
+//! The one error type of the HTTP layer and its JSON form
+//! `{"error": {"type", "message"}}`.
+//!
+//! Owns the mapping from every failure (body parsing, auth, model lookup,
+//! admission, preprocessing, batch failures, timeouts) to a status, a stable
+//! error type and a message naming the input, field and limit. It does not
+//! decide *when* those failures happen.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::app::registry::{ResolveError, Unavailable};
+use crate::batching::{AdmitError, EmbedError, ItemError};
+use crate::preprocess::PreprocessError;
+
+/// Which model a response concerns, for the metrics middleware.
+#[derive(Debug, Clone)]
+pub struct ModelLabel(pub String);
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+    pub model: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind: kind_of(status),
+            message: message.into(),
+            retry_after: None,
+            model: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(retry_after)
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn for_model(mut self, model: &str) -> Self {
+        self.model = Some(model.to_string());
+        self
+    }
+
+    /// The JSON body alone.
+    pub fn body(&self) -> String {
+        serde_json::to_string(&Body {
+            error: Inner {
+                kind: self.kind,
+                message: &self.message,
+            },
+        })
+        .unwrap_or_else(|_| {
+            r#"{"error":{"type":"internal","message":"cannot encode the error"}}"#.into()
+        })
+    }
+
+    /// Maps a preprocessing failure of the input at `at` (`inputs[2]`).
+    pub fn preprocess(at: &str, e: &PreprocessError) -> Self {
+        let status = match e {
+            PreprocessError::EmptyInput
+            | PreprocessError::EmptyText
+            | PreprocessError::InvalidImage(_)
+            | PreprocessError::ImageTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            PreprocessError::TextTooLong { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            PreprocessError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let field = match e {
+            PreprocessError::EmptyText | PreprocessError::TextTooLong { .. } => ".text",
+            PreprocessError::InvalidImage(_) | PreprocessError::ImageTooLarge { .. } => ".image",
+            _ => "",
+        };
+        Self::new(status, format!("{at}{field}: {e}"))
+    }
+
+    /// Maps a failure of [`crate::batching::Batcher::embed`]; `at` names the
+    /// input with the given index in the request's terms.
+    pub fn embed(e: EmbedError, at: &dyn Fn(usize) -> String, retry_after: u64) -> Self {
+        match e {
+            EmbedError::Admit(a) => Self::admit(a, retry_after),
+            EmbedError::Input { index, source } => Self::preprocess(&at(index), &source),
+            EmbedError::Item(ItemError::Expired) => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the request timed out while its inputs waited for a batch",
+            ),
+            EmbedError::Item(ItemError::ShuttingDown) => {
+                Self::unavailable("the server is shutting down", retry_after)
+            }
+            EmbedError::Item(e @ (ItemError::BatchFailed(_) | ItemError::WorkerDied(_))) => {
+                Self::internal(format!("inference failed: {e}"))
+            }
+            EmbedError::Timeout(d) => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the request did not finish within its timeout of {} ms (server.request_timeout_ms)",
+                    d.as_millis()
+                ),
+            ),
+            EmbedError::Internal(m) => Self::internal(m),
+        }
+    }
+
+    pub fn admit(e: AdmitError, retry_after: u64) -> Self {
+        match e {
+            AdmitError::Full { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, format!("{e}; retry later"))
+                    .retry_after(retry_after)
+            }
+            AdmitError::NoWorker { .. } | AdmitError::Closed => {
+                Self::unavailable(e.to_string(), retry_after)
+            }
+        }
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Unknown { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
+            ResolveError::Ambiguous { .. } => Self::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn from_unavailable(e: Unavailable, retry_after: u64) -> Self {
+        Self::unavailable(e.to_string(), retry_after)
+    }
+}
+
+/// The stable error type for a status.
+pub fn kind_of(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request",
+        401 => "unauthorized",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "invalid_input",
+        429 => "queue_full",
+        503 => "unavailable",
+        504 => "timeout",
+        s if s >= 500 => "internal",
+        _ => "invalid_request",
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.body(),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(m) = self.model {
+            res.extensions_mut().insert(ModelLabel(m));
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn preprocess_errors_map_to_contract_statuses() {
+        let cases = [
+            (PreprocessError::EmptyInput, 422),
+            (PreprocessError::EmptyText, 422),
+            (PreprocessError::InvalidImage("x".into()), 422),
+            (
+                PreprocessError::ImageTooLarge {
+                    width: 10,
+                    height: 10,
+                    pixels: 100,
+                    limit: 50,
+                },
+                422,
+            ),
+            (
+                PreprocessError::TextTooLong {
+                    tokens: 90,
+                    limit: 77,
+                },
+                413,
+            ),
+            (PreprocessError::Internal("x".into()), 500),
+        ];
+        for (e, status) in cases {
+            let api = ApiError::preprocess("inputs[3]", &e);
+            assert_eq!(api.status.as_u16(), status, "{e}");
+            assert!(api.message.starts_with("inputs[3]"), "{}", api.message);
+        }
+        let api = ApiError::preprocess(
+            "inputs[1]",
+            &PreprocessError::TextTooLong {
+                tokens: 90,
+                limit: 77,
+            },
+        );
+        assert!(api.message.contains("inputs[1].text") && api.message.contains("77"));
+    }
+
+    #[test]
+    fn admission_and_timeouts_map_to_429_503_504() {
+        let full = AdmitError::Full {
+            model: "m".into(),
+            admitted: 4,
+            requested: 2,
+            capacity: 5,
+        };
+        let api = ApiError::admit(full, 2);
+        assert_eq!((api.status.as_u16(), api.retry_after), (429, Some(2)));
+        assert_eq!(ApiError::admit(AdmitError::Closed, 1).status.as_u16(), 503);
+        let at = |i: usize| format!("inputs[{i}]");
+        let t = ApiError::embed(EmbedError::Timeout(Duration::from_millis(250)), &at, 1);
+        assert_eq!(t.status.as_u16(), 504);
+        assert!(t.message.contains("250 ms"));
+        let b = ApiError::embed(
+            EmbedError::Item(ItemError::BatchFailed("nan".into())),
+            &at,
+            1,
+        );
+        assert_eq!(b.status.as_u16(), 500);
+    }
+
+    #[test]
+    fn body_is_the_contract_json() {
+        let e = ApiError::bad_request("inputs[0]: \"quoted\"");
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request");
+        assert_eq!(v["error"]["message"], "inputs[0]: \"quoted\"");
+        let res = e.for_model("m").into_response();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        assert!(res.extensions().get::<ModelLabel>().is_some());
+    }
+}

@@ -1,0 +1,352 @@
+//! Endpoint handlers: `/embed`, `/score`, `/v1/embeddings` and the operations
+//! endpoints.
+//!
+//! Owns request-level checks (shutdown, model resolution, input counts,
+//! deadline) and the response shapes of API.md. Embedding goes through the
+//! model's [`crate::batching::Batcher`]; handlers never see tensors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+
+use super::body::Payload;
+use super::error::{ApiError, ModelLabel};
+use super::inputs::{encode_embedding, Labeled};
+use super::requests::{EmbedRequest, EncodingFormat, OpenAiRequest, ScoreRequest};
+use super::AppState;
+use crate::app::registry::ServedModel;
+use crate::app::ModelStatus;
+use crate::batching::{EmbedOptions, Embedded};
+
+/// A JSON success response tagged with its model for the metrics.
+fn ok_json<T: Serialize>(model: &str, body: &T) -> Response {
+    let mut res = Json(body).into_response();
+    res.extensions_mut().insert(ModelLabel(model.to_string()));
+    res
+}
+
+struct Target {
+    name: String,
+    served: Arc<ServedModel>,
+}
+
+/// Resolves the model and checks that the request may run now.
+fn target(
+    st: &AppState,
+    model: Option<&str>,
+    inputs: &Labeled,
+    what: &str,
+) -> Result<Target, ApiError> {
+    let retry = st.registry.server.retry_after_s;
+    if st.registry.is_shutting_down() {
+        return Err(ApiError::unavailable("the server is shutting down", retry));
+    }
+    let slot = st.registry.resolve(model)?;
+    let name = slot.name().to_string();
+    let limit = st.registry.server.max_inputs_per_request;
+    if inputs.is_empty() {
+        return Err(
+            ApiError::unprocessable(format!("{what} is empty: give at least one input"))
+                .for_model(&name),
+        );
+    }
+    if inputs.len() > limit {
+        return Err(ApiError::too_large(format!(
+            "{what}: {} inputs, over the limit of {limit} per request (server.max_inputs_per_request)",
+            inputs.len()
+        ))
+        .for_model(&name));
+    }
+    let served = slot
+        .served()
+        .map_err(|e| ApiError::from_unavailable(e, retry).for_model(&name))?;
+    Ok(Target { name, served })
+}
+
+async fn run(
+    st: &AppState,
+    t: &Target,
+    mut inputs: Labeled,
+    opts: EmbedOptions,
+    start: Instant,
+) -> Result<Embedded, ApiError> {
+    let batch = inputs.take_inputs();
+    t.served
+        .batcher
+        .embed(batch, opts, start, st.registry.server.request_timeout())
+        .await
+        .map_err(|e| {
+            ApiError::embed(e, &|i| inputs.label(i), st.registry.server.retry_after_s)
+                .for_model(&t.name)
+        })
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Vectors {
+    Float(Vec<Vec<f32>>),
+    Base64(Vec<String>),
+}
+
+fn encode(embeddings: Vec<Vec<f32>>, format: EncodingFormat) -> Vectors {
+    match format {
+        EncodingFormat::Float => Vectors::Float(embeddings),
+        EncodingFormat::Base64 => {
+            Vectors::Base64(embeddings.iter().map(|v| encode_embedding(v)).collect())
+        }
+    }
+}
+
+/// `POST /embed`.
+pub async fn embed(State(st): State<AppState>, payload: Payload) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let req = match payload {
+        Payload::Json(b) => EmbedRequest::from_json(&b)?,
+        Payload::Multipart(parts) => EmbedRequest::from_multipart(parts)?,
+    };
+    let t = target(&st, req.model.as_deref(), &req.inputs, "inputs")?;
+    let n = req.inputs.len();
+    let opts = EmbedOptions {
+        normalize: req.normalize,
+        truncate: req.truncate,
+    };
+    let out = run(&st, &t, req.inputs, opts, start).await?;
+    let body = json!({
+        "model": t.name,
+        "dimensions": t.served.info.dimensions,
+        "embeddings": encode(out.embeddings, req.encoding_format),
+        "usage": {"inputs": n, "text_tokens": out.text_tokens, "images": out.images},
+    });
+    Ok(ok_json(&t.name, &body))
+}
+
+#[derive(Serialize)]
+struct Ranked {
+    index: usize,
+    score: f32,
+}
+
+/// `POST /score`.
+pub async fn score(State(st): State<AppState>, payload: Payload) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let req = match payload {
+        Payload::Json(b) => ScoreRequest::from_json(&b)?,
+        Payload::Multipart(parts) => ScoreRequest::from_multipart(parts)?,
+    };
+    if req.inputs.len() < 2 {
+        let slot = st.registry.resolve(req.model.as_deref())?;
+        return Err(
+            ApiError::unprocessable("candidates is empty: give at least one candidate")
+                .for_model(slot.name()),
+        );
+    }
+    let t = target(
+        &st,
+        req.model.as_deref(),
+        &req.inputs,
+        "query and candidates",
+    )?;
+    let opts = EmbedOptions {
+        normalize: true,
+        truncate: true,
+    };
+    let out = run(&st, &t, req.inputs, opts, start).await?;
+    let mut vectors = out.embeddings.into_iter();
+    let query = vectors.next().unwrap_or_default();
+    let scores: Vec<f32> = vectors
+        .map(|c| c.iter().zip(&query).map(|(a, b)| a * b).sum())
+        .collect();
+    let mut body = json!({"model": t.name, "scores": scores});
+    if let Some(k) = req.top_k {
+        let mut ranking: Vec<Ranked> = scores
+            .iter()
+            .enumerate()
+            .map(|(index, &score)| Ranked { index, score })
+            .collect();
+        ranking.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+        ranking.truncate(k);
+        body["ranking"] = json!(ranking);
+    }
+    Ok(ok_json(&t.name, &body))
+}
+
+/// `POST /v1/embeddings`.
+pub async fn openai_embeddings(
+    State(st): State<AppState>,
+    payload: Payload,
+) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let req = match payload {
+        Payload::Json(b) => OpenAiRequest::from_json(&b)?,
+        Payload::Multipart(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "/v1/embeddings takes application/json only",
+            ))
+        }
+    };
+    let t = target(&st, req.model.as_deref(), &req.inputs, "input")?;
+    if let Some(d) = req.dimensions {
+        if d != t.served.info.dimensions {
+            return Err(ApiError::bad_request(format!(
+                "dimensions: model {} returns {} dimensions; other sizes are not supported",
+                t.name, t.served.info.dimensions
+            ))
+            .for_model(&t.name));
+        }
+    }
+    let opts = EmbedOptions {
+        normalize: true,
+        truncate: true,
+    };
+    let out = run(&st, &t, req.inputs, opts, start).await?;
+    let data: Vec<serde_json::Value> = out
+        .embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = match req.encoding_format {
+                EncodingFormat::Float => json!(v),
+                EncodingFormat::Base64 => json!(encode_embedding(&v)),
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": t.name,
+        "usage": {"prompt_tokens": out.text_tokens, "total_tokens": out.text_tokens},
+    });
+    Ok(ok_json(&t.name, &body))
+}
+
+/// `GET /health`.
+pub async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// `GET /ready`.
+pub async fn ready(State(st): State<AppState>) -> Response {
+    let reg = &st.registry;
+    let models: serde_json::Map<String, serde_json::Value> = reg
+        .models()
+        .iter()
+        .map(|m| (m.name().to_string(), json!(m.status().as_str())))
+        .collect();
+    if reg.is_ready() {
+        return Json(json!({"status": "ready", "models": models})).into_response();
+    }
+    let (status, message) = if reg.is_shutting_down() {
+        ("shutting_down", "the server is shutting down".to_string())
+    } else {
+        let waiting: Vec<String> = reg
+            .models()
+            .iter()
+            .filter(|m| m.status() != ModelStatus::Ready)
+            .map(|m| format!("{} is {}", m.name(), m.status().as_str()))
+            .collect();
+        let any_loading = reg
+            .models()
+            .iter()
+            .any(|m| m.status() == ModelStatus::Loading);
+        (
+            if any_loading {
+                "loading"
+            } else {
+                "unavailable"
+            },
+            format!("not ready: {}", waiting.join(", ")),
+        )
+    };
+    let mut res = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": status,
+            "models": models,
+            "error": {"type": "unavailable", "message": message},
+        })),
+    )
+        .into_response();
+    res.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(reg.server.retry_after_s),
+    );
+    res
+}
+
+/// `GET /info`.
+pub async fn info(State(st): State<AppState>) -> Response {
+    let reg = &st.registry;
+    let models: Vec<serde_json::Value> = reg
+        .models()
+        .iter()
+        .map(|m| {
+            let c = &m.config;
+            let loaded = m.loaded();
+            let info = loaded.as_ref().map(|s| &s.info);
+            json!({
+                "name": c.name,
+                "source": c.model_source().describe(),
+                "status": m.status().as_str(),
+                "error": m.failure(),
+                "architecture": info.map(|i| i.architecture.as_str()),
+                "dimensions": info.map(|i| i.dimensions),
+                "dtype": c.dtype.as_str(),
+                "devices": c.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                "live_workers": loaded.as_ref().map_or(0, |s| s.live_workers()),
+                "max_text_tokens": info.map(|i| i.max_text_tokens),
+                "uses_instructions": info.map(|i| i.uses_instructions),
+                "max_image_pixels": c.max_image_pixels,
+                "batching": {
+                    "max_batch_size": c.batching.max_batch_size,
+                    "max_batch_cost": c.batching.max_batch_cost,
+                    "max_queue_inputs": c.batching.max_queue_inputs,
+                    "max_delay_ms": u64::try_from(c.batching.max_delay.as_millis()).unwrap_or(u64::MAX),
+                },
+            })
+        })
+        .collect();
+    let s = &reg.server;
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "models": models,
+        "limits": {
+            "max_body_bytes": s.max_body_bytes,
+            "max_inputs_per_request": s.max_inputs_per_request,
+            "request_timeout_ms": s.request_timeout_ms,
+        },
+        "auth": !s.api_keys.is_empty(),
+    }))
+    .into_response()
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        st.registry.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi(State(st): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        st.openapi.clone(),
+    )
+        .into_response()
+}

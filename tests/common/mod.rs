@@ -1,0 +1,333 @@
+//! Helpers for the HTTP integration tests: a real server on an ephemeral
+//! loopback port serving the fixture model, a client, fault injection into
+//! the model replica, and OpenAPI response validation.
+//!
+//! Owns nothing of the server; it only uses the library's public API.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use vlembed::app::{Hooks, ServerHandle};
+use vlembed::config::{Config, ModelConfig};
+use vlembed::models::{EmbeddingModel, ModelError};
+use vlembed::preprocess::Prepared;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture_model() -> PathBuf {
+    repo().join("tests/fixtures/clip-tiny")
+}
+
+pub fn image_path(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/images").join(name)
+}
+
+pub fn image(name: &str) -> Vec<u8> {
+    std::fs::read(image_path(name)).expect("fixture image")
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The built-in defaults, loopback, an ephemeral port and the fixture model
+/// named "clip-tiny".
+pub fn config() -> Config {
+    let mut c = Config::builtin().unwrap();
+    c.server.host = "127.0.0.1".into();
+    c.server.port = 0;
+    c.server.preprocess_threads = 2;
+    c.server.shutdown_timeout_ms = 5_000;
+    let mut m = ModelConfig::with_defaults(fixture_model().to_str().unwrap()).unwrap();
+    m.name = "clip-tiny".into();
+    c.models = vec![m];
+    c.validate().unwrap();
+    c
+}
+
+/// Faults injected into every replica of the served model.
+#[derive(Default)]
+pub struct Faults {
+    /// Sleep this long before each batch.
+    pub delay_ms: AtomicU64,
+    /// Fail the next batches with an error.
+    pub fail: AtomicBool,
+    /// Panic in the next batch (once).
+    pub panic: AtomicBool,
+}
+
+struct Faulty {
+    inner: Box<dyn EmbeddingModel>,
+    faults: Arc<Faults>,
+}
+
+impl EmbeddingModel for Faulty {
+    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let d = self.faults.delay_ms.load(Ordering::SeqCst);
+        if d > 0 {
+            std::thread::sleep(Duration::from_millis(d));
+        }
+        if self.faults.panic.swap(false, Ordering::SeqCst) {
+            panic!("injected panic inside the model");
+        }
+        if self.faults.fail.load(Ordering::SeqCst) {
+            return Err(ModelError::Batch("injected failure".into()));
+        }
+        self.inner.embed(batch)
+    }
+}
+
+pub fn faulty(faults: &Arc<Faults>) -> Hooks {
+    let faults = Arc::clone(faults);
+    Hooks {
+        wrap_replica: Some(Arc::new(move |_name, inner| {
+            Box::new(Faulty {
+                inner,
+                faults: Arc::clone(&faults),
+            }) as Box<dyn EmbeddingModel>
+        })),
+        ..Default::default()
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub handle: ServerHandle,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn error_type(&self) -> &str {
+        self.body["error"]["type"].as_str().unwrap_or("")
+    }
+
+    pub fn error_message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+impl TestServer {
+    /// Starts a server; models load in the background.
+    pub async fn start(config: Config, hooks: Hooks) -> TestServer {
+        let handle = vlembed::app::start(config, hooks).await.unwrap();
+        TestServer {
+            base: format!("http://{}", handle.addr),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            handle,
+        }
+    }
+
+    /// Starts a server and waits until /ready says 200.
+    pub async fn ready(config: Config, hooks: Hooks) -> TestServer {
+        let s = Self::start(config, hooks).await;
+        s.wait_ready().await;
+        s
+    }
+
+    pub async fn wait_ready(&self) {
+        for _ in 0..400 {
+            if self.get("/ready").await.status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the server did not become ready in 10 s");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn reply(res: reqwest::Response) -> Reply {
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Self::reply(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        Self::reply(
+            self.client
+                .post(self.url(path))
+                .json(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Reply {
+        let mut req = self.client.post(self.url(path)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    pub async fn post_form(&self, path: &str, form: reqwest::multipart::Form) -> Reply {
+        Self::reply(
+            self.client
+                .post(self.url(path))
+                .multipart(form)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Embeds with /embed and returns the embeddings.
+    pub async fn embed(&self, inputs: Value) -> Vec<Vec<f32>> {
+        let r = self
+            .post_json("/embed", &serde_json::json!({"inputs": inputs}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        floats(&r.body["embeddings"])
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.text
+    }
+
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        tokio::time::timeout(Duration::from_secs(20), self.handle.wait())
+            .await
+            .expect("the server did not stop in time")
+            .expect("the server stopped with an error");
+    }
+}
+
+pub fn floats(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .expect("an array of embeddings")
+        .iter()
+        .map(|e| {
+            e.as_array()
+                .expect("an embedding")
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// The value of a metric line (exact name with labels) in the exposition.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// The reference file of the fixture model.
+pub fn reference() -> Value {
+    let text =
+        std::fs::read_to_string(repo().join("tests/fixtures/reference/clip-tiny.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The OpenAPI document as the server's source has it.
+pub fn openapi() -> Value {
+    vlembed::http::openapi_json().unwrap()
+}
+
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let pointer = r.trim_start_matches('#');
+            doc.pointer(pointer)
+                .unwrap_or_else(|| panic!("dangling $ref {r}"))
+        }
+        None => v,
+    }
+}
+
+/// Checks `body` against the schema openapi.yaml gives for `method path`
+/// answering `status` (JSON content).
+pub fn assert_conforms(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let op = &doc["paths"][path][method.to_ascii_lowercase()];
+    assert!(op.is_object(), "{method} {path} is not in openapi.yaml");
+    let resp = op["responses"]
+        .get(status.to_string())
+        .unwrap_or_else(|| panic!("{method} {path}: status {status} is not documented"));
+    let resp = resolve(doc, resp);
+    let schema = &resp["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status}: no application/json schema"
+    );
+    let mut root = doc.clone();
+    let obj = root.as_object_mut().unwrap();
+    obj.insert("allOf".into(), serde_json::json!([schema]));
+    let validator = jsonschema::validator_for(&root).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status} does not match openapi.yaml: {errors:?}\nbody: {body}"
+    );
+}
+
+/// Embeddings computed without the server: the library's synchronous
+/// embedder, one input at a time (unbatched).
+pub fn direct(inputs: &[vlembed::input::Input], normalize: bool) -> Vec<Vec<f32>> {
+    use vlembed::embedder::Embedder;
+    use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+    let source = ModelSource::parse(fixture_model().to_str().unwrap(), None);
+    let e = Embedder::load(&source, DeviceSpec::Cpu, &LoadOptions::default()).unwrap();
+    inputs
+        .iter()
+        .map(|i| {
+            e.embed(std::slice::from_ref(i), normalize, true)
+                .unwrap()
+                .remove(0)
+        })
+        .collect()
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
