@@ -397,25 +397,27 @@ impl TextTower {
     }
 }
 
-struct VisionTower {
+/// The CLIP vision transformer (`CLIPVisionModel`'s `vision_model`): patch
+/// and position embeddings, `pre_layrnorm`, the encoder and `post_layernorm`.
+/// Shared by the CLIP model and by LLaVA's vision tower.
+pub struct ClipVisionTransformer {
     patch_weight: Tensor,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_ln: LayerNorm,
     encoder: Encoder,
     post_ln: LayerNorm,
-    projection: Linear,
     patch: usize,
     image_size: usize,
     channels: usize,
 }
 
-impl VisionTower {
-    fn new(c: &ClipVisionConfig, proj: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let vm = vb.pp("vision_model");
+impl ClipVisionTransformer {
+    /// `vb` points at the `vision_model` prefix.
+    pub fn new(c: &ClipVisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let p = c.patch_size;
         let num_pos = (c.image_size / p).pow(2) + 1;
-        let conv = vm.get(
+        let conv = vb.get(
             (c.hidden_size, c.num_channels, p, p),
             "embeddings.patch_embedding.weight",
         )?;
@@ -425,14 +427,14 @@ impl VisionTower {
             .reshape((c.hidden_size, c.num_channels * p * p))?
             .t()?
             .contiguous()?;
-        Ok(VisionTower {
+        Ok(ClipVisionTransformer {
             patch_weight,
-            class_embedding: vm.get(c.hidden_size, "embeddings.class_embedding")?,
-            position_embedding: vm.get(
+            class_embedding: vb.get(c.hidden_size, "embeddings.class_embedding")?,
+            position_embedding: vb.get(
                 (num_pos, c.hidden_size),
                 "embeddings.position_embedding.weight",
             )?,
-            pre_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vm.pp("pre_layrnorm"))?,
+            pre_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
             encoder: Encoder::new(
                 c.num_hidden_layers,
                 c.hidden_size,
@@ -440,24 +442,41 @@ impl VisionTower {
                 c.num_attention_heads,
                 c.layer_norm_eps,
                 c.hidden_act,
-                vm.pp("encoder"),
+                vb.pp("encoder"),
             )?,
-            post_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vm.pp("post_layernorm"))?,
-            projection: linear_no_bias(c.hidden_size, proj, vb.pp("visual_projection"))?,
+            post_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             patch: p,
             image_size: c.image_size,
             channels: c.num_channels,
         })
     }
 
-    /// Unnormalised image embeddings, [n, proj], from [n, C, S, S] pixels.
-    fn forward(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+    /// The side of the square images it takes.
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.encoder.layers.len()
+    }
+
+    /// Hidden states after the embeddings, `pre_layrnorm` and the first
+    /// `layers` encoder layers: transformers' `hidden_states[layers]`.
+    /// [n, 1 + patches, hidden] from [n, C, S, S] pixels.
+    pub fn hidden_states(&self, pixels: &Tensor, layers: usize) -> Result<Tensor, ModelError> {
         let (n, ch, h, w) = pixels.dims4()?;
         if ch != self.channels || h != self.image_size || w != self.image_size {
             return Err(ModelError::Batch(format!(
                 "pixel tensors must be {}x{s}x{s}, got {ch}x{h}x{w}",
                 self.channels,
                 s = self.image_size
+            )));
+        }
+        if layers > self.num_layers() {
+            return Err(ModelError::Batch(format!(
+                "asked for hidden state {layers} of a {}-layer encoder",
+                self.num_layers()
             )));
         }
         let p = self.patch;
@@ -476,11 +495,36 @@ impl VisionTower {
             .reshape((1, 1, hidden))?
             .broadcast_as((n, 1, hidden))?;
         let x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.position_embedding)?;
-        let x = self.pre_ln.forward(&x)?;
-        let x = self.encoder.forward(&x, None)?;
-        let cls = x.i((.., 0, ..))?;
-        let cls = self.post_ln.forward(&cls)?;
-        Ok(self.projection.forward(&cls)?)
+        let mut x = self.pre_ln.forward(&x)?;
+        for layer in &self.encoder.layers[..layers] {
+            x = layer.forward(&x, None)?;
+        }
+        Ok(x)
+    }
+
+    /// `post_layernorm` of the class token after the whole encoder: [n, hidden].
+    pub fn pooled(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        let x = self.hidden_states(pixels, self.num_layers())?;
+        Ok(self.post_ln.forward(&x.i((.., 0, ..))?)?)
+    }
+}
+
+struct VisionTower {
+    transformer: ClipVisionTransformer,
+    projection: Linear,
+}
+
+impl VisionTower {
+    fn new(c: &ClipVisionConfig, proj: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(VisionTower {
+            transformer: ClipVisionTransformer::new(c, vb.pp("vision_model"))?,
+            projection: linear_no_bias(c.hidden_size, proj, vb.pp("visual_projection"))?,
+        })
+    }
+
+    /// Unnormalised image embeddings, [n, proj], from [n, C, S, S] pixels.
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.projection.forward(&self.transformer.pooled(pixels)?)?)
     }
 }
 
@@ -514,8 +558,8 @@ impl ClipModel {
 
     /// Unnormalised image embeddings from channel-first pixel planes, [n, proj] in f32.
     pub fn embed_pixels(&self, images: &[&[f32]]) -> Result<Tensor, ModelError> {
-        let s = self.vision.image_size;
-        let c = self.vision.channels;
+        let s = self.vision.transformer.image_size;
+        let c = self.vision.transformer.channels;
         let mut flat = Vec::with_capacity(images.len() * c * s * s);
         for img in images {
             if img.len() != c * s * s {
