@@ -5,8 +5,7 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
+COPY . .
 RUN cargo build --release --locked --bin vlembed \
     && strip target/release/vlembed
 
