@@ -81,7 +81,7 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 IMAGES_REL = "tests/fixtures/images"
 DEMO_REL = "../shared/testdata/bge-vl-demo"
 MAX_LENGTH = 77
-SIZE_BUDGET = 20 * 1000 * 1000  # bytes (du, 4 KiB blocks) for everything under tests/fixtures
+SIZE_BUDGET = 20 * 1000 * 1000  # bytes (du, 4 KiB blocks) for the CLIP fixtures
 
 SEED_TINY = 1234
 SEED_IMAGES = 20240601
@@ -803,10 +803,16 @@ def make_tiny():
     ref_dir = os.path.join(FIXTURES, "reference")
     tiny_dir = os.path.join(FIXTURES, "clip-tiny")
     eos_dir = os.path.join(FIXTURES, "clip-tiny-eos")
-    for d in (img_dir, ref_dir, tiny_dir, eos_dir):
+    for d in (img_dir, tiny_dir, eos_dir):
         if os.path.isdir(d):
             shutil.rmtree(d)
         os.makedirs(d)
+    # reference/ also holds the MLLM references (scripts/make_mllm_fixtures.py):
+    # remove only the CLIP ones.
+    os.makedirs(ref_dir, exist_ok=True)
+    for name in os.listdir(ref_dir):
+        if name.startswith("clip-tiny"):
+            os.remove(os.path.join(ref_dir, name))
 
     made = make_images(img_dir)
     image_files = [f"{IMAGES_REL}/{n}" for n, _ in made]
@@ -885,14 +891,14 @@ def make_tiny():
     meta = {"format": "pt"}
     save_file({**pixels, **demo_pixels}, pix_path, metadata=meta)
     write_readme(made, doc)
-    if demo_pixels and du_bytes(FIXTURES) > SIZE_BUDGET:
+    if demo_pixels and clip_fixture_bytes() > SIZE_BUDGET:
         print("note: demo pixel tensors exceed the size budget; keeping only demo embeddings")
         for e in doc["demo_images"]:
             e["pixels"] = None
         dump_json(doc, os.path.join(ref_dir, "clip-tiny.json"))
         save_file(pixels, pix_path, metadata=meta)
-    total = du_bytes(FIXTURES)
-    print(f"tests/fixtures: {total / 1e6:.2f} MB (budget {SIZE_BUDGET / 1e6:.0f} MB)")
+    total = clip_fixture_bytes()
+    print(f"CLIP fixtures: {total / 1e6:.2f} MB (budget {SIZE_BUDGET / 1e6:.0f} MB)")
     assert total <= SIZE_BUDGET
     print(f"batch max abs diff vs single: {doc['batch']['max_abs_diff_vs_single']:.3e}")
     print(f"done in {time.time() - t0:.1f} s")
@@ -940,6 +946,19 @@ def make_full(arch, out):
           f"{time.time() - t0 - t_save:.1f} s)")
 
 
+def clip_fixture_bytes():
+    """Size of the CLIP fixtures alone (the MLLM ones have their own budget)."""
+    ref_dir = os.path.join(FIXTURES, "reference")
+    total = sum(du_bytes(os.path.join(FIXTURES, d)) for d in ("clip-tiny", "clip-tiny-eos", "images"))
+    for name in os.listdir(ref_dir):
+        if name.startswith("clip-tiny"):
+            total += du_bytes(os.path.join(ref_dir, name))
+    return total
+
+
+MLLM_README_HEADING = "## BGE-VL-MLLM"
+
+
 def write_readme(made, doc):
     rows = "\n".join(f"| `{n}` | {d} |" for n, d in made)
     text = README.format(image_rows=rows, n_tokens=len(doc["tokens"]), n_texts=len(doc["texts"]),
@@ -947,7 +966,14 @@ def write_readme(made, doc):
                          n_demo=len(doc.get("demo_images", [])),
                          torch=TORCH_VERSION, transformers=transformers.__version__,
                          pillow=PIL.__version__)
-    with open(os.path.join(FIXTURES, "README.md"), "w") as f:
+    path = os.path.join(FIXTURES, "README.md")
+    # Keep the section that scripts/make_mllm_fixtures.py maintains.
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if MLLM_README_HEADING in old:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(MLLM_README_HEADING):]
+    with open(path, "w") as f:
         f.write(text)
 
 
