@@ -125,6 +125,7 @@ fn prepared(token_ids: Option<Vec<u32>>, pixels: Option<Pixels>) -> Prepared {
 fn clip(pre: &Preprocessor) -> &vlembed::preprocess::ClipPreprocessor {
     match pre {
         Preprocessor::Clip(c) => c,
+        other => panic!("not a CLIP preprocessor: {other:?}"),
     }
 }
 

@@ -7,6 +7,8 @@
 //! queues or requests; normalisation is the caller's choice.
 
 pub mod clip;
+pub mod llava;
+pub mod mistral;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -44,14 +46,19 @@ pub enum Architecture {
     /// HF `CLIPModel` (BGE-VL-base, BGE-VL-large).
     #[serde(rename = "CLIPModel")]
     Clip,
+    /// HF `LlavaNextForConditionalGeneration` with a Mistral decoder
+    /// (BGE-VL-MLLM-S1, BGE-VL-MLLM-S2).
+    #[serde(rename = "LlavaNextForConditionalGeneration")]
+    LlavaNext,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "CLIPModel";
+    pub const SUPPORTED: &'static str = "CLIPModel, LlavaNextForConditionalGeneration";
 
     pub fn as_str(self) -> &'static str {
         match self {
             Architecture::Clip => "CLIPModel",
+            Architecture::LlavaNext => "LlavaNextForConditionalGeneration",
         }
     }
 
@@ -66,6 +73,11 @@ impl Architecture {
         let model_type = config.get("model_type").and_then(|m| m.as_str());
         if archs.contains(&"CLIPModel") || (archs.is_empty() && model_type == Some("clip")) {
             return Ok(Architecture::Clip);
+        }
+        if archs.contains(&"LlavaNextForConditionalGeneration")
+            || (archs.is_empty() && model_type == Some("llava_next"))
+        {
+            return Ok(Architecture::LlavaNext);
         }
         let found = match (archs.first(), model_type) {
             (Some(a), _) => format!("{a:?}"),
@@ -204,6 +216,7 @@ pub struct LoadedModel {
 
 enum Kind {
     Clip(clip::ClipConfig),
+    Llava(Box<llava::LlavaConfig>),
 }
 
 /// Options that apply when loading a model.
@@ -265,6 +278,51 @@ impl LoadedModel {
                     weights,
                 })
             }
+            Architecture::LlavaNext => {
+                let cfg = llava::LlavaConfig::from_json(&config).map_err(|message| {
+                    ModelError::Config {
+                        path: config_path.display().to_string(),
+                        message,
+                    }
+                })?;
+                let tokenizer_path = files.required(source::TOKENIZER)?;
+                let pre_path = files.required(source::PREPROCESSOR_CONFIG)?;
+                let proc_path = files.optional(source::PROCESSOR_CONFIG)?;
+                let square = (preprocess::llava::RESIZE_TO, preprocess::llava::RESIZE_TO);
+                let model_features = cfg.num_image_features(square).ok_or_else(|| {
+                    ModelError::Load("config.json has no image_grid_pinpoints".into())
+                })?;
+                let model_tiles = cfg.grid_shape(square).map_or(0, |(gh, gw)| 1 + gh * gw);
+                let facts = preprocess::llava::LlavaModelFacts {
+                    tile: cfg.vision_config.image_size as u32,
+                    patch: cfg.vision_config.patch_size as u32,
+                    image_token_id: cfg.image_token_index,
+                    model_features,
+                    model_tiles,
+                    max_tokens: cfg.text_config.max_position_embeddings,
+                };
+                let pre = preprocess::LlavaPreprocessor::load(
+                    &tokenizer_path,
+                    &pre_path,
+                    proc_path.as_deref(),
+                    &facts,
+                    opts.image_limits,
+                )
+                .map_err(ModelError::Load)?;
+                let weights = files.safetensors()?;
+                Ok(LoadedModel {
+                    info: ModelInfo {
+                        architecture: arch,
+                        dimensions: cfg.text_config.hidden_size,
+                        dtype: opts.dtype,
+                        max_text_tokens: pre.max_text_tokens(),
+                        uses_instructions: true,
+                    },
+                    preprocessor: Arc::new(Preprocessor::Llava(pre)),
+                    kind: Kind::Llava(Box::new(cfg)),
+                    weights,
+                })
+            }
         }
     }
 
@@ -280,6 +338,11 @@ impl LoadedModel {
             Kind::Clip(cfg) => {
                 let model = clip::ClipModel::new(cfg, vb)
                     .map_err(|e| ModelError::Load(format!("cannot build the CLIP model: {e}")))?;
+                Ok(Box::new(model))
+            }
+            Kind::Llava(cfg) => {
+                let model = llava::LlavaModel::new(cfg, vb)
+                    .map_err(|e| ModelError::Load(format!("cannot build the LLaVA model: {e}")))?;
                 Ok(Box::new(model))
             }
         }
@@ -309,6 +372,30 @@ mod tests {
         let empty = serde_json::json!({});
         let msg = Architecture::detect(&empty, p).unwrap_err().to_string();
         assert!(msg.contains("no \"architectures\""), "{msg}");
+    }
+
+    #[test]
+    fn detects_llava_next() {
+        let p = Path::new("config.json");
+        let v = serde_json::json!({
+            "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next"
+        });
+        assert_eq!(
+            Architecture::detect(&v, p).unwrap(),
+            Architecture::LlavaNext
+        );
+        let bare = serde_json::json!({"model_type": "llava_next"});
+        assert_eq!(
+            Architecture::detect(&bare, p).unwrap(),
+            Architecture::LlavaNext
+        );
+        assert_eq!(
+            Architecture::LlavaNext.as_str(),
+            "LlavaNextForConditionalGeneration"
+        );
+        let llava15 = serde_json::json!({"architectures": ["LlavaForConditionalGeneration"]});
+        let msg = Architecture::detect(&llava15, p).unwrap_err().to_string();
+        assert!(msg.contains("LlavaNextForConditionalGeneration"), "{msg}");
     }
 
     #[test]

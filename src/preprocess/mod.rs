@@ -9,11 +9,13 @@
 pub mod clip;
 pub mod clip_image;
 pub mod image;
+pub mod llava;
 pub mod resize;
 pub mod text;
 
 use crate::input::{Input, Modality};
 pub use clip::ClipPreprocessor;
+pub use llava::LlavaPreprocessor;
 
 /// Why an input could not be preprocessed. Every variant is the client's fault
 /// except [`PreprocessError::Internal`].
@@ -64,9 +66,13 @@ pub struct Prepared {
 }
 
 /// The preprocessing of one model family.
+// Built once per model and shared behind an `Arc`: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Preprocessor {
     Clip(ClipPreprocessor),
+    /// BGE-VL-MLLM (LLaVA-NeXT): prompt + any-resolution image tiles.
+    Llava(LlavaPreprocessor),
 }
 
 impl Preprocessor {
@@ -75,6 +81,7 @@ impl Preprocessor {
     pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
         match self {
             Preprocessor::Clip(p) => p.prepare(input, truncate),
+            Preprocessor::Llava(p) => p.prepare(input, truncate),
         }
     }
 }

@@ -1,0 +1,681 @@
+//! The Mistral decoder of BGE-VL-MLLM (transformers 4.45.2 `MistralModel`),
+//! used as an encoder: input embeddings in, final-norm hidden states out.
+//!
+//! Owns: [`MistralConfig`] (serde, transformers' `MistralConfig` defaults for
+//! missing keys), the decoder layers (RMSNorm, grouped-query attention with
+//! rotary position embeddings at the config's `rope_theta`, optional sliding
+//! window, SwiGLU MLP) and the final norm. There is no KV cache and no
+//! `lm_head` (its weight is never read).
+//!
+//! Sequences of a batch are right-padded internally and each sequence counts
+//! its positions from 0, so an input's result does not depend on its batch
+//! mates. Upstream pads on the left and numbers positions from the start of
+//! the padded row; rotary embeddings only see position differences, and the
+//! causal, sliding-window and padding masks are the same relative to each
+//! real token, so the two agree up to float rounding. Masks are additive with
+//! a large finite negative and softmax runs in `f32` (as upstream upcasts it),
+//! so fully masked rows never turn into NaN in f16/bf16.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use serde::Deserialize;
+
+fn d_vocab() -> usize {
+    32000
+}
+fn d_hidden() -> usize {
+    4096
+}
+fn d_inter() -> usize {
+    14336
+}
+fn d_layers() -> usize {
+    32
+}
+fn d_heads() -> usize {
+    32
+}
+fn d_kv_heads() -> Option<usize> {
+    Some(8)
+}
+fn d_max_pos() -> usize {
+    4096 * 32
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_theta() -> f64 {
+    10000.0
+}
+fn d_window() -> Option<usize> {
+    Some(4096)
+}
+fn d_act() -> String {
+    "silu".into()
+}
+
+/// `text_config` of a LLaVA-NeXT `config.json` (transformers' `MistralConfig`;
+/// missing keys take its defaults, an explicit `null` sliding window means none).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MistralConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    /// `null` means as many as the attention heads.
+    #[serde(default = "d_kv_heads")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "d_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "d_window")]
+    pub sliding_window: Option<usize>,
+}
+
+impl MistralConfig {
+    /// Key/value heads (`num_key_value_heads`, else the attention heads).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width (`head_dim`, else `hidden_size / num_attention_heads`).
+    pub fn head_dim(&self) -> usize {
+        match self.head_dim {
+            Some(d) if d > 0 => d,
+            _ => self.hidden_size / self.num_attention_heads.max(1),
+        }
+    }
+
+    /// Checks the shapes fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        let heads = self.num_attention_heads;
+        let kv = self.kv_heads();
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {heads}",
+                self.hidden_size
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head_dim {} must be even", self.head_dim()));
+        }
+        if self.hidden_act != "silu" && self.hidden_act != "swish" {
+            return Err(format!(
+                "hidden_act {:?} is not supported (Mistral uses \"silu\")",
+                self.hidden_act
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be positive or null".into());
+        }
+        if self.max_position_embeddings == 0 || self.vocab_size == 0 {
+            return Err("max_position_embeddings and vocab_size must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// The additive mask value for excluded keys (scores are `f32` when masked).
+const MASK: f32 = -1.0e30;
+
+/// Rotary tables: `cos` and `sin` of `[positions, head_dim / 2]`, computed in
+/// `f32` as transformers does (`inv_freq = 1 / theta^(2i/d)`, `freqs = pos * inv_freq`).
+pub fn rope_tables(theta: f64, head_dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let base = theta as f32;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// Whether a query at position `i` attends to a key at `j` of a sequence of
+/// `len` real tokens: causal, within the sliding window, not padding.
+pub fn attends(i: usize, j: usize, len: usize, window: Option<usize>) -> bool {
+    j <= i && j < len && window.is_none_or(|w| i - j < w)
+}
+
+/// The keys `lo..hi` a query at position `i` attends to (see [`attends`]);
+/// empty when it attends to none (a padding row past the window).
+fn attended_keys(i: usize, len: usize, window: Option<usize>) -> (usize, usize) {
+    let hi = (i + 1).min(len);
+    let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+    (lo.min(hi), hi)
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(c: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        Ok(Attention {
+            q: linear_no_bias(c.hidden_size, h * d, vb.pp("q_proj"))?,
+            k: linear_no_bias(c.hidden_size, kv * d, vb.pp("k_proj"))?,
+            v: linear_no_bias(c.hidden_size, kv * d, vb.pp("v_proj"))?,
+            o: linear_no_bias(h * d, c.hidden_size, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// `x`: [b, t, hidden] (normed) for keys/values; `xq`: the query rows,
+    /// [b, tq, hidden] at positions `q_cos`/`q_sin` ([b or 1, tq, d/2]);
+    /// `mask`: additive f32 [b, 1, 1, tq, t].
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        q_cos: &Tensor,
+        q_sin: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let tq = xq.dim(1)?;
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = h / kv;
+        let dtype = x.dtype();
+        let q = self
+            .q
+            .forward(xq)?
+            .reshape((b, tq, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k
+            .forward(x)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, q_cos, q_sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        // Grouped queries: head `g * rep + r` uses key/value head `g`, as
+        // transformers' `repeat_kv` orders them; keys are never copied.
+        let q = q.reshape((b, kv, rep * tq, d))?;
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
+        let scores = scores.reshape((b, kv, rep, tq, t))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+            .to_dtype(dtype)?
+            .reshape((b, kv, rep * tq, t))?;
+        let ctx = probs
+            .matmul(&v)?
+            .reshape((b, h, tq, d))?
+            .transpose(1, 2)?
+            .reshape((b, tq, h * d))?;
+        self.o.forward(&ctx)
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn new(c: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Mlp {
+            gate: linear_no_bias(c.hidden_size, c.intermediate_size, vb.pp("gate_proj"))?,
+            up: linear_no_bias(c.hidden_size, c.intermediate_size, vb.pp("up_proj"))?,
+            down: linear_no_bias(c.intermediate_size, c.hidden_size, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+/// transformers' `MistralRMSNorm`.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(size, "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+struct Layer {
+    ln1: RmsNorm,
+    attn: Attention,
+    ln2: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Layer {
+    fn new(c: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Layer {
+            ln1: RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb.pp("input_layernorm"))?,
+            attn: Attention::new(c, vb.pp("self_attn"))?,
+            ln2: RmsNorm::new(
+                c.hidden_size,
+                c.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(c, vb.pp("mlp"))?,
+        })
+    }
+
+    /// One layer for the rows `rows` (all rows when `None`): residual stream
+    /// `x` [b, t, hidden] in, the updated query rows out.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rows: Option<&Tensor>,
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let normed = self.ln1.forward(x)?;
+        let (residual, xq, q_cos, q_sin) = match rows {
+            None => (x.clone(), normed.clone(), &rope.cos, &rope.sin),
+            Some(idx) => (
+                gather_rows(x, idx)?,
+                gather_rows(&normed, idx)?,
+                &rope.last_cos,
+                &rope.last_sin,
+            ),
+        };
+        let a = self
+            .attn
+            .forward(&normed, &xq, &rope.cos, &rope.sin, q_cos, q_sin, mask)?;
+        let h = (residual + a)?;
+        let m = self.mlp.forward(&self.ln2.forward(&h)?)?;
+        h + m
+    }
+}
+
+/// Picks row `idx[i]` of sequence `i`: [b, t, c] -> [b, 1, c].
+fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b * t, c))?
+        .index_select(idx, 0)?
+        .reshape((b, 1, c))
+}
+
+/// Rotary tables for one forward pass.
+struct Rope {
+    /// [t, d/2] for every position.
+    cos: Tensor,
+    sin: Tensor,
+    /// [b, 1, d/2] at each sequence's last real position.
+    last_cos: Tensor,
+    last_sin: Tensor,
+}
+
+/// The Mistral decoder stack (`language_model.model`) without `lm_head`.
+pub struct MistralModel {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    cfg: MistralConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl MistralModel {
+    /// `vb` points at the decoder (`language_model.model`).
+    pub fn new(cfg: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(MistralModel {
+            embed_tokens: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?,
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &MistralConfig {
+        &self.cfg
+    }
+
+    /// Token embeddings of `ids` (a 1-D u32 tensor): [n, hidden].
+    pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Rotary tables and the additive mask for right-padded sequences of
+    /// `lens` real tokens in rows of `t`; the mask is for every query row, or
+    /// only for the last real token of each sequence when `last_only`.
+    fn setup(
+        &self,
+        lens: &[usize],
+        t: usize,
+        last_only: bool,
+    ) -> candle_core::Result<(Rope, Tensor)> {
+        let b = lens.len();
+        let d = self.cfg.head_dim();
+        let half = d / 2;
+        let (cos, sin) = rope_tables(self.cfg.rope_theta, d, t);
+        let mut last_cos = Vec::with_capacity(b * half);
+        let mut last_sin = Vec::with_capacity(b * half);
+        for &len in lens {
+            let p = len.saturating_sub(1);
+            last_cos.extend_from_slice(&cos[p * half..(p + 1) * half]);
+            last_sin.extend_from_slice(&sin[p * half..(p + 1) * half]);
+        }
+        let dev = &self.device;
+        let to = |v: Vec<f32>, shape: &[usize]| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(v, shape, dev)?.to_dtype(self.dtype)
+        };
+        let rope = Rope {
+            cos: to(cos, &[t, half])?,
+            sin: to(sin, &[t, half])?,
+            last_cos: to(last_cos, &[b, 1, half])?,
+            last_sin: to(last_sin, &[b, 1, half])?,
+        };
+        let w = self.cfg.sliding_window;
+        let tq = if last_only { 1 } else { t };
+        let mut mask = vec![MASK; b * tq * t];
+        for (s, &len) in lens.iter().enumerate() {
+            for qi in 0..tq {
+                let i = if last_only { len.saturating_sub(1) } else { qi };
+                let (lo, hi) = attended_keys(i, len, w);
+                let row = (s * tq + qi) * t;
+                mask[row + lo..row + hi].fill(0.0);
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, tq, t), dev)?;
+        Ok((rope, mask))
+    }
+
+    fn check(&self, embeds: &Tensor, lens: &[usize]) -> Result<(usize, usize), String> {
+        let (b, t, c) = embeds.dims3().map_err(|e| e.to_string())?;
+        if b != lens.len() || b == 0 {
+            return Err(format!("{b} sequences but {} lengths", lens.len()));
+        }
+        if c != self.cfg.hidden_size {
+            return Err(format!(
+                "embeddings are {c} wide, the decoder takes {}",
+                self.cfg.hidden_size
+            ));
+        }
+        if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
+            return Err(format!("a sequence length {bad} is not in 1..={t}"));
+        }
+        if t > self.cfg.max_position_embeddings {
+            return Err(format!(
+                "sequences of {t} tokens exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            ));
+        }
+        Ok((b, t))
+    }
+
+    /// Final-norm hidden states [b, t, hidden] of right-padded input
+    /// embeddings [b, t, hidden]; sequence `i` has `lens[i]` real tokens
+    /// (rows past it are padding and their outputs are meaningless).
+    pub fn forward(&self, embeds: &Tensor, lens: &[usize]) -> Result<Tensor, DecoderError> {
+        let (_, t) = self.check(embeds, lens).map_err(DecoderError::Input)?;
+        let (rope, mask) = self.setup(lens, t, false)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, None, &rope, &mask)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// The final-norm hidden state of each sequence's last real token,
+    /// [b, hidden]: [`forward`](Self::forward) at position `lens[i] - 1`,
+    /// with the last layer computed for that token only.
+    pub fn forward_last(&self, embeds: &Tensor, lens: &[usize]) -> Result<Tensor, DecoderError> {
+        let (b, t) = self.check(embeds, lens).map_err(DecoderError::Input)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        let Some((last, rest)) = self.layers.split_last() else {
+            let idx = last_index(lens, t, &self.device)?;
+            let x = gather_rows(&x, &idx)?;
+            return Ok(self.norm.forward(&x)?.reshape((b, self.cfg.hidden_size))?);
+        };
+        if !rest.is_empty() {
+            let (rope, mask) = self.setup(lens, t, false)?;
+            for layer in rest {
+                x = layer.forward(&x, None, &rope, &mask)?;
+            }
+        }
+        let (rope, mask) = self.setup(lens, t, true)?;
+        let idx = last_index(lens, t, &self.device)?;
+        let x = last.forward(&x, Some(&idx), &rope, &mask)?;
+        Ok(self.norm.forward(&x)?.reshape((b, self.cfg.hidden_size))?)
+    }
+}
+
+/// Flat row indices `i * t + lens[i] - 1`.
+fn last_index(lens: &[usize], t: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i * t + l.saturating_sub(1)) as u32)
+        .collect();
+    Tensor::from_vec(idx, lens.len(), dev)
+}
+
+/// Why a decoder pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error("invalid decoder input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn config_defaults_follow_transformers() {
+        let c: MistralConfig = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(c.hidden_size, 4096);
+        assert_eq!(c.kv_heads(), 8);
+        assert_eq!(c.head_dim(), 128);
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.max_position_embeddings, 131072);
+        c.validate().unwrap();
+        let c: MistralConfig = serde_json::from_value(serde_json::json!({
+            "sliding_window": null, "num_key_value_heads": null, "hidden_size": 64,
+            "num_attention_heads": 4, "rope_theta": 1000000.0
+        }))
+        .unwrap();
+        assert_eq!(c.sliding_window, None);
+        assert_eq!(c.kv_heads(), 4);
+        assert_eq!(c.head_dim(), 16);
+        let bad: MistralConfig =
+            serde_json::from_value(serde_json::json!({"num_key_value_heads": 5})).unwrap();
+        assert!(bad.validate().unwrap_err().contains("multiple"));
+    }
+
+    #[test]
+    fn rope_tables_match_the_plain_formula() {
+        let (theta, d, n) = (1.0e6, 16, 50);
+        let (cos, sin) = rope_tables(theta, d, n);
+        for p in 0..n {
+            for i in 0..d / 2 {
+                let a = p as f64 / theta.powf(2.0 * i as f64 / d as f64);
+                let k = p * d / 2 + i;
+                assert!((cos[k] as f64 - a.cos()).abs() < 2e-5, "cos p={p} i={i}");
+                assert!((sin[k] as f64 - a.sin()).abs() < 2e-5, "sin p={p} i={i}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_halves_like_transformers() {
+        // q' = q * cos + rotate_half(q) * sin, rotate_half(q) = [-q2, q1].
+        let d = 8;
+        let (cos, sin) = rope_tables(10000.0, d, 3);
+        let dev = Device::Cpu;
+        let q: Vec<f32> = (0..3 * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let qt = Tensor::from_vec(q.clone(), (1, 1, 3, d), &dev).unwrap();
+        let ct = Tensor::from_vec(cos.clone(), (3, d / 2), &dev).unwrap();
+        let st = Tensor::from_vec(sin.clone(), (3, d / 2), &dev).unwrap();
+        let out: Vec<f32> = candle_nn::rotary_emb::rope(&qt, &ct, &st)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for p in 0..3 {
+            for i in 0..d {
+                let h = d / 2;
+                let (c, s) = (cos[p * h + i % h], sin[p * h + i % h]);
+                let x = q[p * d + i];
+                let rot = if i < h {
+                    -q[p * d + i + h]
+                } else {
+                    q[p * d + i - h]
+                };
+                let want = x * c + rot * s;
+                assert!((out[p * d + i] - want).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn masks_are_causal_windowed_and_skip_padding() {
+        assert!(attends(3, 3, 5, None));
+        assert!(!attends(3, 4, 5, None));
+        assert!(!attends(4, 4, 4, None));
+        assert!(attends(9, 0, 10, None));
+        // Window 3: a token sees itself and the two before it.
+        assert!(attends(5, 3, 10, Some(3)));
+        assert!(!attends(5, 2, 10, Some(3)));
+        for w in [None, Some(1), Some(3), Some(40)] {
+            for len in 1..12 {
+                for i in 0..15 {
+                    let (lo, hi) = attended_keys(i, len, w);
+                    for j in 0..15 {
+                        assert_eq!(
+                            (lo..hi).contains(&j),
+                            attends(i, j, len, w),
+                            "{i} {j} {len} {w:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn tiny(window: Option<usize>) -> MistralModel {
+        let cfg: MistralConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "sliding_window": window, "rope_theta": 1000000.0
+        }))
+        .unwrap();
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let m = MistralModel::new(&cfg, vb).unwrap();
+        // Random-ish weights everywhere (VarMap initialises norms to 1 etc.).
+        for (i, var) in map.all_vars().iter().enumerate() {
+            let t = var.as_tensor();
+            let n = t.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|k| (((k * 7919 + i * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.8)
+                .collect();
+            var.set(&Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn results_do_not_depend_on_batch_mates_and_last_matches_full() {
+        for window in [None, Some(3)] {
+            let m = tiny(window);
+            let dev = Device::Cpu;
+            let emb = |n: usize, seed: usize| -> Vec<f32> {
+                (0..n * 16)
+                    .map(|k| ((k * 31 + seed * 17) as f32 * 0.013).sin())
+                    .collect()
+            };
+            let (a, b) = (emb(7, 1), emb(4, 2));
+            let single = |v: &[f32], n: usize| -> Vec<f32> {
+                let x = Tensor::from_vec(v.to_vec(), (1, n, 16), &dev).unwrap();
+                m.forward_last(&x, &[n])
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let sa = single(&a, 7);
+            let sb = single(&b, 4);
+            let mut padded = a.clone();
+            padded.extend_from_slice(&b);
+            padded.extend(std::iter::repeat_n(9.0f32, 3 * 16));
+            let x = Tensor::from_vec(padded, (2, 7, 16), &dev).unwrap();
+            let both: Vec<Vec<f32>> = m.forward_last(&x, &[7, 4]).unwrap().to_vec2().unwrap();
+            let full: Vec<Vec<Vec<f32>>> = m.forward(&x, &[7, 4]).unwrap().to_vec3().unwrap();
+            let diff = |p: &[f32], q: &[f32]| {
+                p.iter()
+                    .zip(q)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            };
+            assert!(diff(&both[0], &sa) < 1e-5);
+            assert!(diff(&both[1], &sb) < 1e-5);
+            assert!(diff(&full[0][6], &sa) < 1e-5);
+            assert!(diff(&full[1][3], &sb) < 1e-5);
+        }
+    }
+}
