@@ -141,16 +141,20 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         dtype: args.dtype,
         ..Default::default()
     };
+    let started = std::time::Instant::now();
     let embedder = Embedder::load(&source, args.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
+    tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
     let input = Input {
         text: args.text,
         image,
         instruction: args.instruction,
         role: args.role,
     };
+    let started = std::time::Instant::now();
     let mut out = embedder.embed(&[input], !args.no_normalize, !args.no_truncate)?;
     let embedding = out.pop().context("the model returned no embedding")?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "input embedded");
     let json = serde_json::json!({
         "model": name,
         "dimensions": embedding.len(),
