@@ -9,6 +9,7 @@
 pub mod clip;
 pub mod llava;
 pub mod mistral;
+pub mod ops;
 pub mod source;
 
 use std::path::{Path, PathBuf};
