@@ -11,6 +11,7 @@ pub mod llava;
 pub mod mistral;
 pub mod ops;
 pub mod source;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -330,11 +331,8 @@ impl LoadedModel {
     /// Maps the weights onto `device` and builds a replica.
     pub fn replica(&self, device: &Device) -> Result<Box<dyn EmbeddingModel>, ModelError> {
         let dtype = self.info.dtype.dtype();
-        // SAFETY: the weight files are memory-mapped read-only; like every
-        // safetensors loader we rely on them not being modified while served.
-        let vb =
-            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
-                .map_err(|e| ModelError::Load(format!("cannot map the weights: {e}")))?;
+        let weights = weights::MappedWeights::open(&self.weights)?;
+        let vb = candle_nn::VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
         match &self.kind {
             Kind::Clip(cfg) => {
                 let model = clip::ClipModel::new(cfg, vb)
