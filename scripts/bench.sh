@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# vlembed benchmark: the model alone, the server end to end, and the PyTorch
+# reference, on a full-size random-weight BGE-VL model. See BENCHMARKS.md.
+#
+#   scripts/bench.sh [base|large] [--quick] [--no-reference] [--no-write]
+#
+#   base|large      which architecture (default base)
+#   --quick         short run (batch sizes 1 and 8, short load phases; ~5 min for base)
+#   --no-reference  skip the PyTorch reference
+#   --no-write      do not update BENCHMARKS.md (the report still goes to $WORK)
+#
+# Environment:
+#   VLEMBED_BENCH_PYTHON   python with torch 2.5.1 + transformers 4.45.2
+#                          (default /opt/fixenv/bin/python, else python3)
+#   VLEMBED_BENCH_MODEL    model directory (default /tmp/bge-vl-<kind>-random;
+#                          made with scripts/make_fixtures.py --full when absent)
+#   VLEMBED_BENCH_WORK     scratch folder (default /tmp/vlembed-bench)
+#   VLEMBED_BENCH_PORT     server port (default: a free loopback port)
+#   RAYON_NUM_THREADS      passed through to the model and the server
+#
+# Everything runs on loopback; the server is stopped on exit, whatever happens.
+set -euo pipefail
+
+# The whole script is one block, read before it runs: editing the file during a
+# run does not affect that run.
+{
+
+KIND=base
+QUICK=0
+REFERENCE=1
+WRITE=1
+for arg in "$@"; do
+    case "$arg" in
+        base|large) KIND=$arg ;;
+        --quick) QUICK=1 ;;
+        --no-reference) REFERENCE=0 ;;
+        --no-write) WRITE=0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+COMMAND="scripts/bench.sh $*"
+PY=${VLEMBED_BENCH_PYTHON:-/opt/fixenv/bin/python}
+[[ -x "$PY" ]] || PY=$(command -v python3)
+MODEL=${VLEMBED_BENCH_MODEL:-/tmp/bge-vl-$KIND-random}
+WORK=${VLEMBED_BENCH_WORK:-/tmp/vlembed-bench}
+RUN="$WORK/run-$KIND"
+INPUTS="$WORK/inputs"
+HELPER="$REPO/scripts/bench_reference.py"
+
+if [[ $QUICK == 1 ]]; then
+    MODE=quick
+    BATCHES=1,8
+    REPS=3
+    WARMUP=1
+    TEXT_REPS=20
+    LOAD_S=8            # seconds each server scenario issues requests
+    MIXED_CLIENTS="8"
+    LEVELS="1 8 32 64"
+else
+    MODE=full
+    BATCHES=1,8,32
+    REPS=5
+    WARMUP=1
+    TEXT_REPS=50
+    LOAD_S=30
+    MIXED_CLIENTS="8 32"
+    LEVELS="1 8 32 64"
+fi
+REQ_TIMEOUT=120         # per request, seconds (the server's own limit is 30 s)
+
+log() { printf '\n[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+SERVER_PID=""
+cleanup() {
+    local rc=$?
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+    if [[ $rc != 0 ]]; then
+        echo "bench: failed (exit $rc); logs in $RUN" >&2
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- CPU accounting: how much CPU did other processes use meanwhile? ----------
+# Appends "stage busy_ticks our_ticks" to cpu.txt: busy ticks of the whole
+# machine (/proc/stat) and ticks of this script, its waited-for children and
+# the running server. The difference is what other processes took.
+cpu_mark() {
+    local busy ours s
+    busy=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat)
+    ours=$(awk '{print $14+$15+$16+$17}' "/proc/$$/stat")
+    if [[ -n "$SERVER_PID" && -r "/proc/$SERVER_PID/stat" ]]; then
+        s=$(awk '{print $14+$15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo 0)
+        ours=$((ours + s))
+    fi
+    echo "$1 $busy $ours $(date +%s.%N) $(cut -d' ' -f1 /proc/loadavg)" >>"$RUN/cpu.txt"
+}
+
+# --- 0. model, inputs, build ---------------------------------------------------
+mkdir -p "$WORK"
+rm -rf "$RUN"
+mkdir -p "$RUN"
+START_EPOCH=$(date +%s)
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "mode $MODE, model $KIND, load average at start: $LOAD_AT_START"
+
+if [[ ! -f "$MODEL/model.safetensors" && ! -f "$MODEL/model.safetensors.index.json" ]] \
+    || [[ ! -f "$MODEL/config.json" || ! -f "$MODEL/tokenizer.json" ]]; then
+    log "making the random-weight $KIND model in $MODEL (a few minutes)"
+    timeout 3600 "$PY" scripts/make_fixtures.py --full "$KIND" --out "$MODEL"
+fi
+if [[ $(find "$INPUTS/images" -name '*.jpg' 2>/dev/null | wc -l) -lt 32 || ! -s "$INPUTS/texts.txt" ]]; then
+    log "making the benchmark inputs in $INPUTS"
+    timeout 600 "$PY" "$HELPER" inputs --out "$INPUTS" --n 32
+fi
+
+log "building (release)"
+timeout 3600 cargo build --release --locked --bin vlembed --example bench_model --example loadgen
+BIN=$REPO/target/release/vlembed
+EX=$REPO/target/release/examples
+
+{
+    echo "mode=$MODE"
+    echo "kind=$KIND"
+    echo "command=$COMMAND"
+    echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "dirty=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | wc -l)"
+    echo "cpu=$(awk -F': *' '/^model name/{n=$2} /^cpu family/{f=$2} /^model\t/{m=$2} /^cpu MHz/{z=$2}
+        /^flags/{b=($0 ~ / avx512_bf16/) ? ", avx512_bf16" : ($0 ~ / avx2/ ? ", avx2" : "")}
+        END{printf "%s (family %s model %s, %.0f MHz%s)", n, f, m, z, b}' /proc/cpuinfo)"
+    echo "cores=$(nproc)"
+    echo "mem_gib=$(awk '/MemTotal/{printf "%.0f", $2/1048576}' /proc/meminfo)"
+    echo "load_at_start=$LOAD_AT_START"
+    echo "rayon_num_threads=${RAYON_NUM_THREADS:-}"
+    echo "model_dir=$MODEL"
+    echo "weights_bytes=$(find "$MODEL" -maxdepth 1 -name 'model*.safetensors' -printf '%s\n' | awk '{s+=$1} END{print s+0}')"
+    echo "batches=$BATCHES"
+    echo "reps=$REPS"
+    echo "warmup=$WARMUP"
+    echo "load_s=$LOAD_S"
+    echo "rustc=$(rustc --version)"
+} >"$RUN/meta.txt"
+
+# Five idle seconds: whatever CPU is used now is other processes'.
+cpu_mark before
+sleep 5
+cpu_mark idle-5s
+
+# --- 1. the model alone --------------------------------------------------------
+log "model alone (vlembed, $BATCHES)"
+timeout 3600 "$EX/bench_model" --model "$MODEL" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
+    --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/model.json"
+cpu_mark model
+
+# --- 2. the PyTorch reference --------------------------------------------------
+if [[ $REFERENCE == 1 ]]; then
+    log "model alone (PyTorch reference, f32 and bf16 autocast)"
+    timeout 3600 "$PY" "$HELPER" run --model "$MODEL" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
+        --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/reference.json"
+fi
+cpu_mark reference
+
+# --- 3. the server end to end --------------------------------------------------
+PORT=${VLEMBED_BENCH_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+URL="http://127.0.0.1:$PORT"
+log "server on $URL"
+VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" \
+    >"$RUN/server.log" 2>&1 &
+SERVER_PID=$!
+echo "$SERVER_PID" >"$RUN/server.pid"
+ready=0
+for _ in $(seq 600); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "the server exited; its log:" >&2
+        tail -20 "$RUN/server.log" >&2
+        exit 1
+    fi
+    if curl -fsS -m 2 "$URL/ready" >/dev/null 2>&1; then ready=1; break; fi
+    sleep 0.5
+done
+[[ $ready == 1 ]] || { echo "the server was not ready after 300 s" >&2; exit 1; }
+rss_all() {
+    awk '$1 ~ /^(VmHWM|VmRSS|RssAnon|RssFile):$/ {sub(":", "", $1); printf "%s_kB=%s ", $1, $2}' \
+        "/proc/$SERVER_PID/status"
+}
+echo "ready $(rss_all)" >"$RUN/rss.txt"
+curl -fsS -m 5 "$URL/info" >"$RUN/info.json" || true
+"$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-idle.json"
+
+LG=("$EX/loadgen" --url "$URL" --images-dir "$INPUTS/images" --texts-file "$INPUTS/texts.txt"
+    --timeout "$REQ_TIMEOUT")
+log "warm-up"
+timeout 600 "${LG[@]}" --concurrency 2 --requests 4 --duration 120 --label warmup \
+    --json "$RUN/warmup.json"
+cpu_mark server-ready
+
+# Waits until the server has nothing left to do: a single text goes through
+# only after the batch in progress (and anything queued before it).
+settle() {
+    timeout $((REQ_TIMEOUT + 30)) "${LG[@]}" --kind text --concurrency 1 --requests 1 --duration 300 \
+        --label settle --json "$RUN/settle.json" 2>/dev/null || true
+    sleep 1
+}
+
+log "server: text probe alone (idle server), $((LOAD_S / 2 + 2)) s"
+timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --concurrency 0 --mixed --duration $((LOAD_S / 2 + 2)) \
+    --probe-interval-ms 50 --label "text-idle" --json "$RUN/text-idle.json"
+
+"$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-before.json"
+for n in $LEVELS; do
+    log "server: $n concurrent clients, single images, $LOAD_S s"
+    timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --concurrency "$n" --duration "$LOAD_S" \
+        --label "images-c$n" --json "$RUN/server-c$n.json"
+    echo "c$n $(rss_all)" >>"$RUN/rss.txt"
+    cpu_mark "server-c$n"
+    settle
+done
+"$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-after.json"
+
+for n in $MIXED_CLIENTS; do
+    log "server: mixed, $n image clients + a sequential text probe, $LOAD_S s"
+    timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --concurrency "$n" --mixed --duration "$LOAD_S" \
+        --probe-interval-ms 100 --label "mixed-c$n" --json "$RUN/mixed-c$n.json"
+    echo "mixed-c$n $(rss_all)" >>"$RUN/rss.txt"
+    settle
+done
+curl -fsS -m 5 "$URL/metrics" >"$RUN/metrics.txt" || true
+cpu_mark server-mixed
+
+log "stopping the server"
+kill -TERM "$SERVER_PID"
+for _ in $(seq 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
+kill -KILL "$SERVER_PID" 2>/dev/null || true
+wait "$SERVER_PID" 2>/dev/null || true
+SERVER_PID=""
+cpu_mark end
+echo "elapsed_s=$(($(date +%s) - START_EPOCH))" >>"$RUN/meta.txt"
+
+# --- 4. report -----------------------------------------------------------------
+REPORT_ARGS=(report --run "$RUN" --out "$RUN/report.md")
+[[ $WRITE == 1 ]] && REPORT_ARGS+=(--update "$REPO/BENCHMARKS.md")
+"$PY" "$HELPER" "${REPORT_ARGS[@]}"
+log "done in $(($(date +%s) - START_EPOCH)) s; report: $RUN/report.md"
+exit 0
+}
