@@ -16,6 +16,8 @@
 #                          made with scripts/make_fixtures.py --full when absent)
 #   VLEMBED_BENCH_WORK     scratch folder (default /tmp/vlembed-bench)
 #   VLEMBED_BENCH_PORT     server port (default: a free loopback port)
+#   VLEMBED_BENCH_DTYPE    vlembed's dtype, model alone and server (default f32;
+#                          bf16 uses the AVX512-BF16 kernels where the CPU has them)
 #   RAYON_NUM_THREADS      passed through to the model and the server
 #
 # Everything runs on loopback; the server is stopped on exit, whatever happens.
@@ -46,6 +48,7 @@ COMMAND="scripts/bench.sh $*"
 PY=${VLEMBED_BENCH_PYTHON:-/opt/fixenv/bin/python}
 [[ -x "$PY" ]] || PY=$(command -v python3)
 MODEL=${VLEMBED_BENCH_MODEL:-/tmp/bge-vl-$KIND-random}
+DTYPE=${VLEMBED_BENCH_DTYPE:-f32}
 WORK=${VLEMBED_BENCH_WORK:-/tmp/vlembed-bench}
 RUN="$WORK/run-$KIND"
 INPUTS="$WORK/inputs"
@@ -132,6 +135,7 @@ EX=$REPO/target/release/examples
 {
     echo "mode=$MODE"
     echo "kind=$KIND"
+    echo "dtype=$DTYPE"
     echo "command=$COMMAND"
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -159,7 +163,7 @@ cpu_mark idle-5s
 
 # --- 1. the model alone --------------------------------------------------------
 log "model alone (vlembed, $BATCHES)"
-timeout 3600 "$EX/bench_model" --model "$MODEL" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
+timeout 3600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
     --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/model.json"
 cpu_mark model
 
@@ -175,7 +179,7 @@ cpu_mark reference
 PORT=${VLEMBED_BENCH_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 URL="http://127.0.0.1:$PORT"
 log "server on $URL"
-VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" \
+VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --port "$PORT" \
     >"$RUN/server.log" 2>&1 &
 SERVER_PID=$!
 echo "$SERVER_PID" >"$RUN/server.pid"

@@ -423,7 +423,8 @@ def render(run):
     kind = meta.get("kind", "base")
     model = _read_json(os.path.join(run, "model.json")) or {}
     ref = _read_json(os.path.join(run, "reference.json")) or {}
-    vl = _get(model, "precisions", "f32") or {}
+    vl_dtype = meta.get("dtype", "f32")
+    vl = _get(model, "precisions", vl_dtype) or {}
     pt32 = _get(ref, "precisions", "f32") or {}
     pt16 = _get(ref, "precisions", "bf16") or {}
     batches = [int(b) for b in meta.get("batches", "1,8,32").split(",") if b]
@@ -451,7 +452,8 @@ def render(run):
     busy = worst > BUSY_OTHERS or (not has_idle and load_start > BUSY_LOAD)
 
     out = []
-    title = f"BGE-VL-{kind} (random weights, real architecture), {meta.get('mode', '?')} run"
+    title = (f"BGE-VL-{kind} (random weights, real architecture), {meta.get('mode', '?')} run, "
+             f"vlembed in {vl_dtype}")
     out.append(f"### {title}")
     out.append("")
     if busy:
@@ -622,7 +624,9 @@ def render(run):
                    "`vlembed-worker-`, truncated to 15 characters by Linux). Involuntary "
                    "switches = preemptions.")
         out.append("")
-    return kind, "\n".join(out) + "\n", busy
+    # Each (model, dtype) has its own section in BENCHMARKS.md.
+    key = kind if vl_dtype == "f32" else f"{kind}-{vl_dtype}"
+    return key, "\n".join(out) + "\n", busy
 
 
 def report(run, out_path, update):
