@@ -68,12 +68,15 @@ impl ServerConfig {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 
-    /// Preprocessing concurrency, `0` resolved to the number of CPU cores.
+    /// Preprocessing concurrency; `0` means a quarter of the CPU cores (at
+    /// least one), so preprocessing does not preempt the model's rayon
+    /// threads: the pool's matmuls run at the speed of their slowest thread.
     pub fn preprocess_concurrency(&self) -> usize {
         if self.preprocess_threads > 0 {
             self.preprocess_threads
         } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / 4).max(1)
         }
     }
 }
