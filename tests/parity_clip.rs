@@ -16,60 +16,8 @@ use vlembed::input::{Input, Modality};
 use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
 use vlembed::preprocess::{Pixels, Prepared, Preprocessor};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn reference(name: &str) -> Value {
-    read_json(&root().join("tests/fixtures/reference").join(name))
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn load(model: &str) -> Embedder {
-    load_dir(&root().join("tests/fixtures").join(model))
-}
-
-fn load_dir(dir: &Path) -> Embedder {
-    let src = ModelSource::parse(dir.to_str().unwrap(), None);
-    let t = std::time::Instant::now();
-    let e = Embedder::load(&src, DeviceSpec::Cpu, &LoadOptions::default()).unwrap();
-    eprintln!("loaded {} in {:.2?}", dir.display(), t.elapsed());
-    e
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
+mod parity_common;
+use parity_common::*;
 
 /// A file named relative to the repository root; `None` (test skipped) for
 /// the shared photographs when `../shared/testdata` is absent.

@@ -10,7 +10,6 @@
 //! ids + pixels and end to end from image bytes; batch invariance <= 1e-4.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -20,24 +19,13 @@ use vlembed::models::{Architecture, DeviceSpec, LoadOptions, ModelSource};
 use vlembed::preprocess::llava::build_prompt;
 use vlembed::preprocess::{LlavaPreprocessor, Pixels, Prepared, Preprocessor};
 
+mod parity_common;
+use parity_common::*;
+
 const MODELS: [&str; 2] = ["mllm-tiny-a", "mllm-tiny-b"];
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn reference(model: &str) -> Value {
-    let p = root().join(format!("tests/fixtures/reference/{model}.json"));
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn load_dir(dir: &Path) -> Embedder {
-    let src = ModelSource::parse(dir.to_str().unwrap(), None);
-    Embedder::load(&src, DeviceSpec::Cpu, &LoadOptions::default()).unwrap()
-}
-
-fn load(model: &str) -> Embedder {
-    load_dir(&root().join("tests/fixtures").join(model))
+fn mllm_reference(model: &str) -> Value {
+    reference(&format!("{model}.json"))
 }
 
 fn llava(e: &Embedder) -> &LlavaPreprocessor {
@@ -45,30 +33,6 @@ fn llava(e: &Embedder) -> &LlavaPreprocessor {
         Preprocessor::Llava(p) => p,
         other => panic!("not a LLaVA preprocessor: {other:?}"),
     }
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn role(case: &Value) -> Role {
@@ -146,7 +110,7 @@ fn reference_prepared(case: &Value, px: &HashMap<String, Tensor>) -> Prepared {
 fn loads_as_llava_next_with_its_facts() {
     for model in MODELS {
         let e = load(model);
-        let r = reference(model);
+        let r = mllm_reference(model);
         let info = e.info();
         assert_eq!(info.architecture, Architecture::LlavaNext);
         assert!(info.uses_instructions);
@@ -160,7 +124,7 @@ fn token_ids_equal_the_reference() {
     for model in MODELS {
         let e = load(model);
         let pre = llava(&e);
-        let r = reference(model);
+        let r = mllm_reference(model);
         let cases = r["tokens"].as_array().unwrap();
         assert!(cases.len() >= 20);
         for case in cases {
@@ -179,7 +143,7 @@ fn prompts_ids_and_image_token_counts_equal_the_reference() {
     for model in MODELS {
         let e = load(model);
         let pre = llava(&e);
-        let r = reference(model);
+        let r = mllm_reference(model);
         for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
             let has_image = !case["file"].is_null();
             let prompt = build_prompt(
@@ -211,7 +175,7 @@ fn prompts_ids_and_image_token_counts_equal_the_reference() {
 fn pixel_tiles_match_the_reference() {
     for model in MODELS {
         let e = load(model);
-        let r = reference(model);
+        let r = mllm_reference(model);
         let px = ref_pixels(model);
         let (mut worst_max, mut worst_mean, mut n) = (0f32, 0f64, 0);
         for case in r["cases"].as_array().unwrap() {
@@ -265,7 +229,7 @@ fn pixel_tiles_match_the_reference() {
 fn embeddings_from_identical_inputs_match() {
     for model in MODELS {
         let e = load(model);
-        let r = reference(model);
+        let r = mllm_reference(model);
         let px = ref_pixels(model);
         let mut worst = [0f32; 3]; // text, image, composed
         let mut worst_raw = [0f32; 3];
@@ -303,7 +267,7 @@ fn embeddings_from_identical_inputs_match() {
 fn end_to_end_from_bytes_matches() {
     for model in MODELS {
         let e = load(model);
-        let r = reference(model);
+        let r = mllm_reference(model);
         let mut worst = 0f32;
         let mut n = 0;
         for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
@@ -324,7 +288,7 @@ fn end_to_end_from_bytes_matches() {
 fn results_do_not_depend_on_batch_mates() {
     for model in MODELS {
         let e = load(model);
-        let r = reference(model);
+        let r = mllm_reference(model);
         let cases = r["cases"].as_array().unwrap();
         let batch = &r["batch"];
         let mut prepared = Vec::new();
@@ -400,7 +364,7 @@ fn lm_head_is_never_loaded() {
     );
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let e = load_dir(&dir);
-    let r = reference("mllm-tiny-b");
+    let r = mllm_reference("mllm-tiny-b");
     for case in r["cases"].as_array().unwrap().iter().take(5) {
         let input = input_of(case).unwrap();
         let got = e.embed(&[input], true, false).unwrap().remove(0);
@@ -456,7 +420,7 @@ fn image_token_in_text_is_refused_only_with_an_image() {
 #[test]
 fn half_precision_runs_and_stays_close() {
     use vlembed::models::Precision;
-    let r = reference("mllm-tiny-a");
+    let r = mllm_reference("mllm-tiny-a");
     let dir = root().join("tests/fixtures/mllm-tiny-a");
     let src = ModelSource::parse(dir.to_str().unwrap(), None);
     for dtype in [Precision::F16, Precision::Bf16] {
@@ -489,7 +453,7 @@ fn half_precision_runs_and_stays_close() {
 #[test]
 fn image_token_count_must_match_the_features() {
     let e = load("mllm-tiny-a");
-    let r = reference("mllm-tiny-a");
+    let r = mllm_reference("mllm-tiny-a");
     let px = ref_pixels("mllm-tiny-a");
     let case = &r["cases"][2];
     assert!(case["pixels"].is_string());
