@@ -47,6 +47,16 @@ impl Modality {
             Modality::Composed => "composed",
         }
     }
+
+    /// Whether this modality carries text.
+    pub fn has_text(self) -> bool {
+        matches!(self, Modality::Text | Modality::Composed)
+    }
+
+    /// Whether this modality carries an image.
+    pub fn has_image(self) -> bool {
+        matches!(self, Modality::Image | Modality::Composed)
+    }
 }
 
 /// One thing to embed, as the client sent it (image still encoded).

@@ -7,7 +7,7 @@ use super::clip_image::ClipImageProcessor;
 use super::image::{decode_image, ImageLimits};
 use super::text::TextTokenizer;
 use super::{Pixels, Prepared, PreprocessError};
-use crate::input::{Input, Modality};
+use crate::input::Input;
 
 /// Tokenizer + image processor of a CLIP model.
 #[derive(Debug, Clone)]
@@ -88,15 +88,5 @@ impl ClipPreprocessor {
             text_tokens,
             cost: cost.max(1),
         })
-    }
-}
-
-impl Modality {
-    /// Whether this modality carries text / an image.
-    pub fn has_text(self) -> bool {
-        matches!(self, Modality::Text | Modality::Composed)
-    }
-    pub fn has_image(self) -> bool {
-        matches!(self, Modality::Image | Modality::Composed)
     }
 }
