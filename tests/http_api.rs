@@ -43,7 +43,7 @@ async fn embed_text_image_and_composed() {
     // own unbatched result.
     let want_text = floats(&json!([text["embedding"]])).remove(0);
     assert!(
-        max_abs_diff(&e[0], &want_text) < 1e-4,
+        max_abs_diff(&e[0], &want_text) < tol::LOOSE_F32,
         "{:?} vs {want_text:?}",
         e[0]
     );
@@ -57,8 +57,11 @@ async fn embed_text_image_and_composed() {
         },
     ];
     for (got, want) in e.iter().zip(direct(&inputs, true)) {
-        assert!(max_abs_diff(got, &want) < 1e-5, "{got:?} vs {want:?}");
-        assert!((norm(got) - 1.0).abs() < 1e-4);
+        assert!(
+            max_abs_diff(got, &want) < tol::CLIP_F32,
+            "{got:?} vs {want:?}"
+        );
+        assert!((norm(got) - 1.0).abs() < tol::UNIT_NORM);
     }
     let usage = &r.body["usage"];
     assert_eq!(usage["inputs"], 3);
@@ -84,9 +87,9 @@ async fn embed_text_image_and_composed() {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     let want = floats(&json!([text["embedding_raw"]])).remove(0);
-    assert!(max_abs_diff(&v, &want) < 1e-4);
+    assert!(max_abs_diff(&v, &want) < tol::LOOSE_F32);
     assert!(
-        (norm(&v) - 1.0).abs() > 1e-3,
+        (norm(&v) - 1.0).abs() > tol::UNIT_NORM,
         "raw embedding should not be unit length"
     );
     s.stop().await;
@@ -117,7 +120,7 @@ async fn multipart_embed_equals_json_embed() {
     assert_conforms(&doc, "POST", "/embed", 200, &r.body);
     let mp = floats(&r.body["embeddings"]);
     for (a, b) in mp.iter().zip(&json_emb) {
-        assert!(max_abs_diff(a, b) < 1e-6);
+        assert!(max_abs_diff(a, b) < tol::SAME_MATH);
     }
     assert_eq!(r.body["usage"]["images"], 2);
 
@@ -186,7 +189,7 @@ async fn score_json_and_multipart() {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
     assert!(
-        max_abs_diff(&scores, &expected) < 1e-5,
+        max_abs_diff(&scores, &expected) < tol::CLIP_F32,
         "{scores:?} vs {expected:?}"
     );
     let ranking = r.body["ranking"].as_array().unwrap();
@@ -220,7 +223,9 @@ async fn score_json_and_multipart() {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
-    assert!((mp[0] - expected[0]).abs() < 1e-5 && (mp[1] - expected[2]).abs() < 1e-5);
+    assert!(
+        (mp[0] - expected[0]).abs() < tol::CLIP_F32 && (mp[1] - expected[2]).abs() < tol::CLIP_F32
+    );
     assert_eq!(r.body["ranking"].as_array().unwrap().len(), 1);
 
     let r = s
@@ -267,7 +272,7 @@ async fn openai_embeddings_as_the_official_client_sends_them() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        assert!(max_abs_diff(&v, &want[i]) < 1e-6);
+        assert!(max_abs_diff(&v, &want[i]) < tol::SAME_MATH);
     }
     let tokens = r.body["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(tokens > 4);
@@ -280,7 +285,7 @@ async fn openai_embeddings_as_the_official_client_sends_them() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_conforms(&doc, "POST", "/v1/embeddings", 200, &r.body);
     let v = floats(&json!([r.body["data"][0]["embedding"]])).remove(0);
-    assert!(max_abs_diff(&v, &want[0]) < 1e-6);
+    assert!(max_abs_diff(&v, &want[0]) < tol::SAME_MATH);
     let r = s
         .post_json("/v1/embeddings", &json!({"input": [{"text": "x", "image": b64(&image("tiny_5x3.bmp"))}], "model": "clip-tiny"}))
         .await;
@@ -668,7 +673,11 @@ async fn real_photos_embed_when_present() {
         assert_eq!(r.status, 200, "{}", r.text);
         let got = floats(&r.body["embeddings"]).remove(0);
         let want = direct(&[Input::image(bytes)], true).remove(0);
-        assert!(max_abs_diff(&got, &want) < 1e-5, "{}", file.display());
+        assert!(
+            max_abs_diff(&got, &want) < tol::CLIP_F32,
+            "{}",
+            file.display()
+        );
     }
     s.stop().await;
 }

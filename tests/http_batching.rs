@@ -51,7 +51,7 @@ async fn concurrent_round(s: &TestServer, inputs: &[Input], expected: &[Vec<f32>
         let got = t.await.unwrap();
         let d = max_abs_diff(&got, &expected[i]);
         assert!(
-            d < 1e-5,
+            d < tol::CLIP_F32,
             "request {i} differs from its unbatched result by {d}"
         );
     }

@@ -16,13 +16,13 @@ use vlembed::input::{Input, Modality};
 use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
 use vlembed::preprocess::{Pixels, Prepared, Preprocessor};
 
-mod parity_common;
-use parity_common::*;
+mod common;
+use common::*;
 
 /// A file named relative to the repository root; `None` (test skipped) for
 /// the shared photographs when `../shared/testdata` is absent.
 fn fixture_file(rel: &str) -> Option<PathBuf> {
-    let p = root().join(rel);
+    let p = repo().join(rel);
     if p.exists() {
         Some(p)
     } else if rel.starts_with("../shared/") {
@@ -34,9 +34,9 @@ fn fixture_file(rel: &str) -> Option<PathBuf> {
 }
 
 fn ref_pixels() -> HashMap<String, Tensor> {
-    let r = reference("clip-tiny.json");
+    let r = reference_file("clip-tiny.json");
     let file = r["pixels_file"].as_str().unwrap();
-    candle_core::safetensors::load(root().join(file), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(repo().join(file), &Device::Cpu).unwrap()
 }
 
 fn ref_pixels_in(dir: &Path) -> HashMap<String, Tensor> {
@@ -81,7 +81,7 @@ fn clip(pre: &Preprocessor) -> &vlembed::preprocess::ClipPreprocessor {
 fn token_ids_equal_the_reference() {
     let e = load("clip-tiny");
     let pre = clip(&e.loaded.preprocessor);
-    let r = reference("clip-tiny.json");
+    let r = reference_file("clip-tiny.json");
     let cases = r["tokens"].as_array().unwrap();
     assert!(cases.len() >= 100, "only {} token cases", cases.len());
     let mut long = 0;
@@ -115,7 +115,7 @@ fn too_long_text_is_refused_without_truncation() {
 fn pixel_tensors_match_the_reference() {
     let e = load("clip-tiny");
     let pre = clip(&e.loaded.preprocessor);
-    let r = reference("clip-tiny.json");
+    let r = reference_file("clip-tiny.json");
     let px = ref_pixels();
     let mut checked = 0;
     for case in r["images"]
@@ -155,7 +155,7 @@ fn pixel_tensors_match_the_reference() {
 
 /// From the reference's own ids and pixels, the embeddings agree to 1e-5.
 fn check_embeddings_from_identical_inputs(model: &str, json: &str) {
-    check_identical(&load(model), &reference(json), &ref_pixels(), model);
+    check_identical(&load(model), &reference_file(json), &ref_pixels(), model);
 }
 
 fn check_identical(e: &Embedder, r: &Value, px: &HashMap<String, Tensor>, model: &str) {
@@ -163,13 +163,13 @@ fn check_identical(e: &Embedder, r: &Value, px: &HashMap<String, Tensor>, model:
     for case in r["texts"].as_array().unwrap() {
         let item = prepared(Some(ids(&case["ids"])), None);
         let raw = e.embed_prepared(&[&item], false).unwrap().remove(0);
-        let d = max_abs(&raw, &floats(&case["embedding_raw"]));
+        let d = max_abs_diff(&raw, &vector(&case["embedding_raw"]));
         let mut n = raw.clone();
         l2_normalize(&mut n);
-        let dn = max_abs(&n, &floats(&case["embedding"]));
+        let dn = max_abs_diff(&n, &vector(&case["embedding"]));
         worst = worst.max(dn);
         assert!(
-            dn <= 1e-5,
+            dn <= tol::CLIP_F32,
             "{model} text {:?}: normalised diff {dn}, raw diff {d}",
             case["text"]
         );
@@ -178,9 +178,9 @@ fn check_identical(e: &Embedder, r: &Value, px: &HashMap<String, Tensor>, model:
         let key = case["pixels"].as_str().unwrap();
         let item = prepared(None, Some(pixels_of(&px[key])));
         let got = e.embed_prepared(&[&item], true).unwrap().remove(0);
-        let d = max_abs(&got, &floats(&case["embedding"]));
+        let d = max_abs_diff(&got, &vector(&case["embedding"]));
         worst = worst.max(d);
-        assert!(d <= 1e-5, "{model} image {key}: diff {d}");
+        assert!(d <= tol::CLIP_F32, "{model} image {key}: diff {d}");
     }
     for case in r["composed"].as_array().unwrap() {
         let file = case["file"].as_str().unwrap();
@@ -188,9 +188,9 @@ fn check_identical(e: &Embedder, r: &Value, px: &HashMap<String, Tensor>, model:
         let Some(t) = px.get(key) else { continue };
         let item = prepared(Some(ids(&case["ids"])), Some(pixels_of(t)));
         let got = e.embed_prepared(&[&item], true).unwrap().remove(0);
-        let d = max_abs(&got, &floats(&case["embedding"]));
+        let d = max_abs_diff(&got, &vector(&case["embedding"]));
         worst = worst.max(d);
-        assert!(d <= 1e-5, "{model} composed {file}: diff {d}");
+        assert!(d <= tol::CLIP_F32, "{model} composed {file}: diff {d}");
     }
     eprintln!("{model}: worst max abs diff from identical inputs {worst:.2e}");
 }
@@ -207,7 +207,7 @@ fn first_eos_pooling_variant_matches() {
 
 #[test]
 fn end_to_end_from_bytes_matches() {
-    check_end_to_end(&load("clip-tiny"), &reference("clip-tiny.json"));
+    check_end_to_end(&load("clip-tiny"), &reference_file("clip-tiny.json"));
 }
 
 fn check_end_to_end(e: &Embedder, r: &Value) {
@@ -219,9 +219,9 @@ fn check_end_to_end(e: &Embedder, r: &Value) {
             continue;
         }
         let got = e.embed(&[Input::text(text)], true, true).unwrap().remove(0);
-        let c = cosine(&got, &floats(&case["embedding"]));
+        let c = cosine(&got, &vector(&case["embedding"]));
         worst = worst.min(c);
-        assert!(c >= 0.9999, "text {text:?}: cosine {c}");
+        assert!(c >= tol::E2E_COSINE, "text {text:?}: cosine {c}");
         n += 1;
     }
     let images = r["images"]
@@ -237,9 +237,9 @@ fn check_end_to_end(e: &Embedder, r: &Value) {
             .embed(&[Input::image(std::fs::read(&path).unwrap())], true, true)
             .unwrap()
             .remove(0);
-        let c = cosine(&got, &floats(&case["embedding"]));
+        let c = cosine(&got, &vector(&case["embedding"]));
         worst = worst.min(c);
-        assert!(c >= 0.9999, "{}: cosine {c}", path.display());
+        assert!(c >= tol::E2E_COSINE, "{}: cosine {c}", path.display());
         n += 1;
     }
     for case in r["composed"].as_array().unwrap() {
@@ -257,9 +257,13 @@ fn check_end_to_end(e: &Embedder, r: &Value) {
             ..Default::default()
         };
         let got = e.embed(&[input], true, true).unwrap().remove(0);
-        let c = cosine(&got, &floats(&case["embedding"]));
+        let c = cosine(&got, &vector(&case["embedding"]));
         worst = worst.min(c);
-        assert!(c >= 0.9999, "composed {}: cosine {c}", path.display());
+        assert!(
+            c >= tol::E2E_COSINE,
+            "composed {}: cosine {c}",
+            path.display()
+        );
         n += 1;
     }
     eprintln!("end to end: {n} inputs, worst cosine {worst:.7}");
@@ -267,7 +271,7 @@ fn check_end_to_end(e: &Embedder, r: &Value) {
 
 #[test]
 fn results_do_not_depend_on_batch_mates() {
-    check_batch_invariance(&load("clip-tiny"), &reference("clip-tiny.json"));
+    check_batch_invariance(&load("clip-tiny"), &reference_file("clip-tiny.json"));
 }
 
 fn check_batch_invariance(e: &Embedder, r: &Value) {
@@ -278,7 +282,7 @@ fn check_batch_invariance(e: &Embedder, r: &Value) {
             .as_str()
             .map(|t| pre.tokenize(t, true).unwrap());
         let pixels = input["file"].as_str().map(|f| {
-            pre.image_pixels(&std::fs::read(root().join(f)).unwrap())
+            pre.image_pixels(&std::fs::read(repo().join(f)).unwrap())
                 .unwrap()
                 .0
         });
@@ -290,19 +294,22 @@ fn check_batch_invariance(e: &Embedder, r: &Value) {
     let mut worst: f32 = 0.0;
     for (i, item) in items.iter().enumerate() {
         let alone = e.embed_prepared(&[item], true).unwrap().remove(0);
-        let d = max_abs(&alone, &batched[i]);
+        let d = max_abs_diff(&alone, &batched[i]);
         worst = worst.max(d);
-        assert!(d <= 1e-5, "input {i}: alone vs batched {d}");
-        let c = cosine(&batched[i], &floats(&want[i]));
-        assert!(c >= 0.9999, "input {i}: cosine vs reference batch {c}");
+        assert!(d <= tol::CLIP_F32, "input {i}: alone vs batched {d}");
+        let c = cosine(&batched[i], &vector(&want[i]));
+        assert!(
+            c >= tol::E2E_COSINE,
+            "input {i}: cosine vs reference batch {c}"
+        );
     }
     // The same inputs again in reverse order, so every item moves.
     let rev: Vec<&Prepared> = items.iter().rev().collect();
     let reversed = e.embed_prepared(&rev, true).unwrap();
     for (i, row) in reversed.iter().rev().enumerate() {
-        let d = max_abs(row, &batched[i]);
+        let d = max_abs_diff(row, &batched[i]);
         worst = worst.max(d);
-        assert!(d <= 1e-5, "input {i}: reordered batch {d}");
+        assert!(d <= tol::CLIP_F32, "input {i}: reordered batch {d}");
     }
     eprintln!("batch invariance: worst max abs diff {worst:.2e}");
 }
@@ -315,7 +322,7 @@ fn unsupported_architecture_is_a_clear_error() {
         "preprocessor_config.json",
         "model.safetensors",
     ] {
-        std::fs::copy(root().join("tests/fixtures/clip-tiny").join(f), dir.join(f)).unwrap();
+        std::fs::copy(repo().join("tests/fixtures/clip-tiny").join(f), dir.join(f)).unwrap();
     }
     std::fs::write(
         dir.join("config.json"),
@@ -336,7 +343,7 @@ fn unsupported_architecture_is_a_clear_error() {
 #[test]
 fn sharded_weights_load_like_a_single_file() {
     let dir = tempdir("sharded");
-    let src_dir = root().join("tests/fixtures/clip-tiny");
+    let src_dir = repo().join("tests/fixtures/clip-tiny");
     for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
         std::fs::copy(src_dir.join(f), dir.join(f)).unwrap();
     }
@@ -399,7 +406,7 @@ fn full_size_model_parity() {
     check_batch_invariance(&e, &r);
     // Time of one batch: 8 images of 640x480 preprocessed, then 8 texts.
     let jpeg =
-        std::fs::read(root().join("tests/fixtures/images/baseline_420_640x480.jpg")).unwrap();
+        std::fs::read(repo().join("tests/fixtures/images/baseline_420_640x480.jpg")).unwrap();
     let images: Vec<Input> = (0..8).map(|_| Input::image(jpeg.clone())).collect();
     let t = std::time::Instant::now();
     e.embed(&images, true, true).unwrap();

@@ -19,13 +19,13 @@ use vlembed::models::{Architecture, DeviceSpec, LoadOptions, ModelSource};
 use vlembed::preprocess::llava::build_prompt;
 use vlembed::preprocess::{LlavaPreprocessor, Pixels, Prepared, Preprocessor};
 
-mod parity_common;
-use parity_common::*;
+mod common;
+use common::*;
 
 const MODELS: [&str; 2] = ["mllm-tiny-a", "mllm-tiny-b"];
 
 fn mllm_reference(model: &str) -> Value {
-    reference(&format!("{model}.json"))
+    reference_file(&format!("{model}.json"))
 }
 
 fn llava(e: &Embedder) -> &LlavaPreprocessor {
@@ -45,7 +45,7 @@ fn image_bytes(case: &Value) -> Option<Option<Vec<u8>>> {
     let Some(rel) = case["file"].as_str() else {
         return Some(None);
     };
-    let p = root().join(rel);
+    let p = repo().join(rel);
     if p.exists() {
         Some(Some(std::fs::read(p).unwrap()))
     } else if rel.starts_with("../shared/") {
@@ -67,7 +67,7 @@ fn input_of(case: &Value) -> Option<Input> {
 }
 
 fn ref_pixels(model: &str) -> HashMap<String, Tensor> {
-    let p = root().join(format!(
+    let p = repo().join(format!(
         "tests/fixtures/reference/{model}-pixels.safetensors"
     ));
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
@@ -194,7 +194,7 @@ fn pixel_tiles_match_the_reference() {
                 "{model} {key}"
             );
             assert_eq!(got.tiles as u64, case["tiles"].as_u64().unwrap());
-            let m = max_abs(&got.data, &want.data);
+            let m = max_abs_diff(&got.data, &want.data);
             let mean = got
                 .data
                 .iter()
@@ -241,16 +241,16 @@ fn embeddings_from_identical_inputs_match() {
                 Modality::Composed => 2,
             };
             let raw = e.embed_prepared(&[&p], false).unwrap().remove(0);
-            let want_raw = floats(&case["embedding_raw"]);
+            let want_raw = vector(&case["embedding_raw"]);
             let scale = want_raw.iter().fold(1f32, |m, x| m.max(x.abs()));
-            let d_raw = max_abs(&raw, &want_raw);
+            let d_raw = max_abs_diff(&raw, &want_raw);
             let mut norm = raw.clone();
             l2_normalize(&mut norm);
-            let d = max_abs(&norm, &floats(&case["embedding"]));
+            let d = max_abs_diff(&norm, &vector(&case["embedding"]));
             // Normalised: 1e-4 absolute; unnormalised (entries up to ~4):
             // 1e-4 relative to the largest entry.
             assert!(
-                d <= 1e-4 && d_raw <= 1e-4 * scale,
+                d <= tol::MLLM_F32 && d_raw <= tol::MLLM_F32 * scale,
                 "{model} case {i}: raw {d_raw} (largest entry {scale}), normalised {d}"
             );
             worst[k] = worst[k].max(d);
@@ -275,8 +275,8 @@ fn end_to_end_from_bytes_matches() {
                 continue;
             };
             let got = e.embed(&[input], true, false).unwrap().remove(0);
-            let d = max_abs(&got, &floats(&case["embedding"]));
-            assert!(d <= 1e-4, "{model} case {i}: {d}");
+            let d = max_abs_diff(&got, &vector(&case["embedding"]));
+            assert!(d <= tol::MLLM_F32, "{model} case {i}: {d}");
             worst = worst.max(d);
             n += 1;
         }
@@ -299,7 +299,7 @@ fn results_do_not_depend_on_batch_mates() {
                 continue;
             };
             prepared.push(e.prepare(&input, false).unwrap());
-            want.push(floats(&batch["embeddings"][k]));
+            want.push(vector(&batch["embeddings"][k]));
         }
         let lens: std::collections::BTreeSet<usize> = prepared
             .iter()
@@ -315,11 +315,14 @@ fn results_do_not_depend_on_batch_mates() {
         let mut worst_ref = 0f32;
         for (i, p) in prepared.iter().enumerate() {
             let alone = e.embed_prepared(&[p], true).unwrap().remove(0);
-            let d = max_abs(&alone, &batched[i]);
-            assert!(d <= 1e-4, "{model} input {i}: alone vs batched {d}");
-            let d_ref = max_abs(&batched[i], &want[i]);
+            let d = max_abs_diff(&alone, &batched[i]);
             assert!(
-                d_ref <= 1e-4,
+                d <= tol::MLLM_F32,
+                "{model} input {i}: alone vs batched {d}"
+            );
+            let d_ref = max_abs_diff(&batched[i], &want[i]);
+            assert!(
+                d_ref <= tol::MLLM_F32,
                 "{model} input {i}: vs reference batch {d_ref}"
             );
             worst_alone = worst_alone.max(d);
@@ -330,7 +333,7 @@ fn results_do_not_depend_on_batch_mates() {
         let reversed = e.embed_prepared(&rev, true).unwrap();
         for (i, row) in reversed.iter().rev().enumerate() {
             assert!(
-                max_abs(row, &batched[i]) <= 1e-4,
+                max_abs_diff(row, &batched[i]) <= tol::MLLM_F32,
                 "{model} input {i}: reordered"
             );
         }
@@ -345,7 +348,7 @@ fn results_do_not_depend_on_batch_mates() {
 #[test]
 fn lm_head_is_never_loaded() {
     // Model B without `lm_head.weight`: it loads and gives the same embeddings.
-    let src = root().join("tests/fixtures/mllm-tiny-b");
+    let src = repo().join("tests/fixtures/mllm-tiny-b");
     let dir = std::env::temp_dir().join(format!("vlembed-no-lm-head-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(&src).unwrap() {
@@ -368,7 +371,7 @@ fn lm_head_is_never_loaded() {
     for case in r["cases"].as_array().unwrap().iter().take(5) {
         let input = input_of(case).unwrap();
         let got = e.embed(&[input], true, false).unwrap().remove(0);
-        assert!(max_abs(&got, &floats(&case["embedding"])) <= 1e-4);
+        assert!(max_abs_diff(&got, &vector(&case["embedding"])) <= tol::MLLM_F32);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -400,7 +403,7 @@ fn long_prompts_truncate_the_text_or_are_refused() {
 #[test]
 fn image_token_in_text_is_refused_only_with_an_image() {
     let e = load("mllm-tiny-a");
-    let png = std::fs::read(root().join("tests/fixtures/images/rgb_225x223.png")).unwrap();
+    let png = std::fs::read(repo().join("tests/fixtures/images/rgb_225x223.png")).unwrap();
     let input = Input {
         text: Some("look: <image>".into()),
         image: Some(png),
@@ -421,7 +424,7 @@ fn image_token_in_text_is_refused_only_with_an_image() {
 fn half_precision_runs_and_stays_close() {
     use vlembed::models::Precision;
     let r = mllm_reference("mllm-tiny-a");
-    let dir = root().join("tests/fixtures/mllm-tiny-a");
+    let dir = repo().join("tests/fixtures/mllm-tiny-a");
     let src = ModelSource::parse(dir.to_str().unwrap(), None);
     for dtype in [Precision::F16, Precision::Bf16] {
         let opts = LoadOptions {
@@ -438,14 +441,16 @@ fn half_precision_runs_and_stays_close() {
                 g.iter().all(|x| x.is_finite()),
                 "{dtype}: non-finite values"
             );
-            let w = floats(&c["embedding"]);
+            let w = vector(&c["embedding"]);
             let cos: f64 = g.iter().zip(&w).map(|(a, b)| f64::from(a * b)).sum();
             worst = worst.min(cos);
         }
         eprintln!("mllm-tiny-a {dtype}: worst cosine vs f32 reference {worst:.5}");
-        // transformers itself, same model and cases: f16 0.9992, bf16 0.9732
-        // (this tiny random model has very sharp attention).
-        let bound = if dtype == Precision::F16 { 0.995 } else { 0.97 };
+        let bound = if dtype == Precision::F16 {
+            tol::MLLM_F16_COSINE
+        } else {
+            tol::MLLM_BF16_COSINE
+        };
         assert!(worst > bound, "{dtype}: cosine {worst}");
     }
 }

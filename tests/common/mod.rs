@@ -1,6 +1,8 @@
-//! Helpers for the HTTP integration tests: a real server on an ephemeral
-//! loopback port serving the fixture model, a client, fault injection into
-//! the model replica, and OpenAPI response validation.
+//! The one test-support module of the integration tests (HTTP and parity):
+//! fixture paths and reference files, the named tolerances every comparison
+//! uses, float-vector comparisons, model loading for the parity suites, a real
+//! server on an ephemeral loopback port serving the fixture model, a client,
+//! fault injection into the model replica, and OpenAPI response validation.
 //!
 //! Owns nothing of the server; it only uses the library's public API.
 
@@ -18,8 +20,61 @@ use vlembed::config::{Config, ModelConfig};
 use vlembed::models::{EmbeddingModel, ModelError};
 use vlembed::preprocess::Prepared;
 
+/// Tolerances, named once so every suite states the same bound for the same
+/// kind of comparison.
+pub mod tol {
+    /// Two computations that must be the same arithmetic (batched vs alone
+    /// through the same kernels, JSON vs multipart, base64 vs float):
+    /// only summation order may differ.
+    pub const SAME_MATH: f32 = 1e-6;
+    /// CLIP in f32 against the PyTorch reference from identical ids/pixels,
+    /// and through the server against the library.
+    pub const CLIP_F32: f32 = 1e-5;
+    /// BGE-VL-MLLM (LLaVA-NeXT + Mistral) in f32 against the PyTorch
+    /// reference: a 32-layer-deep residual stream accumulates more rounding.
+    pub const MLLM_F32: f32 = 1e-4;
+    /// Looser agreement for cases that go through different code paths
+    /// (e.g. a text embedded by the server vs the reference file).
+    pub const LOOSE_F32: f32 = 1e-4;
+    /// A normalised vector's norm is 1 within this.
+    pub const UNIT_NORM: f32 = 1e-4;
+    /// End to end from encoded image bytes (decoder and resize differ from
+    /// Pillow in the last bit): cosine similarity at least this.
+    pub const E2E_COSINE: f64 = 0.9999;
+    /// The tiny MLLM fixture in f16 / bf16 against its f32 reference (worst
+    /// cosine). transformers itself, same model and cases, reaches f16 0.9992
+    /// and bf16 0.9732: this tiny random model has very sharp attention.
+    pub const MLLM_F16_COSINE: f64 = 0.995;
+    pub const MLLM_BF16_COSINE: f64 = 0.97;
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// A reference file of `tests/fixtures/reference/`.
+pub fn reference_file(name: &str) -> Value {
+    read_json(&repo().join("tests/fixtures/reference").join(name))
+}
+
+/// Loads a model directory on the CPU in f32.
+pub fn load_dir(dir: &Path) -> vlembed::embedder::Embedder {
+    use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+    let src = ModelSource::parse(dir.to_str().unwrap(), None);
+    let t = std::time::Instant::now();
+    let e =
+        vlembed::embedder::Embedder::load(&src, DeviceSpec::Cpu, &LoadOptions::default()).unwrap();
+    eprintln!("loaded {} in {:.2?}", dir.display(), t.elapsed());
+    e
+}
+
+/// Loads a fixture model of `tests/fixtures/`.
+pub fn load(model: &str) -> vlembed::embedder::Embedder {
+    load_dir(&repo().join("tests/fixtures").join(model))
 }
 
 pub fn fixture_model() -> PathBuf {
@@ -242,6 +297,31 @@ pub fn floats(v: &Value) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// One vector of floats (a JSON array of numbers).
+pub fn vector(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -262,9 +342,7 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// The reference file of the fixture model.
 pub fn reference() -> Value {
-    let text =
-        std::fs::read_to_string(repo().join("tests/fixtures/reference/clip-tiny.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    reference_file("clip-tiny.json")
 }
 
 /// The OpenAPI document as the server's source has it.
