@@ -1,7 +1,8 @@
 //! BGE-VL-MLLM (HF `LlavaNextForConditionalGeneration`, transformers 4.45.2)
 //! as an embedding model.
 //!
-//! Owns: [`LlavaConfig`] (read from `config.json`), and [`LlavaModel`]:
+//! Owns: the family's loader (config, processor files checked against the
+//! model), [`LlavaConfig`] (read from `config.json`), and [`LlavaModel`]:
 //!
 //! - vision tower: [`ClipVisionTransformer`] at `vision_tower.vision_model`,
 //!   `hidden_states[vision_feature_layer]` (a negative layer counts from the
@@ -24,10 +25,11 @@ use candle_nn::{linear, Linear, VarBuilder};
 use serde_json::Value;
 
 use super::clip::{ClipVisionConfig, ClipVisionTransformer};
+use super::family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder};
 use super::mistral::{DecoderError, MistralConfig, MistralModel};
-use super::{EmbeddingModel, ModelError};
-use crate::preprocess::llava::select_best_resolution;
-use crate::preprocess::Prepared;
+use super::{source, ConfigError, EmbeddingModel, ModelError};
+use crate::preprocess::llava::{self as llava_pre, select_best_resolution};
+use crate::preprocess::{LlavaPreprocessor, Prepared, Preprocessor};
 
 /// The parts of a LLaVA-NeXT `config.json` the model needs.
 #[derive(Debug, Clone)]
@@ -47,8 +49,12 @@ pub const DEFAULT_PINPOINTS: [(u32, u32); 5] =
     [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
 
 /// Reads `[[h, w], ...]`.
-pub fn parse_pinpoints(v: &Value) -> Result<Vec<(u32, u32)>, String> {
-    let err = || format!("image_grid_pinpoints must be a list of [height, width] pairs, got {v}");
+pub fn parse_pinpoints(v: &Value) -> Result<Vec<(u32, u32)>, ConfigError> {
+    let err = || {
+        ConfigError::from(format!(
+            "image_grid_pinpoints must be a list of [height, width] pairs, got {v}"
+        ))
+    };
     let list = v.as_array().ok_or_else(err)?;
     let mut out = Vec::with_capacity(list.len());
     for p in list {
@@ -69,7 +75,7 @@ pub fn parse_pinpoints(v: &Value) -> Result<Vec<(u32, u32)>, String> {
 
 impl LlavaConfig {
     /// Reads a `LlavaNextForConditionalGeneration` `config.json`.
-    pub fn from_json(v: &Value) -> Result<Self, String> {
+    pub fn from_json(v: &Value) -> Result<Self, ConfigError> {
         let text = v.get("text_config").cloned().unwrap_or(Value::Null);
         let model_type = text.get("model_type").and_then(|m| m.as_str());
         // transformers reads a text_config without model_type as Llama.
@@ -77,10 +83,10 @@ impl LlavaConfig {
             return Err(format!(
                 "text_config.model_type is {}, vlembed serves LLaVA-NeXT with a Mistral decoder (\"mistral\")",
                 model_type.map_or("missing".to_string(), |m| format!("{m:?}"))
-            ));
+            ).into());
         }
         let text_config: MistralConfig =
-            serde_json::from_value(text).map_err(|e| format!("text_config: {e}"))?;
+            serde_json::from_value(text).map_err(ConfigError::json("text_config: "))?;
         text_config
             .validate()
             .map_err(|e| format!("text_config: {e}"))?;
@@ -96,11 +102,11 @@ impl LlavaConfig {
             if t != "clip_vision_model" {
                 return Err(format!(
                     "vision_config.model_type {t:?} is not supported (expected \"clip_vision_model\")"
-                ));
+                ).into());
             }
         }
         let vision_config: ClipVisionConfig =
-            serde_json::from_value(vision).map_err(|e| format!("vision_config: {e}"))?;
+            serde_json::from_value(vision).map_err(ConfigError::json("vision_config: "))?;
         let vc = &vision_config;
         if vc.patch_size == 0
             || !vc.image_size.is_multiple_of(vc.patch_size)
@@ -110,7 +116,7 @@ impl LlavaConfig {
             return Err(format!(
                 "vision_config: image_size {} / patch_size {} / hidden_size {} / heads {} do not fit together",
                 vc.image_size, vc.patch_size, vc.hidden_size, vc.num_attention_heads
-            ));
+            ).into());
         }
         let strategy = v
             .get("vision_feature_select_strategy")
@@ -119,7 +125,8 @@ impl LlavaConfig {
         if strategy != "default" {
             return Err(format!(
                 "vision_feature_select_strategy {strategy:?} is not supported (only \"default\")"
-            ));
+            )
+            .into());
         }
         let layer = match v.get("vision_feature_layer") {
             None | Some(Value::Null) => -2,
@@ -132,16 +139,16 @@ impl LlavaConfig {
         if !(0..states).contains(&resolved) {
             return Err(format!(
                 "vision_feature_layer {layer} is outside the {states} hidden states of the vision tower"
-            ));
+            ).into());
         }
         let act = v
             .get("projector_hidden_act")
             .and_then(|a| a.as_str())
             .unwrap_or("gelu");
         if act != "gelu" {
-            return Err(format!(
-                "projector_hidden_act {act:?} is not supported (only \"gelu\")"
-            ));
+            return Err(
+                format!("projector_hidden_act {act:?} is not supported (only \"gelu\")").into(),
+            );
         }
         let image_token_index = match v.get("image_token_index") {
             None | Some(Value::Null) => 32000,
@@ -161,7 +168,8 @@ impl LlavaConfig {
         {
             return Err(format!(
                 "image_grid_pinpoints entry [{h}, {w}] is not a multiple of the {side}px tiles"
-            ));
+            )
+            .into());
         }
         Ok(LlavaConfig {
             text_config,
@@ -213,6 +221,68 @@ pub fn unpad_bounds(original: (u32, u32), current: (usize, usize)) -> (usize, us
         let new_w = (ow * scale) as usize;
         let pad = cw.saturating_sub(new_w) / 2;
         (0, ch, pad, cw - pad)
+    }
+}
+
+/// The LLaVA-NeXT family: `LlavaNextForConditionalGeneration` with a
+/// Mistral decoder (BGE-VL-MLLM-S1, BGE-VL-MLLM-S2).
+pub(super) const FAMILY: Family = Family {
+    architecture: "LlavaNextForConditionalGeneration",
+    model_type: "llava_next",
+    load,
+};
+
+impl Architecture {
+    /// HF `LlavaNextForConditionalGeneration` with a Mistral decoder
+    /// (BGE-VL-MLLM-S1, BGE-VL-MLLM-S2).
+    #[allow(non_upper_case_globals)]
+    pub const LlavaNext: Architecture = Architecture(&FAMILY);
+}
+
+/// Reads the config, then the tokenizer and processor configs, checked
+/// against the model's image geometry.
+fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
+    let cfg = LlavaConfig::from_json(cx.config).map_err(|e| cx.config_error(e))?;
+    let tokenizer_path = cx.files.required(source::TOKENIZER)?;
+    let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
+    let proc_path = cx.files.optional(source::PROCESSOR_CONFIG)?;
+    let square = (llava_pre::RESIZE_TO, llava_pre::RESIZE_TO);
+    let model_features = cfg
+        .num_image_features(square)
+        .ok_or_else(|| ModelError::Load("config.json has no image_grid_pinpoints".into()))?;
+    let model_tiles = cfg.grid_shape(square).map_or(0, |(gh, gw)| 1 + gh * gw);
+    let facts = llava_pre::LlavaModelFacts {
+        tile: cfg.vision_config.image_size as u32,
+        patch: cfg.vision_config.patch_size as u32,
+        image_token_id: cfg.image_token_index,
+        model_features,
+        model_tiles,
+        max_tokens: cfg.text_config.max_position_embeddings,
+    };
+    let pre = LlavaPreprocessor::load(
+        &tokenizer_path,
+        &pre_path,
+        proc_path.as_deref(),
+        &facts,
+        cx.opts.image_limits,
+    )
+    .map_err(ModelError::Preprocessor)?;
+    Ok(FamilyModel {
+        dimensions: cfg.text_config.hidden_size,
+        max_text_tokens: pre.max_text_tokens(),
+        uses_instructions: true,
+        preprocessor: Preprocessor::Llava(pre),
+        replicas: Box::new(cfg),
+    })
+}
+
+impl ReplicaBuilder for LlavaConfig {
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+        let model = LlavaModel::new(self, vb).map_err(|e| ModelError::Build {
+            family: "LLaVA",
+            source: Box::new(e),
+        })?;
+        Ok(Box::new(model))
     }
 }
 
@@ -538,7 +608,10 @@ mod tests {
     fn rejects_configs_it_cannot_run() {
         let mut v = bge_vl_config();
         v["text_config"]["model_type"] = "llama".into();
-        assert!(LlavaConfig::from_json(&v).unwrap_err().contains("mistral"));
+        assert!(LlavaConfig::from_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("mistral"));
         let mut v = bge_vl_config();
         v["vision_feature_select_strategy"] = "full".into();
         assert!(LlavaConfig::from_json(&v).is_err());
@@ -547,7 +620,10 @@ mod tests {
         assert!(LlavaConfig::from_json(&v).is_err());
         let mut v = bge_vl_config();
         v["image_grid_pinpoints"] = serde_json::json!([[336, 600]]);
-        assert!(LlavaConfig::from_json(&v).unwrap_err().contains("multiple"));
+        assert!(LlavaConfig::from_json(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
     }
 
     #[test]

@@ -20,6 +20,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::mask::MASKED;
+use super::ConfigError;
+
 fn d_vocab() -> usize {
     32000
 }
@@ -100,28 +103,30 @@ impl MistralConfig {
     }
 
     /// Checks the shapes fit together.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let heads = self.num_attention_heads;
         let kv = self.kv_heads();
         if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(format!(
                 "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
-            ));
+            ).into());
         }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {heads}",
                 self.hidden_size
-            ));
+            )
+            .into());
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(format!("head_dim {} must be even", self.head_dim()));
+            return Err(format!("head_dim {} must be even", self.head_dim()).into());
         }
         if self.hidden_act != "silu" && self.hidden_act != "swish" {
             return Err(format!(
                 "hidden_act {:?} is not supported (Mistral uses \"silu\")",
                 self.hidden_act
-            ));
+            )
+            .into());
         }
         if self.sliding_window == Some(0) {
             return Err("sliding_window must be positive or null".into());
@@ -132,9 +137,6 @@ impl MistralConfig {
         Ok(())
     }
 }
-
-/// The additive mask value for excluded keys (scores are `f32` when masked).
-const MASK: f32 = -1.0e30;
 
 /// Rotary tables: `cos` and `sin` of `[positions, head_dim / 2]`, computed in
 /// `f32` as transformers does (`inv_freq = 1 / theta^(2i/d)`, `freqs = pos * inv_freq`).
@@ -424,7 +426,8 @@ impl MistralModel {
         };
         let w = self.cfg.sliding_window;
         let tq = if last_only { 1 } else { t };
-        let mut mask = vec![MASK; b * tq * t];
+        // Added to f32 scores (see `Attention::forward`).
+        let mut mask = vec![MASKED; b * tq * t];
         for (s, &len) in lens.iter().enumerate() {
             for qi in 0..tq {
                 let i = if last_only { len.saturating_sub(1) } else { qi };
@@ -437,25 +440,30 @@ impl MistralModel {
         Ok((rope, mask))
     }
 
-    fn check(&self, embeds: &Tensor, lens: &[usize]) -> Result<(usize, usize), String> {
-        let (b, t, c) = embeds.dims3().map_err(|e| e.to_string())?;
+    fn check(&self, embeds: &Tensor, lens: &[usize]) -> Result<(usize, usize), DecoderError> {
+        let (b, t, c) = embeds.dims3()?;
         if b != lens.len() || b == 0 {
-            return Err(format!("{b} sequences but {} lengths", lens.len()));
+            return Err(DecoderError::Input(format!(
+                "{b} sequences but {} lengths",
+                lens.len()
+            )));
         }
         if c != self.cfg.hidden_size {
-            return Err(format!(
+            return Err(DecoderError::Input(format!(
                 "embeddings are {c} wide, the decoder takes {}",
                 self.cfg.hidden_size
-            ));
+            )));
         }
         if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
-            return Err(format!("a sequence length {bad} is not in 1..={t}"));
+            return Err(DecoderError::Input(format!(
+                "a sequence length {bad} is not in 1..={t}"
+            )));
         }
         if t > self.cfg.max_position_embeddings {
-            return Err(format!(
+            return Err(DecoderError::Input(format!(
                 "sequences of {t} tokens exceed max_position_embeddings {}",
                 self.cfg.max_position_embeddings
-            ));
+            )));
         }
         Ok((b, t))
     }
@@ -464,7 +472,7 @@ impl MistralModel {
     /// embeddings [b, t, hidden]; sequence `i` has `lens[i]` real tokens
     /// (rows past it are padding and their outputs are meaningless).
     pub fn forward(&self, embeds: &Tensor, lens: &[usize]) -> Result<Tensor, DecoderError> {
-        let (_, t) = self.check(embeds, lens).map_err(DecoderError::Input)?;
+        let (_, t) = self.check(embeds, lens)?;
         let (rope, mask) = self.setup(lens, t, false)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for layer in &self.layers {
@@ -477,7 +485,7 @@ impl MistralModel {
     /// [b, hidden]: [`forward`](Self::forward) at position `lens[i] - 1`,
     /// with the last layer computed for that token only.
     pub fn forward_last(&self, embeds: &Tensor, lens: &[usize]) -> Result<Tensor, DecoderError> {
-        let (b, t) = self.check(embeds, lens).map_err(DecoderError::Input)?;
+        let (b, t) = self.check(embeds, lens)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         let Some((last, rest)) = self.layers.split_last() else {
             let idx = last_index(lens, t, &self.device)?;
@@ -541,7 +549,7 @@ mod tests {
         assert_eq!(c.head_dim(), 16);
         let bad: MistralConfig =
             serde_json::from_value(serde_json::json!({"num_key_value_heads": 5})).unwrap();
-        assert!(bad.validate().unwrap_err().contains("multiple"));
+        assert!(bad.validate().unwrap_err().to_string().contains("multiple"));
     }
 
     #[test]

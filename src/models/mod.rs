@@ -1,19 +1,27 @@
 //! Models: candle code for each architecture, and loading them.
 //!
-//! Owns: reading `config.json` to pick the architecture, memory-mapping the
-//! safetensors weights, building one model replica per device, and the forward
-//! passes. A model takes [`Prepared`] items (token ids, pixel values) and
-//! returns one unnormalised embedding per item. It knows nothing of HTTP,
-//! queues or requests; normalisation is the caller's choice.
+//! Owns: the table of model families ([`FAMILIES`]; `config.json` picks one
+//! and its loader reads the rest), memory-mapping the safetensors weights,
+//! building one model replica per device, and the forward passes. A model
+//! takes [`Prepared`] items (token ids, pixel values) and returns one
+//! unnormalised embedding per item. It knows nothing of HTTP, queues or
+//! requests; normalisation is the caller's choice.
+//!
+//! Layout: `family` (the table and the loader interface), one module per
+//! family (`clip`; `llava` with its `mistral` decoder), `ops` (fast CPU
+//! kernels), `weights` and `source` (files), `error`, `mask`.
 
 pub mod clip;
+mod error;
+mod family;
 pub mod llava;
+mod mask;
 pub mod mistral;
 pub mod ops;
 pub mod source;
 pub mod weights;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -21,78 +29,9 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::preprocess::{self, Prepared, Preprocessor};
+pub use error::{ConfigError, ModelError};
+pub use family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder, FAMILIES};
 pub use source::{ModelFiles, ModelSource};
-
-/// Why a model could not be loaded or could not run a batch.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("{0}")]
-    Load(String),
-    #[error("unsupported model architecture {found} in {path}: vlembed serves {supported}")]
-    UnknownArchitecture {
-        found: String,
-        path: String,
-        supported: &'static str,
-    },
-    #[error("invalid model config {path}: {message}")]
-    Config { path: String, message: String },
-    #[error("invalid batch: {0}")]
-    Batch(String),
-    #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
-}
-
-/// The architectures vlembed can run, as named in `config.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Architecture {
-    /// HF `CLIPModel` (BGE-VL-base, BGE-VL-large).
-    #[serde(rename = "CLIPModel")]
-    Clip,
-    /// HF `LlavaNextForConditionalGeneration` with a Mistral decoder
-    /// (BGE-VL-MLLM-S1, BGE-VL-MLLM-S2).
-    #[serde(rename = "LlavaNextForConditionalGeneration")]
-    LlavaNext,
-}
-
-impl Architecture {
-    pub const SUPPORTED: &'static str = "CLIPModel, LlavaNextForConditionalGeneration";
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Architecture::Clip => "CLIPModel",
-            Architecture::LlavaNext => "LlavaNextForConditionalGeneration",
-        }
-    }
-
-    /// Picks the architecture from a parsed `config.json`: the first entry of
-    /// `architectures`, else `model_type`.
-    pub fn detect(config: &serde_json::Value, path: &Path) -> Result<Self, ModelError> {
-        let archs: Vec<&str> = config
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        let model_type = config.get("model_type").and_then(|m| m.as_str());
-        if archs.contains(&"CLIPModel") || (archs.is_empty() && model_type == Some("clip")) {
-            return Ok(Architecture::Clip);
-        }
-        if archs.contains(&"LlavaNextForConditionalGeneration")
-            || (archs.is_empty() && model_type == Some("llava_next"))
-        {
-            return Ok(Architecture::LlavaNext);
-        }
-        let found = match (archs.first(), model_type) {
-            (Some(a), _) => format!("{a:?}"),
-            (None, Some(t)) => format!("(model_type {t:?})"),
-            (None, None) => "nothing (no \"architectures\" or \"model_type\")".to_string(),
-        };
-        Err(ModelError::UnknownArchitecture {
-            found,
-            path: path.display().to_string(),
-            supported: Self::SUPPORTED,
-        })
-    }
-}
 
 /// The floating point type the weights are computed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
@@ -183,8 +122,10 @@ impl DeviceSpec {
     pub fn open(self) -> Result<Device, ModelError> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(i) => Device::new_cuda(i)
-                .map_err(|e| ModelError::Load(format!("cannot open cuda:{i}: {e}"))),
+            DeviceSpec::Cuda(i) => Device::new_cuda(i).map_err(|e| ModelError::Device {
+                device: self,
+                source: Box::new(e),
+            }),
         }
     }
 }
@@ -212,13 +153,8 @@ pub trait EmbeddingModel: Send {
 pub struct LoadedModel {
     pub info: ModelInfo,
     pub preprocessor: Arc<Preprocessor>,
-    kind: Kind,
+    replicas: Box<dyn ReplicaBuilder>,
     weights: Vec<PathBuf>,
-}
-
-enum Kind {
-    Clip(clip::ClipConfig),
-    Llava(Box<llava::LlavaConfig>),
 }
 
 /// Options that apply when loading a model.
@@ -231,101 +167,41 @@ pub struct LoadOptions {
 impl LoadedModel {
     /// Reads the configuration, tokenizer and preprocessor of `source` and
     /// locates the weights (downloading them from the Hub when needed).
+    /// `config.json` picks the family ([`Architecture::detect`]), whose
+    /// loader reads the rest.
     pub fn open(source: &ModelSource, opts: &LoadOptions) -> Result<Self, ModelError> {
         let files = ModelFiles::new(source)?;
         let config_path = files.required(source::CONFIG)?;
-        let config_text = std::fs::read_to_string(&config_path)
-            .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", config_path.display())))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&config_text).map_err(|e| ModelError::Config {
-                path: config_path.display().to_string(),
-                message: e.to_string(),
+        let config_text =
+            std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+                what: format!("cannot read {}", config_path.display()),
+                source,
             })?;
-        let arch = Architecture::detect(&config, &config_path)?;
-        match arch {
-            Architecture::Clip => {
-                let cfg =
-                    clip::ClipConfig::from_json(&config).map_err(|message| ModelError::Config {
-                        path: config_path.display().to_string(),
-                        message,
-                    })?;
-                let tokenizer_path = files.required(source::TOKENIZER)?;
-                let pre_path = files.required(source::PREPROCESSOR_CONFIG)?;
-                let pre = preprocess::ClipPreprocessor::load(
-                    &tokenizer_path,
-                    &pre_path,
-                    cfg.text_config.max_position_embeddings,
-                    opts.image_limits,
-                )
-                .map_err(ModelError::Load)?;
-                let (h, w) = pre.crop_size();
-                let side = cfg.vision_config.image_size;
-                if h != side || w != side {
-                    return Err(ModelError::Load(format!(
-                        "{} crops images to {w}x{h} but the vision tower expects {side}x{side}",
-                        pre_path.display()
-                    )));
-                }
-                let weights = files.safetensors()?;
-                Ok(LoadedModel {
-                    info: ModelInfo {
-                        architecture: arch,
-                        dimensions: cfg.projection_dim,
-                        dtype: opts.dtype,
-                        max_text_tokens: pre.max_text_tokens(),
-                        uses_instructions: false,
-                    },
-                    preprocessor: Arc::new(Preprocessor::Clip(pre)),
-                    kind: Kind::Clip(cfg),
-                    weights,
-                })
-            }
-            Architecture::LlavaNext => {
-                let cfg = llava::LlavaConfig::from_json(&config).map_err(|message| {
-                    ModelError::Config {
-                        path: config_path.display().to_string(),
-                        message,
-                    }
-                })?;
-                let tokenizer_path = files.required(source::TOKENIZER)?;
-                let pre_path = files.required(source::PREPROCESSOR_CONFIG)?;
-                let proc_path = files.optional(source::PROCESSOR_CONFIG)?;
-                let square = (preprocess::llava::RESIZE_TO, preprocess::llava::RESIZE_TO);
-                let model_features = cfg.num_image_features(square).ok_or_else(|| {
-                    ModelError::Load("config.json has no image_grid_pinpoints".into())
-                })?;
-                let model_tiles = cfg.grid_shape(square).map_or(0, |(gh, gw)| 1 + gh * gw);
-                let facts = preprocess::llava::LlavaModelFacts {
-                    tile: cfg.vision_config.image_size as u32,
-                    patch: cfg.vision_config.patch_size as u32,
-                    image_token_id: cfg.image_token_index,
-                    model_features,
-                    model_tiles,
-                    max_tokens: cfg.text_config.max_position_embeddings,
-                };
-                let pre = preprocess::LlavaPreprocessor::load(
-                    &tokenizer_path,
-                    &pre_path,
-                    proc_path.as_deref(),
-                    &facts,
-                    opts.image_limits,
-                )
-                .map_err(ModelError::Load)?;
-                let weights = files.safetensors()?;
-                Ok(LoadedModel {
-                    info: ModelInfo {
-                        architecture: arch,
-                        dimensions: cfg.text_config.hidden_size,
-                        dtype: opts.dtype,
-                        max_text_tokens: pre.max_text_tokens(),
-                        uses_instructions: true,
-                    },
-                    preprocessor: Arc::new(Preprocessor::Llava(pre)),
-                    kind: Kind::Llava(Box::new(cfg)),
-                    weights,
-                })
-            }
-        }
+        let config: serde_json::Value =
+            serde_json::from_str(&config_text).map_err(|source| ModelError::Config {
+                path: config_path.display().to_string(),
+                source: ConfigError::json("")(source),
+            })?;
+        let architecture = Architecture::detect(&config, &config_path)?;
+        let model = (architecture.family().load)(&LoadContext {
+            config: &config,
+            config_path: &config_path,
+            files: &files,
+            opts,
+        })?;
+        let weights = files.safetensors()?;
+        Ok(LoadedModel {
+            info: ModelInfo {
+                architecture,
+                dimensions: model.dimensions,
+                dtype: opts.dtype,
+                max_text_tokens: model.max_text_tokens,
+                uses_instructions: model.uses_instructions,
+            },
+            preprocessor: Arc::new(model.preprocessor),
+            replicas: model.replicas,
+            weights,
+        })
     }
 
     /// Maps the weights onto `device` and builds a replica.
@@ -333,69 +209,13 @@ impl LoadedModel {
         let dtype = self.info.dtype.dtype();
         let weights = weights::MappedWeights::open(&self.weights)?;
         let vb = candle_nn::VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-        match &self.kind {
-            Kind::Clip(cfg) => {
-                let model = clip::ClipModel::new(cfg, vb)
-                    .map_err(|e| ModelError::Load(format!("cannot build the CLIP model: {e}")))?;
-                Ok(Box::new(model))
-            }
-            Kind::Llava(cfg) => {
-                let model = llava::LlavaModel::new(cfg, vb)
-                    .map_err(|e| ModelError::Load(format!("cannot build the LLaVA model: {e}")))?;
-                Ok(Box::new(model))
-            }
-        }
+        self.replicas.build(vb)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn detects_clip_and_names_unknown_architectures() {
-        let p = Path::new("config.json");
-        let clip = serde_json::json!({"architectures": ["CLIPModel"], "model_type": "clip"});
-        assert_eq!(Architecture::detect(&clip, p).unwrap(), Architecture::Clip);
-        let legacy = serde_json::json!({"model_type": "clip"});
-        assert_eq!(
-            Architecture::detect(&legacy, p).unwrap(),
-            Architecture::Clip
-        );
-        let bert = serde_json::json!({"architectures": ["BertModel"]});
-        let msg = Architecture::detect(&bert, p).unwrap_err().to_string();
-        assert!(
-            msg.contains("BertModel") && msg.contains("CLIPModel"),
-            "{msg}"
-        );
-        let empty = serde_json::json!({});
-        let msg = Architecture::detect(&empty, p).unwrap_err().to_string();
-        assert!(msg.contains("no \"architectures\""), "{msg}");
-    }
-
-    #[test]
-    fn detects_llava_next() {
-        let p = Path::new("config.json");
-        let v = serde_json::json!({
-            "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next"
-        });
-        assert_eq!(
-            Architecture::detect(&v, p).unwrap(),
-            Architecture::LlavaNext
-        );
-        let bare = serde_json::json!({"model_type": "llava_next"});
-        assert_eq!(
-            Architecture::detect(&bare, p).unwrap(),
-            Architecture::LlavaNext
-        );
-        assert_eq!(
-            Architecture::LlavaNext.as_str(),
-            "LlavaNextForConditionalGeneration"
-        );
-        let llava15 = serde_json::json!({"architectures": ["LlavaForConditionalGeneration"]});
-        let msg = Architecture::detect(&llava15, p).unwrap_err().to_string();
-        assert!(msg.contains("LlavaNextForConditionalGeneration"), "{msg}");
-    }
 
     #[test]
     fn parses_dtypes_and_devices() {

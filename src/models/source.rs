@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::ModelError;
+use super::{ConfigError, ModelError};
 
 /// The file names of the Hub layout this project reads.
 pub const CONFIG: &str = "config.json";
@@ -126,8 +126,8 @@ impl ModelFiles {
                     };
                     let api = api
                         .build()
-                        .map_err(|e| {
-                            ModelError::Load(format!("cannot set up the Hub client: {e}"))
+                        .map_err(|e| ModelError::HubClient {
+                            source: Box::new(e),
                         })?
                         .repo(repo.clone());
                     // One request lists the repository's files; without the
@@ -172,10 +172,11 @@ impl ModelFiles {
                 }
                 match api.get(name) {
                     Ok(p) => Ok(Some(p)),
-                    Err(e) => Err(ModelError::Load(format!(
-                        "cannot fetch {name} of {}: {e} (for offline use, put the model in the Hub cache or pass a local directory)",
-                        self.description
-                    ))),
+                    Err(e) => Err(ModelError::HubFetch {
+                        file: name.to_string(),
+                        model: self.description.clone(),
+                        source: Box::new(e),
+                    }),
                 }
             }
         }
@@ -191,10 +192,14 @@ impl ModelFiles {
     /// `model.safetensors.index.json`.
     pub fn safetensors(&self) -> Result<Vec<PathBuf>, ModelError> {
         if let Some(index) = self.optional(SAFETENSORS_INDEX)? {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|e| ModelError::Load(format!("cannot read {}: {e}", index.display())))?;
-            let shards = shard_names(&text)
-                .map_err(|e| ModelError::Load(format!("invalid {}: {e}", index.display())))?;
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                what: format!("cannot read {}", index.display()),
+                source,
+            })?;
+            let shards = shard_names(&text).map_err(|source| ModelError::Config {
+                path: index.display().to_string(),
+                source,
+            })?;
             return shards.iter().map(|s| self.required(s)).collect();
         }
         if let Some(single) = self.optional(SAFETENSORS)? {
@@ -208,8 +213,8 @@ impl ModelFiles {
 }
 
 /// The distinct shard file names of a safetensors index, in first-seen order.
-pub(crate) fn shard_names(index_json: &str) -> Result<Vec<String>, String> {
-    let v: serde_json::Value = serde_json::from_str(index_json).map_err(|e| e.to_string())?;
+pub(crate) fn shard_names(index_json: &str) -> Result<Vec<String>, ConfigError> {
+    let v: serde_json::Value = serde_json::from_str(index_json).map_err(ConfigError::json(""))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -218,7 +223,7 @@ pub(crate) fn shard_names(index_json: &str) -> Result<Vec<String>, String> {
     for file in map.values() {
         let file = file.as_str().ok_or("a weight_map value is not a string")?;
         if file.contains("..") || file.starts_with('/') {
-            return Err(format!("shard name {file:?} leaves the model directory"));
+            return Err(format!("shard name {file:?} leaves the model directory").into());
         }
         if !out.iter().any(|f| f == file) {
             out.push(file.to_string());

@@ -54,9 +54,13 @@ impl MappedWeights {
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
             let map = map_file(path)?;
-            let (header, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
-                ModelError::Load(format!("invalid safetensors file {}: {e}", path.display()))
-            })?;
+            let (header, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|source| {
+                    ModelError::Safetensors {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?;
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let (start, end) = (base + info.data_offsets.0, base + info.data_offsets.1);
@@ -98,13 +102,17 @@ impl MappedWeights {
             Tensor::from_raw_buffer(&map[e.start..e.end], e.dtype, &e.shape, &Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(dev)?;
-        // SAFETY: the map is a read-only private mapping of a file nobody
+        // The map is a read-only private mapping of a file nobody
         // writes; the slice borrowed above is gone. DONTNEED only drops the
         // resident pages: a later read of the range faults them back in from
         // the file, so no data is lost and no reference dangles.
+        let page = page_size();
+        let start = e.start / page * page;
+        // SAFETY: as above; `start` is the tensor's start rounded down to a
+        // page boundary (madvise needs one), so the range may also cover
+        // the end of the previous tensor, whose copy is already made or
+        // which is faulted back in from the file when read.
         unsafe {
-            let page = 4096;
-            let start = e.start / page * page;
             let _ = map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
                 start,
@@ -115,13 +123,32 @@ impl MappedWeights {
     }
 }
 
+/// The system's memory page size (`sysconf(_SC_PAGESIZE)`), read once;
+/// 4096 if the system does not say.
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: `sysconf` only reads a system constant; it has no
+        // preconditions and touches no memory of ours.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
 fn map_file(path: &Path) -> Result<Mmap, ModelError> {
-    let file = File::open(path)
-        .map_err(|e| ModelError::Load(format!("cannot open {}: {e}", path.display())))?;
+    let file = File::open(path).map_err(|source| ModelError::Io {
+        what: format!("cannot open {}", path.display()),
+        source,
+    })?;
     // SAFETY: mapped read-only; like every safetensors loader we rely on the
     // weight files not being modified while the model loads.
-    unsafe { Mmap::map(&file) }
-        .map_err(|e| ModelError::Load(format!("cannot map {}: {e}", path.display())))
+    unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+        what: format!("cannot map {}", path.display()),
+        source,
+    })
 }
 
 impl candle_nn::var_builder::SimpleBackend for MappedWeights {
@@ -203,6 +230,12 @@ mod tests {
         assert!(err.unwrap_err().to_string().contains("shape mismatch"));
         assert!(w.get_unchecked("c", DType::F32, &Device::Cpu).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn page_size_comes_from_the_system() {
+        let p = page_size();
+        assert!(p.is_power_of_two() && p >= 4096, "{p}");
     }
 
     #[test]

@@ -1,0 +1,203 @@
+//! BGE-VL-CLIP (HF `CLIPModel`): text and vision transformers with linear
+//! projections into one embedding space.
+//!
+//! - text: token + position embeddings, causal pre-norm encoder, final layer
+//!   norm, pooled at the first EOS position (found on the host), `text_projection`;
+//! - vision: patch embedding (as one matmul), class token, position
+//!   embeddings, `pre_layrnorm`, encoder, `post_layernorm` of the class token,
+//!   `visual_projection`;
+//! - composed inputs: the sum of the two unnormalised embeddings.
+//!
+//! On the CPU in f32 (with quick-GELU, as BGE-VL has) the encoders run on
+//! the kernels of [`super::ops`] instead of candle ops: a fused Q/K/V
+//! projection, attention per (sequence, head), residuals accumulated in
+//! place, and only what is pooled computed in the last layer (the class
+//! token for images; for texts each sequence is cut after the token it is
+//! pooled at, which the causal mask makes exact, and only that token goes
+//! through the last layer's attention output and MLP). Set
+//! `VLEMBED_CLIP_KERNELS=candle` to run the plain candle path instead.
+//!
+//! Layout: [`config`] (`config.json`), `encoder` (candle and fast layers),
+//! `text` and `vision` (the towers), this module (the family's loader and
+//! the model).
+
+mod config;
+mod encoder;
+mod text;
+mod vision;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
+pub use vision::ClipVisionTransformer;
+
+use super::family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder};
+use super::{source, EmbeddingModel, ModelError};
+use crate::preprocess::{ClipPreprocessor, Prepared, Preprocessor};
+use text::TextTower;
+use vision::VisionTower;
+
+/// The CLIP family: `CLIPModel` (BGE-VL-base, BGE-VL-large).
+pub(super) const FAMILY: Family = Family {
+    architecture: "CLIPModel",
+    model_type: "clip",
+    load,
+};
+
+impl Architecture {
+    /// HF `CLIPModel` (BGE-VL-base, BGE-VL-large).
+    #[allow(non_upper_case_globals)]
+    pub const Clip: Architecture = Architecture(&FAMILY);
+}
+
+/// Reads the config, the tokenizer and the image processor, checking that
+/// the processor's crop is what the vision tower takes.
+fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
+    let cfg = ClipConfig::from_json(cx.config).map_err(|e| cx.config_error(e))?;
+    let tokenizer_path = cx.files.required(source::TOKENIZER)?;
+    let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
+    let pre = ClipPreprocessor::load(
+        &tokenizer_path,
+        &pre_path,
+        cfg.text_config.max_position_embeddings,
+        cx.opts.image_limits,
+    )
+    .map_err(ModelError::Preprocessor)?;
+    let (h, w) = pre.crop_size();
+    let side = cfg.vision_config.image_size;
+    if h != side || w != side {
+        return Err(ModelError::Load(format!(
+            "{} crops images to {w}x{h} but the vision tower expects {side}x{side}",
+            pre_path.display()
+        )));
+    }
+    Ok(FamilyModel {
+        dimensions: cfg.projection_dim,
+        max_text_tokens: pre.max_text_tokens(),
+        uses_instructions: false,
+        preprocessor: Preprocessor::Clip(pre),
+        replicas: Box::new(cfg),
+    })
+}
+
+impl ReplicaBuilder for ClipConfig {
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+        let model = ClipModel::new(self, vb).map_err(|e| ModelError::Build {
+            family: "CLIP",
+            source: Box::new(e),
+        })?;
+        Ok(Box::new(model))
+    }
+}
+
+/// A CLIP model replica on one device.
+pub struct ClipModel {
+    text: TextTower,
+    vision: VisionTower,
+    device: Device,
+    dtype: DType,
+}
+
+impl ClipModel {
+    /// On the CPU, asking for bf16 (which candle's CPU matmul lacks) builds
+    /// an f32 model whose encoder linears run in bf16 with f32
+    /// accumulation (see [`super::ops::Linear::into_bf16`]), like PyTorch's bf16
+    /// autocast.
+    pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let device = vb.device().clone();
+        let bf16 = device.is_cpu() && vb.dtype() == DType::BF16;
+        let vb = if bf16 { vb.set_dtype(DType::F32) } else { vb };
+        let dtype = vb.dtype();
+        Ok(ClipModel {
+            text: TextTower::new(&cfg.text_config, cfg.projection_dim, bf16, vb.clone())?,
+            vision: VisionTower::new(&cfg.vision_config, cfg.projection_dim, bf16, vb)?,
+            device,
+            dtype,
+        })
+    }
+
+    /// Unnormalised text embeddings, [n, proj] in f32.
+    pub fn embed_texts(&self, seqs: &[&[u32]]) -> Result<Tensor, ModelError> {
+        Ok(self
+            .text
+            .forward(seqs, &self.device)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Unnormalised image embeddings from channel-first pixel planes, [n, proj] in f32.
+    pub fn embed_pixels(&self, images: &[&[f32]]) -> Result<Tensor, ModelError> {
+        let s = self.vision.transformer.image_size;
+        let c = self.vision.transformer.channels;
+        let mut flat = Vec::with_capacity(images.len() * c * s * s);
+        for img in images {
+            if img.len() != c * s * s {
+                return Err(ModelError::Batch(format!(
+                    "an image has {} pixel values, expected {c}x{s}x{s}",
+                    img.len()
+                )));
+            }
+            flat.extend_from_slice(img);
+        }
+        let pixels =
+            Tensor::from_vec(flat, (images.len(), c, s, s), &self.device)?.to_dtype(self.dtype)?;
+        Ok(self.vision.forward(&pixels)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl EmbeddingModel for ClipModel {
+    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut texts: Vec<&[u32]> = Vec::new();
+        let mut images: Vec<&[f32]> = Vec::new();
+        // For each item: its row in the text and image results.
+        let mut rows: Vec<(Option<usize>, Option<usize>)> = Vec::with_capacity(batch.len());
+        for (i, item) in batch.iter().enumerate() {
+            let t = item.token_ids.as_deref().map(|ids| {
+                texts.push(ids);
+                texts.len() - 1
+            });
+            let v = match &item.pixels {
+                Some(p) if p.tiles == 1 => {
+                    images.push(&p.data);
+                    Some(images.len() - 1)
+                }
+                Some(p) => {
+                    return Err(ModelError::Batch(format!(
+                        "item {i} has {} image tiles; CLIP takes one",
+                        p.tiles
+                    )))
+                }
+                None => None,
+            };
+            if t.is_none() && v.is_none() {
+                return Err(ModelError::Batch(format!(
+                    "item {i} has neither text nor image"
+                )));
+            }
+            rows.push((t, v));
+        }
+        let text_emb: Vec<Vec<f32>> = if texts.is_empty() {
+            Vec::new()
+        } else {
+            self.embed_texts(&texts)?.to_vec2()?
+        };
+        let image_emb: Vec<Vec<f32>> = if images.is_empty() {
+            Vec::new()
+        } else {
+            self.embed_pixels(&images)?.to_vec2()?
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(t, v)| match (t, v) {
+                (Some(t), Some(v)) => text_emb[t]
+                    .iter()
+                    .zip(&image_emb[v])
+                    .map(|(a, b)| a + b)
+                    .collect(),
+                (Some(t), None) => text_emb[t].clone(),
+                (None, Some(v)) => image_emb[v].clone(),
+                (None, None) => Vec::new(),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,146 @@
+//! The CLIP text tower: token and position embeddings, the causal encoder,
+//! `final_layer_norm` at the pooled token (the first EOS, found on the host)
+//! and `text_projection`.
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::ClipTextConfig;
+use super::encoder::{f32_vec, Encoder, FastEncoder};
+use crate::models::mask::mask_value;
+use crate::models::ops::Span;
+use crate::models::ModelError;
+
+pub(super) struct TextTower {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_ln: LayerNorm,
+    projection: Linear,
+    eos_token_id: u32,
+    max_len: usize,
+}
+
+impl TextTower {
+    pub(super) fn new(
+        c: &ClipTextConfig,
+        proj: usize,
+        bf16: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let tm = vb.pp("text_model");
+        Ok(TextTower {
+            token_embedding: embedding(
+                c.vocab_size,
+                c.hidden_size,
+                tm.pp("embeddings.token_embedding"),
+            )?,
+            position_embedding: tm.get(
+                (c.max_position_embeddings, c.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
+            encoder: Encoder::new(&c.encoder(bf16), tm.pp("encoder"))?,
+            final_ln: layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
+            projection: linear_no_bias(c.hidden_size, proj, vb.pp("text_projection"))?,
+            eos_token_id: c.eos_token_id,
+            max_len: c.max_position_embeddings,
+        })
+    }
+
+    /// Where transformers pools: the first EOS token, or with the legacy
+    /// `eos_token_id == 2` the first maximum of the ids (0 when absent).
+    fn pool_position(&self, ids: &[u32]) -> usize {
+        if self.eos_token_id == 2 {
+            let mut best = 0;
+            for (i, &id) in ids.iter().enumerate() {
+                if id > ids[best] {
+                    best = i;
+                }
+            }
+            best
+        } else {
+            ids.iter()
+                .position(|&id| id == self.eos_token_id)
+                .unwrap_or(0)
+        }
+    }
+
+    /// Unnormalised text embeddings, [n, proj], for right-padded sequences.
+    pub(super) fn forward(&self, seqs: &[&[u32]], device: &Device) -> Result<Tensor, ModelError> {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        if t == 0 || t > self.max_len {
+            return Err(ModelError::Batch(format!(
+                "token sequences must have 1..={} tokens, got {t}",
+                self.max_len
+            )));
+        }
+        let layers = match &self.encoder {
+            Encoder::Fast(fast) => return self.forward_fast(fast, seqs, device),
+            Encoder::Candle(layers) => layers,
+        };
+        let n = seqs.len();
+        let mut flat = vec![0u32; n * t];
+        let mut gather = Vec::with_capacity(n);
+        for (i, s) in seqs.iter().enumerate() {
+            flat[i * t..i * t + s.len()].copy_from_slice(s);
+            gather.push((i * t + self.pool_position(s)) as u32);
+        }
+        let ids = Tensor::from_vec(flat, (n, t), device)?;
+        let pos = self.position_embedding.narrow(0, 0, t)?;
+        let h = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
+        // Causal mask; padding sits after the EOS we pool at, so the causal
+        // mask already keeps it out of the pooled token's context.
+        let neg = mask_value(h.dtype());
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { neg } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, t, t), device)?.to_dtype(h.dtype())?;
+        let mut h = h;
+        for l in layers {
+            h = l.forward(&h, Some(&mask))?;
+        }
+        let c = h.dim(2)?;
+        let gather = Tensor::from_vec(gather, n, device)?;
+        let pooled = h.reshape((n * t, c))?.index_select(&gather, 0)?;
+        // Layer norm is per token, so normalising only the pooled rows is exact.
+        let pooled = self.final_ln.forward(&pooled)?;
+        Ok(self.projection.forward(&pooled)?)
+    }
+
+    /// [`Self::forward`] on the fast kernels. Each sequence is cut after its
+    /// pooled token: with the causal mask nothing after it reaches it, so
+    /// the result is the same, and no padding is computed.
+    fn forward_fast(
+        &self,
+        encoder: &FastEncoder,
+        seqs: &[&[u32]],
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut pool = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let start = ids.len();
+            match s.get(..=self.pool_position(s)) {
+                Some(kept) => ids.extend_from_slice(kept),
+                // An empty sequence is pooled at its first (padding) token.
+                None => ids.push(0),
+            }
+            let len = ids.len() - start;
+            positions.extend(0..len as u32);
+            spans.push(Span { start, len });
+            pool.push(start + len - 1);
+        }
+        let rows = ids.len();
+        let ids = Tensor::from_vec(ids, rows, device)?;
+        let positions = Tensor::from_vec(positions, rows, device)?;
+        let h = (self.token_embedding.forward(&ids)?
+            + self.position_embedding.index_select(&positions, 0)?)?;
+        let c = h.dim(1)?;
+        let x = encoder.forward(f32_vec(h)?, &spans, true, encoder.len(), Some(&pool))?;
+        let pooled = Tensor::from_vec(x, (seqs.len(), c), device)?;
+        let pooled = self.final_ln.forward(&pooled)?;
+        Ok(self.projection.forward(&pooled)?)
+    }
+}

@@ -1,0 +1,110 @@
+//! Why a model could not be loaded or could not run a batch.
+//!
+//! Owns the error types of `models`; every variant that wraps another
+//! library's error keeps it as its `#[source]`.
+
+use hf_hub::api::sync::ApiError;
+
+use super::DeviceSpec;
+
+/// Why a model could not be loaded or could not run a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A load failure with no underlying error (a missing file, files that
+    /// do not fit together).
+    #[error("{0}")]
+    Load(String),
+    /// Reading a model file failed; `what` says which and why it was read.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {device}: {source}")]
+    Device {
+        device: DeviceSpec,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+    #[error("cannot set up the Hub client: {source}")]
+    HubClient {
+        #[source]
+        source: Box<ApiError>,
+    },
+    #[error("cannot fetch {file} of {model}: {source} (for offline use, put the model in the Hub cache or pass a local directory)")]
+    HubFetch {
+        file: String,
+        model: String,
+        #[source]
+        source: Box<ApiError>,
+    },
+    #[error("invalid safetensors file {path}: {source}")]
+    Safetensors {
+        path: String,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// The weights do not fit the model the config describes.
+    #[error("cannot build the {family} model: {source}")]
+    Build {
+        family: &'static str,
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+    /// The preprocessing files (tokenizer, processor configs) do not load
+    /// or do not fit the model.
+    #[error("{0}")]
+    Preprocessor(String),
+    #[error("unsupported model architecture {found} in {path}: vlembed serves {supported}")]
+    UnknownArchitecture {
+        found: String,
+        path: String,
+        supported: String,
+    },
+    #[error("invalid model config {path}: {source}")]
+    Config {
+        path: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// What is wrong with a `config.json` (or a part of it).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON, or a section that does not deserialise.
+    #[error("{context}{source}")]
+    Json {
+        /// Where (`"text_config: "`), or empty for the whole file.
+        context: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Values that parse but cannot be served.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// A JSON error of the section named by `context` (`"text_config: "`).
+    pub fn json(context: &'static str) -> impl FnOnce(serde_json::Error) -> Self {
+        move |source| ConfigError::Json { context, source }
+    }
+}
+
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        ConfigError::Invalid(message)
+    }
+}
+
+impl From<&str> for ConfigError {
+    fn from(message: &str) -> Self {
+        ConfigError::Invalid(message.to_string())
+    }
+}
