@@ -344,6 +344,7 @@ async fn a_worker_that_cannot_be_rebuilt_turns_health_unhealthy() {
     }
     assert_eq!(health.status, 503, "{}", health.text);
     assert!(health.text.contains("clip-tiny"), "{}", health.text);
+    assert_conforms(&openapi(), "GET", "/health", 503, &health.body);
     assert_eq!(s.get("/ready").await.status, 503);
     assert_eq!(builds.load(Ordering::SeqCst), 3);
     s.stop().await;
