@@ -2,13 +2,14 @@
 //! command and the parity tests. The server uses the same pieces
 //! ([`LoadedModel`]'s preprocessor and replicas) through its queue instead.
 //!
-//! Owns the post-processing every front end shares: L2 normalisation.
+//! Normalisation itself lives in [`crate::vector`] (re-exported here).
 
 use crate::input::Input;
 use crate::models::{
     DeviceSpec, EmbeddingModel, LoadOptions, LoadedModel, ModelError, ModelInfo, ModelSource,
 };
 use crate::preprocess::{Prepared, PreprocessError};
+pub use crate::vector::l2_normalize;
 
 /// Why a synchronous embedding failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,19 +22,6 @@ pub enum EmbedError {
     },
     #[error(transparent)]
     Model(#[from] ModelError),
-}
-
-/// L2-normalises `v` in place (a zero vector stays zero).
-pub fn l2_normalize(v: &mut [f32]) {
-    let norm = v
-        .iter()
-        .map(|x| (*x as f64) * (*x as f64))
-        .sum::<f64>()
-        .sqrt();
-    if norm > 0.0 {
-        let inv = (1.0 / norm) as f32;
-        v.iter_mut().for_each(|x| *x *= inv);
-    }
 }
 
 /// A model loaded on one device, ready to embed.
@@ -93,20 +81,5 @@ impl Embedder {
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Prepared> = prepared.iter().collect();
         Ok(self.embed_prepared(&refs, normalize)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::l2_normalize;
-
-    #[test]
-    fn normalizes_to_unit_length_and_keeps_zero() {
-        let mut v = vec![3.0f32, 4.0];
-        l2_normalize(&mut v);
-        assert!((v[0] - 0.6).abs() < 1e-7 && (v[1] - 0.8).abs() < 1e-7);
-        let mut z = vec![0.0f32; 3];
-        l2_normalize(&mut z);
-        assert_eq!(z, vec![0.0; 3]);
     }
 }

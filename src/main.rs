@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -190,16 +192,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("vlembed-http")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let shutdown_timeout = config.server.shutdown_timeout();
+    let signalled: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let signal_at = Arc::clone(&signalled);
+    let served = runtime.block_on(async {
         let server = vlembed::app::start(config, vlembed::app::Hooks::default()).await?;
         let trigger = server.shutdown_trigger();
         tokio::spawn(async move {
             shutdown_signal().await;
+            *signal_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             trigger.shutdown();
+            // A second signal means: stop now.
+            shutdown_signal().await;
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(130);
         });
-        server.wait().await?;
-        Ok(())
-    })
+        server.wait().await
+    });
+    // Preprocessing jobs still running on blocking threads get what is left
+    // of the shutdown budget, not more.
+    let started = signalled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(Instant::now);
+    let left = shutdown_timeout.saturating_sub(started.elapsed());
+    runtime.shutdown_timeout(left.max(Duration::from_millis(100)));
+    served?;
+    Ok(())
 }
 
 /// Resolves on ctrl-c or SIGTERM.

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// `vlembed_model_ready{model}`: 1 when loaded with a live worker.
     pub model_ready: IntGaugeVec,
+    /// `vlembed_worker_restarts_total{model}`: workers rebuilt after a panic.
+    pub worker_restarts: IntCounterVec,
 }
 
 /// Reasons for `vlembed_rejected_total`.
@@ -127,6 +129,11 @@ impl Metrics {
                 model_ready: gauge(
                     "vlembed_model_ready",
                     "1 when the model is loaded and has a live worker",
+                    &["model"],
+                )?,
+                worker_restarts: counter(
+                    "vlembed_worker_restarts_total",
+                    "Model workers rebuilt (fresh replica) after a panic",
                     &["model"],
                 )?,
                 registry: registry.clone(),

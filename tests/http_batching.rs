@@ -3,7 +3,8 @@
 //! are injected by wrapping the real replica): batches larger than one under
 //! concurrency with results equal to unbatched ones, 429 on a full queue,
 //! 504 on timeout, cancelled requests dropped before inference, 500 on a
-//! failed batch, a dead worker turning /ready to 503, /ready while loading,
+//! failed batch, a dead worker turning /ready to 503 until it is rebuilt,
+//! /ready while loading,
 //! and graceful shutdown.
 
 mod common;
@@ -285,9 +286,12 @@ async fn a_failed_batch_answers_500_and_the_server_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_panics_is_detected() {
+async fn a_worker_that_panics_is_detected_then_rebuilt() {
     let faults = Arc::new(Faults::default());
-    let s = TestServer::ready(config(), faulty(&faults)).await;
+    let mut c = config();
+    // A long back-off, to observe the model while it has no worker.
+    c.server.worker_restart_backoff_ms = 2_000;
+    let s = TestServer::ready(c, faulty(&faults)).await;
     let doc = openapi();
     faults.panic.store(true, Ordering::SeqCst);
     let r = s.post_json("/embed", &json!({"inputs": "boom"})).await;
@@ -321,6 +325,10 @@ async fn a_worker_that_panics_is_detected() {
     assert_eq!(s.get("/health").await.status, 200);
     let info = s.get("/info").await;
     assert_eq!(info.body["models"][0]["live_workers"], 0);
+    // The worker comes back with a fresh replica.
+    s.wait_ready().await;
+    let r = s.post_json("/embed", &json!({"inputs": "rebuilt"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
     s.stop().await;
 }
 

@@ -1,25 +1,27 @@
 //! Starting, running and stopping the server.
 //!
 //! Owns the listener, the background loading of every configured model, the
-//! graceful shutdown (readiness goes 503, in-flight requests drain within
-//! `server.shutdown_timeout_ms`, then queues close and workers are joined),
+//! graceful shutdown (readiness goes 503, an optional `server.drain_delay_ms`
+//! while still serving, then accepting stops, in-flight requests drain, queues
+//! close and workers are joined, all within `server.shutdown_timeout_ms`),
 //! and the test hooks that make loading and failures observable. Handlers
 //! live in [`crate::http`]; batching in [`crate::batching`].
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::registry::{ModelSlot, Registry, ServedModel};
+use super::connections::{self, ConnLimits};
 use crate::batching::{Batcher, PreprocessPool, Queue};
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::models::{EmbeddingModel, LoadOptions, LoadedModel};
-use crate::worker::{self, ReplicaFactory};
+use crate::registry::{ModelSlot, Registry, ServedModel};
+use crate::worker::{self, ReplicaFactory, RestartPolicy};
 
 /// Called on the loading thread before a model (named by the argument) loads.
 pub type BeforeLoadHook = Arc<dyn Fn(&str) + Send + Sync>;
@@ -111,6 +113,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
         })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
+    log_auth(&config.server.api_keys, addr);
 
     let (fatal_tx, fatal_rx) = oneshot::channel::<(String, String)>();
     let pool = PreprocessPool::new(config.server.preprocess_concurrency());
@@ -121,13 +124,18 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
         .map_err(ServeError::Thread)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let plan = ShutdownPlan {
+        timeout: config.server.shutdown_timeout(),
+        drain_delay: config.server.drain_delay(),
+    };
     let task = tokio::spawn(run(
         listener,
         router,
         Arc::clone(&registry),
+        ConnLimits::from_config(&config.server),
         shutdown_rx,
         fatal_rx,
-        config.server.shutdown_timeout(),
+        plan,
     ));
     Ok(ServerHandle {
         addr,
@@ -137,60 +145,94 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     })
 }
 
+/// Says whether authentication is on; warns when it is off on an address
+/// other hosts can reach.
+fn log_auth(keys: &[String], addr: SocketAddr) {
+    if !keys.is_empty() {
+        tracing::info!(keys = keys.len(), "authentication is on (server.api_keys)");
+    } else if addr.ip().is_loopback() {
+        tracing::info!("authentication is off (no server.api_keys); loopback only");
+    } else {
+        tracing::warn!(
+            %addr,
+            "authentication is off (no server.api_keys) and the server listens on a \
+             non-loopback address: anyone who can reach it may use it; set server.api_keys \
+             or VLEMBED_API_KEYS"
+        );
+    }
+}
+
+/// How the server stops; every step counts within `timeout`.
+#[derive(Debug, Clone, Copy)]
+struct ShutdownPlan {
+    /// The whole shutdown: drain delay, drain, worker join.
+    timeout: Duration,
+    /// `/ready` says 503 this long while requests are still served.
+    drain_delay: Duration,
+}
+
 async fn run(
     listener: TcpListener,
     router: axum::Router,
     registry: Arc<Registry>,
+    limits: ConnLimits,
     mut shutdown_rx: watch::Receiver<bool>,
     fatal_rx: oneshot::Receiver<(String, String)>,
-    drain_timeout: Duration,
+    plan: ShutdownPlan,
 ) -> Result<(), ServeError> {
-    let fatal: Arc<Mutex<Option<(String, String)>>> = Arc::default();
-    let fatal_slot = Arc::clone(&fatal);
-    let signal_registry = Arc::clone(&registry);
-    let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let signal = async move {
-        let load_failure = async {
-            match fatal_rx.await {
-                Ok(f) => f,
-                // Every model loaded: never a reason to stop.
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown_rx.wait_for(|stop| *stop) => {
-                tracing::info!("shutting down: draining in-flight requests");
-            }
-            f = load_failure => {
-                tracing::error!(model = %f.0, error = %f.1, "a model failed to load; shutting down");
-                *fatal_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
-            }
-        }
-        signal_registry.begin_shutdown();
-        let _ = drain_tx.send(());
-    };
-    let serve = axum::serve(listener, router).with_graceful_shutdown(signal);
-    let drain_deadline = async {
-        if drain_rx.await.is_ok() {
-            tokio::time::sleep(drain_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
+    let (accept_tx, accept_rx) = oneshot::channel::<()>();
+    let mut serving = tokio::spawn(connections::serve(listener, router, limits, async {
+        let _ = accept_rx.await;
+    }));
+
+    // 1. Wait for a reason to stop.
+    let load_failure = async {
+        match fatal_rx.await {
+            Ok(f) => f,
+            // Every model loaded: never a reason to stop.
+            Err(_) => std::future::pending().await,
         }
     };
-    tokio::select! {
-        r = serve => r?,
-        _ = drain_deadline => {
-            tracing::warn!(timeout = ?drain_timeout, "in-flight requests did not finish in time; stopping anyway");
+    let failure = tokio::select! {
+        _ = shutdown_rx.wait_for(|stop| *stop) => None,
+        f = load_failure => {
+            tracing::error!(model = %f.0, error = %f.1, "a model failed to load; shutting down");
+            Some(f)
+        }
+    };
+    let deadline = Instant::now() + plan.timeout;
+
+    // 2. Drain delay: not ready, still serving, so load balancers move away.
+    registry.begin_drain();
+    if failure.is_none() && !plan.drain_delay.is_zero() {
+        tracing::info!(delay = ?plan.drain_delay, "shutting down: /ready now 503, still serving");
+        tokio::time::sleep_until(deadline.min(Instant::now() + plan.drain_delay).into()).await;
+    }
+
+    // 3. Stop admitting and accepting; answer what is in flight.
+    tracing::info!("shutting down: draining in-flight requests");
+    registry.begin_shutdown();
+    let _ = accept_tx.send(());
+    match tokio::time::timeout_at(deadline.into(), &mut serving).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the connection task failed"),
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?plan.timeout,
+                "in-flight requests did not finish in time; stopping anyway"
+            );
+            serving.abort();
         }
     }
-    registry.begin_shutdown();
+
+    // 4. Stop the workers with what time is left.
     let stop_registry = Arc::clone(&registry);
-    let joined = tokio::task::spawn_blocking(move || stop_workers(&stop_registry, drain_timeout));
+    let left = deadline.saturating_duration_since(Instant::now());
+    let joined = tokio::task::spawn_blocking(move || stop_workers(&stop_registry, left));
     if let Err(e) = joined.await {
         tracing::warn!(error = %e, "stopping the workers failed");
     }
     tracing::info!("stopped");
-    let failure = fatal.lock().unwrap_or_else(|e| e.into_inner()).take();
     match failure {
         Some((model, message)) => Err(ServeError::LoadFailed { model, message }),
         None => Ok(()),
@@ -232,7 +274,7 @@ fn load_all(
         let name = slot.config.name.clone();
         let start = Instant::now();
         tracing::info!(model = %name, source = %slot.config.source, "loading model");
-        match load_model(slot, hooks, pool, &registry.metrics) {
+        match load_model(slot, &registry.server, hooks, pool, &registry.metrics) {
             Ok(served) => {
                 tracing::info!(
                     model = %name,
@@ -258,6 +300,7 @@ fn load_all(
 
 fn load_model(
     slot: &ModelSlot,
+    server: &ServerConfig,
     hooks: &Hooks,
     pool: &PreprocessPool,
     metrics: &Metrics,
@@ -274,6 +317,10 @@ fn load_model(
     opts.image_limits.max_pixels = cfg.max_image_pixels;
     let loaded = Arc::new(LoadedModel::open(&source, &opts).map_err(|e| e.to_string())?);
     let queue = Queue::new(&cfg.name, cfg.batching, metrics.clone());
+    let restart = RestartPolicy {
+        limit: server.worker_restart_limit,
+        backoff: server.worker_restart_backoff(),
+    };
     let mut workers = Vec::with_capacity(cfg.devices.len());
     for (index, &device) in cfg.devices.iter().enumerate() {
         let model = Arc::clone(&loaded);
@@ -281,12 +328,19 @@ fn load_model(
         let name = cfg.name.clone();
         let factory: ReplicaFactory = Box::new(move || {
             let replica = model.replica(&device.open()?)?;
-            Ok(match wrap {
+            Ok(match &wrap {
                 Some(w) => w(&name, replica),
                 None => replica,
             })
         });
-        match worker::spawn(Arc::clone(&queue), device, index, factory, metrics.clone()) {
+        match worker::spawn(
+            Arc::clone(&queue),
+            device,
+            index,
+            factory,
+            metrics.clone(),
+            restart,
+        ) {
             Ok(w) => workers.push(w),
             Err(e) => {
                 queue.close();

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use crate::embedder::l2_normalize;
 use crate::input::{Input, Modality};
 use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
+use crate::vector::l2_normalize;
 pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
 
 /// How a request wants its inputs handled.
@@ -162,7 +162,9 @@ impl Batcher {
             })
             .collect();
         admission.push(items)?;
-        drop(admission);
+        // `admission` lives until the answers are in: if this future is
+        // dropped (client gone, timeout), its queued inputs are withdrawn and
+        // its capacity released at once.
         let mut embeddings = Vec::with_capacity(receivers.len());
         for rx in receivers {
             let mut v = match rx.await {

@@ -57,6 +57,20 @@ pub struct ServerConfig {
     pub retry_after_s: u64,
     pub shutdown_timeout_ms: u64,
     pub fetch_image_urls: bool,
+    /// After SIGTERM, how long `/ready` answers 503 while requests are still
+    /// served, before the server stops accepting (load balancers move away).
+    pub drain_delay_ms: u64,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub keep_alive_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub body_min_rate_bytes_per_s: u64,
+    pub max_buffered_body_bytes: usize,
+    /// Rebuilds of a panicked worker in a row (without a batch served in
+    /// between) before it is given up and `/health` turns unhealthy.
+    pub worker_restart_limit: u32,
+    /// Back-off before the first rebuild; doubles with each one in a row.
+    pub worker_restart_backoff_ms: u64,
 }
 
 impl ServerConfig {
@@ -66,6 +80,14 @@ impl ServerConfig {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    pub fn worker_restart_backoff(&self) -> Duration {
+        Duration::from_millis(self.worker_restart_backoff_ms)
+    }
+
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// Preprocessing concurrency; `0` means a quarter of the CPU cores (at
@@ -274,6 +296,9 @@ impl Config {
             self.server.port = port;
         }
         if let Some(keys) = o.api_keys {
+            if keys.is_empty() {
+                return Err(invalid("api keys", EMPTY_KEYS));
+            }
             self.server.api_keys = keys;
         }
         if let Some(source) = o.model {
@@ -340,6 +365,41 @@ impl Config {
         }
         if s.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be at least 1"));
+        }
+        for (key, value) in [
+            ("server.max_connections", s.max_connections as u64),
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.keep_alive_timeout_ms", s.keep_alive_timeout_ms),
+            ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            (
+                "server.body_min_rate_bytes_per_s",
+                s.body_min_rate_bytes_per_s,
+            ),
+            ("server.shutdown_timeout_ms", s.shutdown_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if s.max_buffered_body_bytes < s.max_body_bytes {
+            return Err(invalid(
+                "server.max_buffered_body_bytes",
+                format!(
+                    "({}) must be at least server.max_body_bytes ({}), or no full-size body \
+                     could ever be received",
+                    s.max_buffered_body_bytes, s.max_body_bytes
+                ),
+            ));
+        }
+        if s.drain_delay_ms >= s.shutdown_timeout_ms {
+            return Err(invalid(
+                "server.drain_delay_ms",
+                format!(
+                    "({}) must be below server.shutdown_timeout_ms ({}), which bounds the whole \
+                     shutdown including the delay",
+                    s.drain_delay_ms, s.shutdown_timeout_ms
+                ),
+            ));
         }
         if s.fetch_image_urls {
             return Err(invalid(
@@ -479,6 +539,12 @@ fn comma_list(raw: &str) -> Vec<String> {
         .collect()
 }
 
+/// Why an empty key list from the environment is refused: it would silently
+/// replace the config file's keys and switch authentication off.
+const EMPTY_KEYS: &str = "the API key list is empty; this would switch authentication off. \
+     Unset the variable to keep the keys of the config file, or set server.api_keys = [] \
+     in a config file to serve without authentication";
+
 /// Splits the environment into a TOML patch (`VLEMBED_SECTION__KEY`) and the
 /// flags' short forms.
 fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError> {
@@ -508,6 +574,9 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
                     v = Value::Array(comma_list(s).into_iter().map(Value::String).collect());
                 }
             }
+            if key == "api_keys" && matches!(&v, Value::Array(a) if a.is_empty()) {
+                return Err(invalid(name.clone(), EMPTY_KEYS));
+            }
             let entry = table
                 .entry(section)
                 .or_insert_with(|| Value::Table(Table::new()));
@@ -527,7 +596,13 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
                         .map_err(|_| bad(format!("{value:?} is not a port number")))?,
                 )
             }
-            "API_KEYS" => o.api_keys = Some(comma_list(value)),
+            "API_KEYS" => {
+                let keys = comma_list(value);
+                if keys.is_empty() {
+                    return Err(invalid(name.clone(), EMPTY_KEYS));
+                }
+                o.api_keys = Some(keys)
+            }
             "MODEL" => o.model = Some(value.clone()),
             "MODEL_NAME" => o.model_name = Some(value.clone()),
             "REVISION" => o.revision = Some(value.clone()),
@@ -738,5 +813,62 @@ mod tests {
             vec![DeviceSpec::Cpu, DeviceSpec::Cuda(2)]
         );
         assert!(parse_devices(" , ").is_err());
+    }
+
+    #[test]
+    fn empty_key_lists_from_the_environment_are_errors() {
+        for (name, value) in [
+            ("VLEMBED_API_KEYS", ""),
+            ("VLEMBED_API_KEYS", ","),
+            ("VLEMBED_API_KEYS", " , "),
+            ("VLEMBED_SERVER__API_KEYS", ""),
+            ("VLEMBED_SERVER__API_KEYS", ","),
+            ("VLEMBED_SERVER__API_KEYS", "[]"),
+        ] {
+            let layers = Layers {
+                env: env(&[(name, value), ("VLEMBED_MODEL", "org/m")]),
+                ..Default::default()
+            };
+            let err = Config::load(&layers).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains("switch authentication off"),
+                "{name}={value:?}: {err}"
+            );
+        }
+        let mut c = Config::builtin().unwrap();
+        let err = c
+            .apply(Overrides {
+                api_keys: Some(vec![]),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("authentication off"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_are_validated() {
+        let base = || {
+            let mut c = Config::builtin().unwrap();
+            c.models = vec![ModelConfig::with_defaults("org/m").unwrap()];
+            c
+        };
+        assert!(base().validate().is_ok());
+        let mut c = base();
+        c.server.max_connections = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_connections"));
+        let mut c = base();
+        c.server.max_buffered_body_bytes = c.server.max_body_bytes - 1;
+        assert!(c.validate().is_err());
+        let mut c = base();
+        c.server.drain_delay_ms = c.server.shutdown_timeout_ms;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("drain_delay_ms"));
     }
 }

@@ -10,9 +10,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::app::registry::{ResolveError, Unavailable};
 use crate::batching::{AdmitError, EmbedError, ItemError};
 use crate::preprocess::PreprocessError;
+use crate::registry::{ResolveError, Unavailable};
 
 /// Which model a response concerns, for the metrics middleware.
 #[derive(Debug, Clone)]

@@ -20,9 +20,9 @@ use super::error::{ApiError, ModelLabel};
 use super::inputs::{encode_embedding, Labeled};
 use super::requests::{EmbedRequest, EncodingFormat, OpenAiRequest, ScoreRequest};
 use super::AppState;
-use crate::app::registry::ServedModel;
-use crate::app::ModelStatus;
 use crate::batching::{EmbedOptions, Embedded};
+use crate::registry::ModelStatus;
+use crate::registry::ServedModel;
 
 /// A JSON success response tagged with its model for the metrics.
 fn ok_json<T: Serialize>(model: &str, body: &T) -> Response {
@@ -227,9 +227,21 @@ pub async fn openai_embeddings(
     Ok(ok_json(&t.name, &body))
 }
 
-/// `GET /health`.
-pub async fn health() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+/// `GET /health`: 503 once a model cannot recover without a restart.
+pub async fn health(State(st): State<AppState>) -> Response {
+    let failed = st.registry.unrecoverable();
+    if failed.is_empty() {
+        return Json(json!({"status": "ok"})).into_response();
+    }
+    let message = format!(
+        "unhealthy: the workers of {} failed for good; restart the process",
+        failed.join(", ")
+    );
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "unhealthy", "error": {"type": "unavailable", "message": message}})),
+    )
+        .into_response()
 }
 
 /// `GET /ready`.

@@ -26,8 +26,8 @@ use axum::Router;
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::app::Registry;
 use crate::metrics::reason;
+use crate::registry::Registry;
 use error::{ApiError, ModelLabel};
 
 /// The OpenAPI document (the contract), as written.

@@ -2,11 +2,21 @@
 //! replica (candle CUDA wants one dedicated thread per device).
 //!
 //! Owns the loop `take a batch from the queue → run the replica → answer each
-//! item → record metrics`, catching panics from inside the model: a failed
-//! batch answers its items with an error and the worker goes on; a panic
-//! answers the batch, then ends the worker (its replica may be corrupt) and
-//! the queue learns it lost a worker. It never sees HTTP or requests, only
-//! queue items; it does not normalise (the batcher does).
+//! item → record metrics`, and failure isolation:
+//!
+//! - a batch the model refuses (an error, or the wrong number of vectors) is
+//!   retried in halves, down to single inputs, so only the input at fault
+//!   gets the error and the requests batched with it succeed;
+//! - a panic inside the model answers the batch with an error and drops the
+//!   replica (it may be corrupt); the worker then rebuilds a fresh replica on
+//!   the same thread after a back-off that doubles with each rebuild in a row
+//!   (counted in `vlembed_worker_restarts_total`). After
+//!   [`RestartPolicy::limit`] rebuilds in a row without a batch served in
+//!   between, it gives up: the handle reports [`WorkerHandle::gave_up`] and
+//!   the queue fails what waits once no worker is left.
+//!
+//! It never sees HTTP or requests, only queue items; it does not normalise
+//! (the batcher does).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +29,39 @@ use crate::metrics::Metrics;
 use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
 use crate::preprocess::Prepared;
 
-/// Builds a model replica; runs on the worker's own thread.
+/// Builds a model replica; runs on the worker's own thread, again after
+/// each panic.
 pub type ReplicaFactory =
-    Box<dyn FnOnce() -> Result<Box<dyn EmbeddingModel>, ModelError> + Send + 'static>;
+    Box<dyn Fn() -> Result<Box<dyn EmbeddingModel>, ModelError> + Send + 'static>;
+
+/// How a worker recovers from panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Rebuilds in a row (no batch served in between) before giving up.
+    pub limit: u32,
+    /// Back-off before the first rebuild in a row; doubles each time.
+    pub backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            limit: 5,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Longest back-off between two rebuilds.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl RestartPolicy {
+    /// The back-off before rebuild number `n` in a row (1-based).
+    pub fn backoff_for(&self, n: u32) -> Duration {
+        let factor = 1u32 << n.saturating_sub(1).min(16);
+        self.backoff.saturating_mul(factor).min(MAX_BACKOFF)
+    }
+}
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +87,19 @@ pub enum WorkerError {
 pub struct WorkerHandle {
     pub device: DeviceSpec,
     alive: Arc<AtomicBool>,
+    gave_up: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl WorkerHandle {
-    /// Whether the thread still serves batches.
+    /// Whether the thread serves batches now (false while it rebuilds).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// Whether the worker failed for good (its rebuilds kept failing).
+    pub fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
     }
 
     /// Waits for the thread to end (after the queue was closed), at most
@@ -77,64 +123,130 @@ impl WorkerHandle {
     }
 }
 
-/// Marks the worker dead and tells the queue, however the thread ends
-/// (return or panic unwinding).
+/// Marks the worker dead and tells the queue when the thread ends, however
+/// it ends (return or an unexpected unwind).
 struct ExitGuard {
     alive: Arc<AtomicBool>,
     queue: Arc<Queue>,
+    /// Whether the queue counts this worker as live (else as recovering).
+    live: bool,
     reason: String,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         self.alive.store(false, Ordering::Release);
-        self.queue.worker_stopped(&self.reason);
+        if self.live {
+            self.queue.worker_stopped(&self.reason);
+        } else {
+            self.queue.recovery_failed(&self.reason);
+        }
+    }
+}
+
+/// Builds a replica, turning a panic into an error.
+fn build(factory: &ReplicaFactory) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+    match catch_unwind(AssertUnwindSafe(factory)) {
+        Ok(r) => r,
+        Err(panic) => Err(ModelError::Load(format!(
+            "building the replica panicked: {}",
+            panic_message(panic.as_ref())
+        ))),
     }
 }
 
 /// Starts a worker for `device` on its own thread: builds the replica there
-/// with `factory`, then serves `queue` until it is closed and drained.
-/// Blocks until the replica is built (or failed).
+/// with `factory`, then serves `queue` until it is closed and drained,
+/// rebuilding the replica after panics as `policy` allows. Blocks until the
+/// first replica is built (or failed).
 pub fn spawn(
     queue: Arc<Queue>,
     device: DeviceSpec,
     index: usize,
     factory: ReplicaFactory,
     metrics: Metrics,
+    policy: RestartPolicy,
 ) -> Result<WorkerHandle, WorkerError> {
     let alive = Arc::new(AtomicBool::new(false));
+    let gave_up = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), ModelError>>(1);
     let thread_alive = Arc::clone(&alive);
+    let thread_gave_up = Arc::clone(&gave_up);
     let thread_queue = Arc::clone(&queue);
     let name = format!("vlembed-worker-{index}-{device}");
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let replica = match catch_unwind(AssertUnwindSafe(factory)) {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
+            let mut replica = match build(&factory) {
+                Ok(r) => r,
+                Err(e) => {
                     let _ = ready_tx.send(Err(e));
-                    return;
-                }
-                Err(panic) => {
-                    let msg = panic_message(panic.as_ref());
-                    let _ = ready_tx.send(Err(ModelError::Load(format!(
-                        "building the replica panicked: {msg}"
-                    ))));
                     return;
                 }
             };
             thread_alive.store(true, Ordering::Release);
             thread_queue.worker_started();
             let mut guard = ExitGuard {
-                alive: thread_alive,
+                alive: Arc::clone(&thread_alive),
                 queue: Arc::clone(&thread_queue),
+                live: true,
                 reason: format!("the worker on {device} stopped"),
             };
             let _ = ready_tx.send(Ok(()));
             drop(ready_tx);
-            if let Err(reason) = serve(&thread_queue, replica.as_ref(), &metrics) {
-                guard.reason = reason;
+            let model = thread_queue.model().to_string();
+            let restarts = metrics.worker_restarts.with_label_values(&[&model]);
+            let mut in_a_row = 0u32;
+            loop {
+                let reason = match serve(&thread_queue, replica.as_ref(), &metrics, &mut in_a_row)
+                {
+                    Ok(()) => return, // closed and drained
+                    Err(reason) => reason,
+                };
+                // The replica may be corrupt: drop it (its drop may panic too).
+                thread_alive.store(false, Ordering::Release);
+                thread_queue.worker_lost();
+                guard.live = false;
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(replica)));
+                loop {
+                    if thread_queue.is_closed() {
+                        guard.reason = format!("{reason}; not rebuilt: shutting down");
+                        return;
+                    }
+                    in_a_row += 1;
+                    if in_a_row > policy.limit {
+                        tracing::error!(
+                            model = %model, %device, limit = policy.limit,
+                            "the worker keeps failing; giving up (server.worker_restart_limit)"
+                        );
+                        thread_gave_up.store(true, Ordering::Release);
+                        guard.reason = format!(
+                            "{reason}; the worker was given up after {} rebuilds",
+                            policy.limit
+                        );
+                        return;
+                    }
+                    let wait = policy.backoff_for(in_a_row);
+                    tracing::warn!(
+                        model = %model, %device, attempt = in_a_row, backoff = ?wait,
+                        "rebuilding the worker's replica"
+                    );
+                    std::thread::sleep(wait);
+                    restarts.inc();
+                    match build(&factory) {
+                        Ok(r) => {
+                            replica = r;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(model = %model, %device, error = %e, "rebuilding the replica failed");
+                        }
+                    }
+                }
+                tracing::info!(model = %model, %device, "worker rebuilt with a fresh replica");
+                thread_alive.store(true, Ordering::Release);
+                thread_queue.worker_recovered();
+                guard.live = true;
             }
         })
         .map_err(|source| WorkerError::Spawn { device, source })?;
@@ -142,6 +254,7 @@ pub fn spawn(
         Ok(Ok(())) => Ok(WorkerHandle {
             device,
             alive,
+            gave_up,
             thread: Mutex::new(Some(thread)),
         }),
         Ok(Err(source)) => {
@@ -155,9 +268,88 @@ pub fn spawn(
     }
 }
 
+/// What running the model on some inputs gave.
+enum Run {
+    /// One vector per input.
+    Done(Vec<Vec<f32>>),
+    /// The model refused these inputs (an error, or a wrong count).
+    Failed(String),
+    /// The model panicked.
+    Panicked(String),
+}
+
+fn run_model(replica: &dyn EmbeddingModel, items: &[Item]) -> Run {
+    let refs: Vec<&Prepared> = items.iter().map(|i| &i.prepared).collect();
+    match catch_unwind(AssertUnwindSafe(|| replica.embed(&refs))) {
+        Ok(Ok(vectors)) if vectors.len() == items.len() => Run::Done(vectors),
+        Ok(Ok(vectors)) => Run::Failed(format!(
+            "the model returned {} embeddings for a batch of {}",
+            vectors.len(),
+            items.len()
+        )),
+        Ok(Err(e)) => Run::Failed(e.to_string()),
+        Err(panic) => Run::Panicked(format!(
+            "the model panicked: {}",
+            panic_message(panic.as_ref())
+        )),
+    }
+}
+
+/// Runs `items`; when the model refuses them, runs each half on its own, so
+/// that only the inputs at fault get the error. Returns `Err` (after
+/// answering every item) when the model panicked.
+fn run_isolating(
+    replica: &dyn EmbeddingModel,
+    model: &str,
+    items: Vec<Item>,
+) -> Result<bool, String> {
+    match run_model(replica, &items) {
+        Run::Done(vectors) => {
+            for (item, v) in items.into_iter().zip(vectors) {
+                item.answer(Ok(v));
+            }
+            Ok(true)
+        }
+        Run::Failed(msg) if items.len() == 1 => {
+            tracing::warn!(model = %model, error = %msg, "the model failed on one input");
+            answer_all(items, ItemError::BatchFailed(msg));
+            Ok(false)
+        }
+        Run::Failed(msg) => {
+            tracing::warn!(
+                model = %model, error = %msg, inputs = items.len(),
+                "batch failed; retrying it in halves to isolate the input at fault"
+            );
+            let mut items = items;
+            let second = items.split_off(items.len() / 2);
+            let a = run_isolating(replica, model, items);
+            let a_ok = match a {
+                Ok(ok) => ok,
+                Err(m) => {
+                    answer_all(second, ItemError::WorkerDied(m.clone()));
+                    return Err(m);
+                }
+            };
+            let b_ok = run_isolating(replica, model, second)?;
+            Ok(a_ok || b_ok)
+        }
+        Run::Panicked(msg) => {
+            tracing::error!(model = %model, "{msg}; rebuilding this worker");
+            answer_all(items, ItemError::WorkerDied(msg.clone()));
+            Err(msg)
+        }
+    }
+}
+
 /// The worker loop. Returns `Ok` when the queue is closed and drained, or
-/// `Err(reason)` when the model panicked and the worker must stop.
-fn serve(queue: &Queue, replica: &dyn EmbeddingModel, metrics: &Metrics) -> Result<(), String> {
+/// `Err(reason)` when the model panicked and the replica must be rebuilt.
+/// Resets `in_a_row` once a batch is served.
+fn serve(
+    queue: &Queue,
+    replica: &dyn EmbeddingModel,
+    metrics: &Metrics,
+    in_a_row: &mut u32,
+) -> Result<(), String> {
     let model = queue.model().to_string();
     let batch_size = metrics.batch_size.with_label_values(&[&model]);
     let inference = metrics.inference_duration.with_label_values(&[&model]);
@@ -167,37 +359,12 @@ fn serve(queue: &Queue, replica: &dyn EmbeddingModel, metrics: &Metrics) -> Resu
         if batch.is_empty() {
             continue;
         }
-        let refs: Vec<&Prepared> = batch.iter().map(|i| &i.prepared).collect();
         batch_size.observe(batch.len() as f64);
         let start = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| replica.embed(&refs)));
+        let outcome = run_isolating(replica, &model, batch);
         inference.observe(start.elapsed().as_secs_f64());
-        drop(refs);
-        match outcome {
-            Ok(Ok(vectors)) if vectors.len() == batch.len() => {
-                for (item, v) in batch.into_iter().zip(vectors) {
-                    item.answer(Ok(v));
-                }
-            }
-            Ok(Ok(vectors)) => {
-                let msg = format!(
-                    "the model returned {} embeddings for a batch of {}",
-                    vectors.len(),
-                    batch.len()
-                );
-                tracing::error!(model = %model, "{msg}");
-                answer_all(batch, ItemError::BatchFailed(msg));
-            }
-            Ok(Err(e)) => {
-                tracing::error!(model = %model, error = %e, "batch failed");
-                answer_all(batch, ItemError::BatchFailed(e.to_string()));
-            }
-            Err(panic) => {
-                let msg = format!("the model panicked: {}", panic_message(panic.as_ref()));
-                tracing::error!(model = %model, "{msg}; this worker stops");
-                answer_all(batch, ItemError::WorkerDied(msg.clone()));
-                return Err(msg);
-            }
+        if outcome? {
+            *in_a_row = 0;
         }
     }
     Ok(())
@@ -222,6 +389,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batching::AdmitError;
     use crate::config::BatchLimits;
     use crate::input::Modality;
     use std::sync::atomic::AtomicUsize;
@@ -230,12 +398,10 @@ mod tests {
     struct Fake {
         fail_on: usize,
         panic_on: usize,
-        calls: Arc<AtomicUsize>,
     }
 
     impl EmbeddingModel for Fake {
         fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
             if batch.iter().any(|p| p.cost == self.panic_on) {
                 panic!("fake model exploded");
             }
@@ -260,21 +426,27 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<Queue>, WorkerHandle, Metrics) {
-        let metrics = Metrics::new();
-        let limits = BatchLimits {
+    fn limits() -> BatchLimits {
+        BatchLimits {
             max_batch_size: 8,
             max_batch_cost: 1000,
             max_queue_inputs: 100,
             max_delay: Duration::ZERO,
-        };
-        let queue = Queue::new("fake", limits, metrics.clone());
-        let calls = Arc::new(AtomicUsize::new(0));
+        }
+    }
+
+    /// A worker whose factory succeeds `builds_ok` times, then fails.
+    fn setup_with(builds_ok: usize, policy: RestartPolicy) -> (Arc<Queue>, WorkerHandle, Metrics) {
+        let metrics = Metrics::new();
+        let queue = Queue::new("fake", limits(), metrics.clone());
+        let builds = AtomicUsize::new(0);
         let factory: ReplicaFactory = Box::new(move || {
+            if builds.fetch_add(1, Ordering::SeqCst) >= builds_ok {
+                return Err(ModelError::Load("the device is gone".into()));
+            }
             Ok(Box::new(Fake {
                 fail_on: 13,
                 panic_on: 66,
-                calls,
             }) as Box<dyn EmbeddingModel>)
         });
         let w = spawn(
@@ -283,9 +455,21 @@ mod tests {
             0,
             factory,
             metrics.clone(),
+            policy,
         )
         .unwrap();
         (queue, w, metrics)
+    }
+
+    fn fast() -> RestartPolicy {
+        RestartPolicy {
+            limit: 2,
+            backoff: Duration::from_millis(1),
+        }
+    }
+
+    fn setup() -> (Arc<Queue>, WorkerHandle, Metrics) {
+        setup_with(usize::MAX, fast())
     }
 
     fn run(queue: &Arc<Queue>, costs: &[usize]) -> Vec<Result<Vec<f32>, ItemError>> {
@@ -304,6 +488,17 @@ mod tests {
         rxs.into_iter()
             .map(|rx| rx.blocking_recv().unwrap_or(Err(ItemError::ShuttingDown)))
             .collect()
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     #[test]
@@ -327,32 +522,67 @@ mod tests {
     }
 
     #[test]
-    fn a_panic_kills_the_worker_and_is_reported() {
+    fn a_failing_batch_is_split_so_only_the_faulty_input_fails() {
+        let (queue, _worker, _) = setup();
+        let out = run(&queue, &[1, 2, 13, 4, 5]);
+        for (i, r) in out.iter().enumerate() {
+            if i == 2 {
+                assert!(matches!(r, Err(ItemError::BatchFailed(m)) if m.contains("fake failure")));
+            } else {
+                assert_eq!(r.as_ref().unwrap()[0], [1.0, 2.0, 13.0, 4.0, 5.0][i]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_panicking_worker_is_rebuilt_and_serves_again() {
         let (queue, worker, metrics) = setup();
-        let out = run(&queue, &[66]);
+        let out = run(&queue, &[66, 1]);
         assert!(matches!(&out[0], Err(ItemError::WorkerDied(m)) if m.contains("exploded")));
-        assert!(worker.join_timeout(Duration::from_secs(5)));
-        assert!(!worker.is_alive());
-        assert_eq!(queue.live_workers(), 0);
+        wait_for("the rebuild", || {
+            worker.is_alive() && queue.live_workers() == 1
+        });
+        let again = run(&queue, &[4]);
+        assert_eq!(again[0].as_ref().unwrap()[0], 4.0);
+        assert!(!worker.gave_up());
         assert!(metrics
             .render()
-            .contains("vlembed_model_ready{model=\"fake\"} 0"));
+            .contains("vlembed_worker_restarts_total{model=\"fake\"} 1"));
+        queue.close();
+        assert!(worker.join_timeout(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_worker_that_cannot_be_rebuilt_gives_up() {
+        let (queue, worker, metrics) = setup_with(1, fast());
+        let out = run(&queue, &[66]);
+        assert!(matches!(&out[0], Err(ItemError::WorkerDied(_))));
+        assert!(worker.join_timeout(Duration::from_secs(5)));
+        assert!(worker.gave_up());
+        assert!(!worker.is_alive());
+        assert_eq!(queue.live_workers(), 0);
+        assert!(matches!(queue.admit(1), Err(AdmitError::NoWorker { .. })));
+        let text = metrics.render();
+        assert!(text.contains("vlembed_model_ready{model=\"fake\"} 0"));
+        assert!(text.contains("vlembed_worker_restarts_total{model=\"fake\"} 2"));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let p = RestartPolicy {
+            limit: 5,
+            backoff: Duration::from_millis(100),
+        };
+        assert_eq!(p.backoff_for(1), Duration::from_millis(100));
+        assert_eq!(p.backoff_for(3), Duration::from_millis(400));
+        assert_eq!(p.backoff_for(40), MAX_BACKOFF);
     }
 
     #[test]
     fn a_failing_factory_is_a_start_error() {
-        let queue = Queue::new(
-            "bad",
-            BatchLimits {
-                max_batch_size: 1,
-                max_batch_cost: 1,
-                max_queue_inputs: 1,
-                max_delay: Duration::ZERO,
-            },
-            Metrics::new(),
-        );
+        let queue = Queue::new("bad", limits(), Metrics::new());
         let factory: ReplicaFactory = Box::new(|| Err(ModelError::Load("no weights".into())));
-        let err = spawn(queue, DeviceSpec::Cpu, 0, factory, Metrics::new()).unwrap_err();
+        let err = spawn(queue, DeviceSpec::Cpu, 0, factory, Metrics::new(), fast()).unwrap_err();
         assert!(err.to_string().contains("no weights"), "{err}");
     }
 }

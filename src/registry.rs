@@ -2,9 +2,10 @@
 //! down.
 //!
 //! Owns each model's slot (its configuration, and once loaded its info,
-//! batcher and workers), name resolution for requests, and readiness. It
-//! does not load models itself (see [`super::server`]) and knows nothing of
-//! HTTP.
+//! batcher and workers), name resolution for requests, and readiness. It sits
+//! below both [`crate::http`] (handlers read it) and [`crate::app`] (which
+//! fills it while loading), so neither imports the other for it. It does not
+//! load models itself (see `app::server`) and knows nothing of HTTP.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -28,6 +29,12 @@ pub struct ServedModel {
 impl ServedModel {
     pub fn live_workers(&self) -> usize {
         self.workers.iter().filter(|w| w.is_alive()).count()
+    }
+
+    /// Whether every worker failed for good (its rebuilds kept failing):
+    /// only a restart of the process can bring the model back.
+    pub fn unrecoverable(&self) -> bool {
+        !self.workers.is_empty() && self.workers.iter().all(|w| w.gave_up())
     }
 }
 
@@ -148,6 +155,8 @@ pub struct Registry {
     pub server: ServerConfig,
     pub metrics: Metrics,
     models: Vec<Arc<ModelSlot>>,
+    /// Shutdown began: not ready, but requests may still be served.
+    draining: AtomicBool,
     shutting_down: AtomicBool,
 }
 
@@ -177,6 +186,7 @@ impl Registry {
             server: config.server.clone(),
             metrics,
             models,
+            draining: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -214,17 +224,39 @@ impl Registry {
         }
     }
 
+    /// Shutdown began: `/ready` turns 503, requests are still served.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// New requests are refused from now on.
     pub fn begin_shutdown(&self) {
+        self.draining.store(true, Ordering::Release);
         self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Whether shutdown began (drain delay included).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
 
+    /// The models that cannot recover without a restart of the process
+    /// (`/health` answers 503 while any is listed).
+    pub fn unrecoverable(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .filter(|m| m.loaded().is_some_and(|s| s.unrecoverable()))
+            .map(|m| m.config.name.clone())
+            .collect()
+    }
+
     /// Whether every model is loaded with a live worker and the server is
     /// not shutting down.
     pub fn is_ready(&self) -> bool {
-        !self.is_shutting_down() && self.models.iter().all(|m| m.status() == ModelStatus::Ready)
+        !self.is_draining() && self.models.iter().all(|m| m.status() == ModelStatus::Ready)
     }
 }
