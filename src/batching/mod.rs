@@ -197,19 +197,26 @@ impl Batcher {
 
     /// Preprocesses every input on the blocking pool, at most the pool's
     /// concurrency at once, and returns them in order (or the first error).
+    /// The first input that fails stops the request: inputs not started yet
+    /// are skipped, not decoded.
     async fn prepare_all(
         &self,
         inputs: Vec<Input>,
         truncate: bool,
     ) -> Result<Vec<Prepared>, EmbedError> {
+        // Set when the request goes away or one of its inputs fails.
         let cancelled = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(Arc::clone(&cancelled));
-        let mut jobs = Vec::with_capacity(inputs.len());
+        let n = inputs.len();
+        let mut jobs = Vec::with_capacity(n);
         for input in inputs {
             let permit = Arc::clone(&self.pool.permits)
                 .acquire_owned()
                 .await
                 .map_err(|_| EmbedError::Internal("the preprocessing pool is closed".into()))?;
+            if cancelled.load(Ordering::Relaxed) {
+                break;
+            }
             let pre = Arc::clone(&self.preprocessor);
             let cancelled = Arc::clone(&cancelled);
             let hist = self.metrics.preprocess_duration.clone();
@@ -217,7 +224,8 @@ impl Batcher {
             jobs.push(tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 if cancelled.load(Ordering::Relaxed) {
-                    return Err(PreprocessError::Internal("request cancelled".into()));
+                    // Skipped: the request was dropped or another input failed.
+                    return Err(None);
                 }
                 let start = Instant::now();
                 let result = pre.prepare(&input, truncate);
@@ -225,14 +233,19 @@ impl Batcher {
                     hist.with_label_values(&[&model, m.as_str()])
                         .observe(start.elapsed().as_secs_f64());
                 }
-                result
+                if result.is_err() {
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+                result.map_err(Some)
             }));
         }
         let mut out = Vec::with_capacity(jobs.len());
+        let mut skipped = false;
         for (index, job) in jobs.into_iter().enumerate() {
             match job.await {
                 Ok(Ok(p)) => out.push(p),
-                Ok(Err(source)) => return Err(EmbedError::Input { index, source }),
+                Ok(Err(Some(source))) => return Err(EmbedError::Input { index, source }),
+                Ok(Err(None)) => skipped = true,
                 Err(e) => {
                     return Err(EmbedError::Input {
                         index,
@@ -240,6 +253,11 @@ impl Batcher {
                     })
                 }
             }
+        }
+        if skipped || out.len() < n {
+            return Err(EmbedError::Internal(
+                "preprocessing stopped without an error".into(),
+            ));
         }
         Ok(out)
     }

@@ -52,6 +52,12 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
     pub max_inputs_per_request: usize,
+    /// Longest text (or instruction) in one input, in characters, checked
+    /// while the body is read (413 above it).
+    pub max_text_chars: usize,
+    /// Largest encoded image in one input, in bytes (after base64 decoding),
+    /// checked while the body is read (413 above it).
+    pub max_image_bytes: usize,
     pub request_timeout_ms: u64,
     pub preprocess_threads: usize,
     pub retry_after_s: u64,
@@ -362,6 +368,12 @@ impl Config {
                 "server.max_inputs_per_request",
                 "must be at least 1",
             ));
+        }
+        if s.max_text_chars == 0 {
+            return Err(invalid("server.max_text_chars", "must be at least 1"));
+        }
+        if s.max_image_bytes == 0 {
+            return Err(invalid("server.max_image_bytes", "must be at least 1"));
         }
         if s.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be at least 1"));

@@ -5,6 +5,12 @@
 //! admission, preprocessing, batch failures, timeouts) to a status, a stable
 //! error type and a message naming the input, field and limit. It does not
 //! decide *when* those failures happen.
+//!
+//! Client strings never come back in bulk: messages quote them through
+//! [`quote`] / [`cut`] (the first [`ECHO_CHARS`] characters, marked as cut),
+//! and no message is longer than [`MAX_MESSAGE_BYTES`].
+
+use std::borrow::Cow;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,12 +46,46 @@ struct Inner<'a> {
     message: &'a str,
 }
 
+/// How many characters of a client string a message may echo.
+pub const ECHO_CHARS: usize = 64;
+
+/// The longest message an error carries, in bytes (a last guard: client
+/// strings are already cut by [`quote`] and [`cut`]).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// A client string for a message: its first [`ECHO_CHARS`] characters, then
+/// `…(cut, N bytes in all)` when it is longer.
+pub fn cut(s: &str) -> Cow<'_, str> {
+    match s.char_indices().nth(ECHO_CHARS) {
+        None => Cow::Borrowed(s),
+        Some((i, _)) => Cow::Owned(format!("{}…(cut, {} bytes in all)", &s[..i], s.len())),
+    }
+}
+
+/// A client string quoted for a message (Rust/JSON-style escapes), cut like
+/// [`cut`].
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(ECHO_CHARS) {
+        None => format!("{s:?}"),
+        Some((i, _)) => format!("{:?}…(cut, {} bytes in all)", &s[..i], s.len()),
+    }
+}
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let end = message.floor_char_boundary(MAX_MESSAGE_BYTES);
+        message.truncate(end);
+        message.push_str("…(message cut)");
+    }
+    message
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             kind: kind_of(status),
-            message: message.into(),
+            message: bounded(message.into()),
             retry_after: None,
             model: None,
         }
@@ -155,7 +195,13 @@ impl ApiError {
 impl From<ResolveError> for ApiError {
     fn from(e: ResolveError) -> Self {
         match e {
-            ResolveError::Unknown { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
+            ResolveError::Unknown { name, available } => Self::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown model {}; this server serves: {available}",
+                    quote(&name)
+                ),
+            ),
             ResolveError::Ambiguous { .. } => Self::bad_request(e.to_string()),
         }
     }
@@ -276,6 +322,30 @@ mod tests {
             1,
         );
         assert_eq!(b.status.as_u16(), 500);
+    }
+
+    #[test]
+    fn client_strings_are_cut_and_marked() {
+        assert_eq!(quote("bge"), "\"bge\"");
+        assert_eq!(cut("bge"), "bge");
+        let long = "é".repeat(4_000_000);
+        let q = quote(&long);
+        assert!(
+            q.starts_with(&format!("\"{}\"", "é".repeat(ECHO_CHARS))),
+            "{q}"
+        );
+        assert!(q.ends_with("…(cut, 8000000 bytes in all)"), "{q}");
+        assert!(cut(&long).chars().count() < 100);
+        let api = ApiError::from(ResolveError::Unknown {
+            name: "m".repeat(4 << 20),
+            available: "a, b".into(),
+        });
+        assert_eq!(api.status.as_u16(), 404);
+        assert!(api.message.len() < 200, "{}", api.message.len());
+        assert!(api.message.contains("(cut, 4194304 bytes in all)"));
+        let huge = ApiError::bad_request("x".repeat(1 << 20));
+        assert!(huge.message.len() <= MAX_MESSAGE_BYTES + 20);
+        assert!(huge.message.ends_with("…(message cut)"));
     }
 
     #[test]

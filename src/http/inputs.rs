@@ -1,23 +1,104 @@
-//! Turning request JSON into [`Input`]s: the input shorthand (a bare string),
-//! input objects, and inline images (base64, data URLs; URLs are refused).
+//! Turning request JSON into [`Input`]s while it is parsed: the input
+//! shorthand (a bare string), input objects, lists of inputs, and inline
+//! images (base64, data URLs; URLs are refused).
 //!
-//! Owns the messages that name the input and field at fault. Produces plain
+//! Owns the streaming [`serde`] visitors that build inputs straight from the
+//! body, checking the [`BodyLimits`] (input count, text length in characters,
+//! image size in bytes) as each value is read, so a body over a limit is
+//! refused at the first value past it and costs no more than the body itself;
+//! and the messages that name the input and field at fault. Produces plain
 //! [`Input`] values; it does not decode images (preprocessing does) and knows
 //! nothing of models.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
 
-use super::error::ApiError;
+use super::error::{cut, quote, ApiError};
+use crate::config::ServerConfig;
 use crate::input::{Input, Role};
 
 const LENIENT: GeneralPurposeConfig =
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
 const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
 const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
+
+/// Limits checked while a request body is read, before anything is built
+/// past them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Most inputs in one request (`server.max_inputs_per_request`).
+    pub max_inputs: usize,
+    /// Longest text or instruction, in characters (`server.max_text_chars`).
+    pub max_text_chars: usize,
+    /// Largest encoded image, in bytes (`server.max_image_bytes`).
+    pub max_image_bytes: usize,
+}
+
+impl BodyLimits {
+    /// No limits (for tests and tools that parse trusted bodies).
+    pub const NONE: BodyLimits = BodyLimits {
+        max_inputs: usize::MAX,
+        max_text_chars: usize::MAX,
+        max_image_bytes: usize::MAX,
+    };
+
+    pub fn from_server(s: &ServerConfig) -> Self {
+        BodyLimits {
+            max_inputs: s.max_inputs_per_request,
+            max_text_chars: s.max_text_chars,
+            max_image_bytes: s.max_image_bytes,
+        }
+    }
+}
+
+static PARSED_INPUTS: AtomicU64 = AtomicU64::new(0);
+
+/// Inputs built by the body parsers since the process started. A request over
+/// [`BodyLimits::max_inputs`] stops at the limit, which tests and the fuzz
+/// harness check through this counter.
+pub fn parsed_inputs() -> u64 {
+    PARSED_INPUTS.load(Ordering::Relaxed)
+}
+
+/// What a parse needs besides the bytes: the limits, and the first failure
+/// in the API's terms (status and message), kept beside serde's own error.
+pub struct ParseCtx<'l> {
+    pub limits: &'l BodyLimits,
+    failure: RefCell<Option<ApiError>>,
+}
+
+impl<'l> ParseCtx<'l> {
+    pub fn new(limits: &'l BodyLimits) -> Self {
+        ParseCtx {
+            limits,
+            failure: RefCell::new(None),
+        }
+    }
+
+    /// Records `e` (the first one wins) and returns a serde error that stops
+    /// the parse.
+    pub fn fail<E: de::Error>(&self, e: ApiError) -> E {
+        let err = E::custom(&e.message);
+        let mut slot = self.failure.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        err
+    }
+
+    /// The failure recorded by [`ParseCtx::fail`], if any.
+    pub fn take_failure(&self) -> Option<ApiError> {
+        self.failure.borrow_mut().take()
+    }
+}
 
 /// Inputs with the names errors use for them (`inputs[2]`, `query`, ...).
 #[derive(Debug, Default)]
@@ -66,82 +147,600 @@ pub fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Parses `<input> | [<input>, ...]` found at `field`.
-pub fn parse_input_list(v: Value, field: &str) -> Result<Labeled, ApiError> {
-    let mut out = Labeled::default();
-    match v {
-        Value::Array(items) => {
-            for (i, item) in items.into_iter().enumerate() {
-                let at = format!("{field}[{i}]");
-                let input = parse_input(item, &at)?;
-                out.push(input, at);
-            }
+/// Implements every `visit_*` of a [`Visitor`] that is not a string, a map or
+/// a sequence by calling `self.wrong_type(<type name>)`.
+macro_rules! scalars_are_wrong {
+    () => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Err(self.wrong_type("a boolean"))
         }
-        other => {
-            let input = parse_input(other, field)?;
-            out.push(input, field.to_string());
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Err(self.wrong_type("a number"))
         }
-    }
-    Ok(out)
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Err(self.wrong_type("a number"))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Err(self.wrong_type("a number"))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err(self.wrong_type("null"))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err(self.wrong_type("null"))
+        }
+    };
+}
+pub(crate) use scalars_are_wrong;
+
+/// A key of a JSON object: one of a fixed list, or another (as [`cut`] gives
+/// it, for messages).
+pub enum Key {
+    Known(usize),
+    Unknown(String),
 }
 
-/// Parses one input: a string (text) or an object with `text`, `image`,
-/// `instruction` and `role`.
-pub fn parse_input(v: Value, at: &str) -> Result<Input, ApiError> {
-    match v {
-        Value::String(text) => Ok(Input::text(text)),
-        Value::Object(map) => parse_input_object(map, at),
-        other => Err(ApiError::bad_request(format!(
-            "{at}: expected a string or an object with \"text\" and/or \"image\", found {}",
-            type_name(&other)
-        ))),
+/// Reads an object key against `known` without copying long keys.
+pub struct KeySeed(pub &'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(self)
     }
 }
 
-fn parse_input_object(map: Map<String, Value>, at: &str) -> Result<Input, ApiError> {
-    let mut input = Input::default();
-    for (key, value) in map {
-        match key.as_str() {
-            "text" => input.text = optional_string(value, &format!("{at}.text"))?,
-            "instruction" => {
-                input.instruction = optional_string(value, &format!("{at}.instruction"))?
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Key;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+        Ok(match self.0.iter().position(|k| *k == v) {
+            Some(i) => Key::Known(i),
+            None => Key::Unknown(cut(v).into_owned()),
+        })
+    }
+}
+
+/// What an array (or a number) where one input is expected means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nested {
+    /// An error naming the input.
+    Plain,
+    /// `/v1/embeddings`: OpenAI token id arrays, which are not supported.
+    OpenAi,
+    /// `/score`'s query, which is one input.
+    Query,
+}
+
+/// Reads one input: a string (text) or an object with `text`, `image`,
+/// `instruction` and `role`, found at `at` (`inputs[2]`).
+#[derive(Clone, Copy)]
+pub struct InputSeed<'c, 'l> {
+    pub ctx: &'c ParseCtx<'l>,
+    pub at: &'c str,
+    pub nested: Nested,
+}
+
+const INPUT_KEYS: &[&str] = &["text", "image", "instruction", "role"];
+
+impl<'de> DeserializeSeed<'de> for InputSeed<'_, '_> {
+    type Value = Input;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Input, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl InputSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        let e = match (self.nested, found) {
+            (Nested::OpenAi, "a number" | "an array") => ApiError::bad_request(
+                "input: token id arrays are not supported; send strings or input objects",
+            ),
+            (Nested::Query, "an array") => ApiError::bad_request(
+                "query: expected one input (a string or an object), found an array",
+            ),
+            _ => ApiError::bad_request(format!(
+                "{}: expected a string or an object with \"text\" and/or \"image\", found {found}",
+                self.at
+            )),
+        };
+        self.ctx.fail(e)
+    }
+}
+
+fn built(input: Input) -> Input {
+    PARSED_INPUTS.fetch_add(1, Ordering::Relaxed);
+    input
+}
+
+impl<'de> Visitor<'de> for InputSeed<'_, '_> {
+    type Value = Input;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or an object with \"text\" and/or \"image\"")
+    }
+
+    scalars_are_wrong!();
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Input, E> {
+        let text =
+            check_text(self.ctx.limits, v, self.at, ".text").map_err(|e| self.ctx.fail(e))?;
+        Ok(built(Input::text(text)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<Input, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Input, A::Error> {
+        let (ctx, at) = (self.ctx, self.at);
+        let mut input = Input::default();
+        let mut seen = [false; INPUT_KEYS.len()];
+        while let Some(key) = map.next_key_seed(KeySeed(INPUT_KEYS))? {
+            let i = match key {
+                Key::Known(i) => i,
+                Key::Unknown(k) => {
+                    return Err(ctx.fail(ApiError::bad_request(format!(
+                        "{at}: unknown field \"{k}\"; an input has \"text\", \"image\", \"instruction\" and \"role\""
+                    ))))
+                }
+            };
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(ctx.fail(ApiError::bad_request(format!(
+                    "{at}: field \"{}\" is given more than once",
+                    INPUT_KEYS[i]
+                ))));
             }
-            "role" => {
-                if let Some(r) = optional_string(value, &format!("{at}.role"))? {
-                    input.role = parse_role(&r, &format!("{at}.role"))?;
+            match i {
+                0 => {
+                    input.text = map.next_value_seed(TextSeed {
+                        ctx,
+                        at,
+                        field: ".text",
+                    })?
+                }
+                1 => input.image = map.next_value_seed(ImageSeed { ctx, at })?,
+                2 => {
+                    input.instruction = map.next_value_seed(TextSeed {
+                        ctx,
+                        at,
+                        field: ".instruction",
+                    })?
+                }
+                _ => {
+                    if let Some(role) = map.next_value_seed(RoleSeed { ctx, at })? {
+                        input.role = role;
+                    }
                 }
             }
-            "image" => input.image = parse_image(value, &format!("{at}.image"))?,
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "{at}: unknown field {other:?}; an input has \"text\", \"image\", \"instruction\" and \"role\""
-                )))
-            }
         }
+        if input.text.is_none() && input.image.is_none() {
+            return Err(ctx.fail(ApiError::unprocessable(format!(
+                "{at}: empty input: give \"text\", \"image\" or both"
+            ))));
+        }
+        Ok(built(input))
     }
-    if input.text.is_none() && input.image.is_none() {
-        return Err(ApiError::unprocessable(format!(
-            "{at}: empty input: give \"text\", \"image\" or both"
-        )));
-    }
-    Ok(input)
 }
 
-fn optional_string(v: Value, at: &str) -> Result<Option<String>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s)),
-        other => Err(ApiError::bad_request(format!(
-            "{at}: expected a string, found {}",
-            type_name(&other)
-        ))),
+/// Checks a text against the character limit and copies it out.
+fn check_text(limits: &BodyLimits, s: &str, at: &str, field: &str) -> Result<String, ApiError> {
+    let max = limits.max_text_chars;
+    // A string has at most as many characters as bytes: most need no count.
+    if s.len() > max {
+        let n = s.chars().count();
+        if n > max {
+            return Err(ApiError::too_large(format!(
+                "{at}{field}: the text is {n} characters long, over the limit of {max} \
+                 characters (server.max_text_chars)"
+            )));
+        }
     }
+    Ok(s.to_owned())
+}
+
+/// A text field (`text`, `instruction`): a string or null.
+struct TextSeed<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    at: &'c str,
+    field: &'static str,
+}
+
+impl<'de> DeserializeSeed<'de> for TextSeed<'_, '_> {
+    type Value = Option<String>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl TextSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.ctx.fail(ApiError::bad_request(format!(
+            "{}{}: expected a string, found {found}",
+            self.at, self.field
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for TextSeed<'_, '_> {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        check_text(self.ctx.limits, v, self.at, self.field)
+            .map(Some)
+            .map_err(|e| self.ctx.fail(e))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an object"))
+    }
+}
+
+/// An input's `role`: a string or null.
+struct RoleSeed<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    at: &'c str,
+}
+
+impl<'de> DeserializeSeed<'de> for RoleSeed<'_, '_> {
+    type Value = Option<Role>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl RoleSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.ctx.fail(ApiError::bad_request(format!(
+            "{}.role: expected a string, found {found}",
+            self.at
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for RoleSeed<'_, '_> {
+    type Value = Option<Role>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("\"query\" or \"candidate\"")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        parse_role(v, &format!("{}.role", self.at))
+            .map(Some)
+            .map_err(|e| self.ctx.fail(e))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an object"))
+    }
+}
+
+/// An input's `image`: base64, a data URL, `{"url": ...}` (refused) or null.
+struct ImageSeed<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    at: &'c str,
+}
+
+impl<'de> DeserializeSeed<'de> for ImageSeed<'_, '_> {
+    type Value = Option<Vec<u8>>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl ImageSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.ctx.fail(ApiError::bad_request(format!(
+            "{}.image: expected a base64 string, a data URL or {{\"url\": ...}}, found {found}",
+            self.at
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
+    type Value = Option<Vec<u8>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a base64 string, a data URL or {\"url\": ...}")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a number"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let at = format!("{}.image", self.at);
+        decode_image_string(v, &at, self.ctx.limits.max_image_bytes)
+            .map(Some)
+            .map_err(|e| self.ctx.fail(e))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let at = format!("{}.image", self.at);
+        let mut url: Option<Result<(), &'static str>> = None;
+        while let Some(key) = map.next_key_seed(KeySeed(&["url"]))? {
+            match key {
+                Key::Known(_) if url.is_none() => url = Some(map.next_value_seed(UrlSeed)?),
+                Key::Known(_) => {
+                    return Err(self.ctx.fail(ApiError::bad_request(format!(
+                        "{at}: field \"url\" is given more than once"
+                    ))))
+                }
+                Key::Unknown(k) => {
+                    return Err(self.ctx.fail(ApiError::bad_request(format!(
+                        "{at}: unknown field \"{k}\"; an image object is {{\"url\": \"...\"}}"
+                    ))))
+                }
+            }
+        }
+        let e = match url {
+            Some(Ok(())) => url_refused(&at),
+            Some(Err(found)) => {
+                ApiError::bad_request(format!("{at}.url: expected a string, found {found}"))
+            }
+            None => ApiError::bad_request(format!("{at}: an image object needs \"url\"")),
+        };
+        Err(self.ctx.fail(e))
+    }
+}
+
+/// An image object's `url`: whether it is a string (its value is not kept:
+/// URLs are not fetched), or the type found instead.
+struct UrlSeed;
+
+impl<'de> DeserializeSeed<'de> for UrlSeed {
+    type Value = Result<(), &'static str>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UrlSeed {
+    type Value = Result<(), &'static str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a URL")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err("a number"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Err("null"))
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Err("null"))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Ok(()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Err("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Err("an object"))
+    }
+}
+
+/// Where a list of inputs may also be one input, and what else it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListShape {
+    /// `<input> | [<input>, ...]` (`/embed` inputs).
+    OneOrMany,
+    /// `/v1/embeddings` input: like `OneOrMany`, with OpenAI's messages.
+    OpenAi,
+    /// An array only (`/score` candidates).
+    ArrayOnly,
+}
+
+/// Reads a list of inputs found at `field`, stopping at the first one past
+/// `max` (413) without reading it.
+pub struct ListSeed<'c, 'l> {
+    pub ctx: &'c ParseCtx<'l>,
+    pub field: &'c str,
+    pub shape: ListShape,
+    /// Most items in this list.
+    pub max: usize,
+    /// What an item is called in the limit's message ("inputs", "candidates").
+    pub noun: &'static str,
+}
+
+impl<'de> DeserializeSeed<'de> for ListSeed<'_, '_> {
+    type Value = Labeled;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Labeled, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'c, 'l> ListSeed<'c, 'l> {
+    fn single(&self) -> InputSeed<'c, 'l> {
+        InputSeed {
+            ctx: self.ctx,
+            at: self.field,
+            nested: Nested::Plain,
+        }
+    }
+
+    fn one(&self, input: Input) -> Labeled {
+        let mut l = Labeled::default();
+        l.push(input, self.field.to_string());
+        l
+    }
+
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        let field = self.field;
+        match self.shape {
+            ListShape::OneOrMany => self.single().wrong_type(found),
+            ListShape::OpenAi => self.ctx.fail(ApiError::bad_request(format!(
+                "{field}: expected a string or an array of strings or inputs, found {found}"
+            ))),
+            ListShape::ArrayOnly => self.ctx.fail(ApiError::bad_request(format!(
+                "{field}: expected an array of inputs, found {found}"
+            ))),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for ListSeed<'_, '_> {
+    type Value = Labeled;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an input or an array of inputs")
+    }
+
+    scalars_are_wrong!();
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Labeled, E> {
+        if self.shape == ListShape::ArrayOnly {
+            return Err(self.wrong_type("a string"));
+        }
+        self.single().visit_str(v).map(|i| self.one(i))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Labeled, A::Error> {
+        if self.shape == ListShape::ArrayOnly {
+            return Err(self.wrong_type("an object"));
+        }
+        self.single().visit_map(map).map(|i| self.one(i))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Labeled, A::Error> {
+        let nested = match self.shape {
+            ListShape::OpenAi => Nested::OpenAi,
+            _ => Nested::Plain,
+        };
+        let mut out = Labeled::default();
+        loop {
+            if out.len() >= self.max {
+                // One more item, skipped without being built, is one too many.
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    return Err(self.ctx.fail(ApiError::too_large(format!(
+                        "{}: more than {} {}, over the limit of {} inputs per request \
+                         (server.max_inputs_per_request)",
+                        self.field, self.max, self.noun, self.ctx.limits.max_inputs
+                    ))));
+                }
+                break;
+            }
+            let at = format!("{}[{}]", self.field, out.len());
+            let seed = InputSeed {
+                ctx: self.ctx,
+                at: &at,
+                nested,
+            };
+            match seq.next_element_seed(seed)? {
+                Some(input) => out.push(input, at),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Parses `<input> | [<input>, ...]` given as a JSON value at `field`,
+/// without limits (the body parsers read the same shapes from bytes).
+pub fn parse_input_list(v: Value, field: &str) -> Result<Labeled, ApiError> {
+    let ctx = ParseCtx::new(&BodyLimits::NONE);
+    let seed = ListSeed {
+        ctx: &ctx,
+        field,
+        shape: ListShape::OneOrMany,
+        max: usize::MAX,
+        noun: "inputs",
+    };
+    seed.deserialize(v).map_err(|e| value_error(&ctx, e))
+}
+
+/// Parses one input given as a JSON value found at `at`, without limits.
+pub fn parse_input(v: Value, at: &str) -> Result<Input, ApiError> {
+    let ctx = ParseCtx::new(&BodyLimits::NONE);
+    let seed = InputSeed {
+        ctx: &ctx,
+        at,
+        nested: Nested::Plain,
+    };
+    seed.deserialize(v).map_err(|e| value_error(&ctx, e))
+}
+
+fn value_error(ctx: &ParseCtx, e: serde_json::Error) -> ApiError {
+    ctx.take_failure()
+        .unwrap_or_else(|| ApiError::bad_request(format!("invalid input: {e}")))
 }
 
 /// Parses a role name (`query` or `candidate`).
 pub fn parse_role(s: &str, at: &str) -> Result<Role, ApiError> {
-    s.parse::<Role>()
-        .map_err(|e| ApiError::bad_request(format!("{at}: {e}")))
+    s.parse::<Role>().map_err(|_| {
+        ApiError::bad_request(format!(
+            "{at}: unknown role {}: expected \"query\" or \"candidate\"",
+            quote(s)
+        ))
+    })
 }
 
 /// The message for an image URL, which this server does not fetch.
@@ -152,36 +751,9 @@ pub fn url_refused(at: &str) -> ApiError {
     ))
 }
 
-fn parse_image(v: Value, at: &str) -> Result<Option<Vec<u8>>, ApiError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s) => decode_image_string(&s, at).map(Some),
-        Value::Object(map) => {
-            if let Some(k) = map.keys().find(|k| k.as_str() != "url") {
-                return Err(ApiError::bad_request(format!(
-                    "{at}: unknown field {k:?}; an image object is {{\"url\": \"...\"}}"
-                )));
-            }
-            match map.get("url") {
-                Some(Value::String(_)) => Err(url_refused(at)),
-                Some(other) => Err(ApiError::bad_request(format!(
-                    "{at}.url: expected a string, found {}",
-                    type_name(other)
-                ))),
-                None => Err(ApiError::bad_request(format!(
-                    "{at}: an image object needs \"url\""
-                ))),
-            }
-        }
-        other => Err(ApiError::bad_request(format!(
-            "{at}: expected a base64 string, a data URL or {{\"url\": ...}}, found {}",
-            type_name(&other)
-        ))),
-    }
-}
-
-/// Decodes an image given as base64 or as a `data:...;base64,` URL.
-pub fn decode_image_string(s: &str, at: &str) -> Result<Vec<u8>, ApiError> {
+/// Decodes an image given as base64 or as a `data:...;base64,` URL, refusing
+/// (413) one over `max_bytes` before decoding it.
+pub fn decode_image_string(s: &str, at: &str, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
     let s = s.trim();
     let lower_start = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     if lower_start.starts_with("http://") || lower_start.starts_with("https:/") {
@@ -205,8 +777,25 @@ pub fn decode_image_string(s: &str, at: &str) -> Result<Vec<u8>, ApiError> {
     if payload.is_empty() {
         return Err(ApiError::unprocessable(format!("{at}: the image is empty")));
     }
-    decode_base64(payload)
-        .map_err(|e| ApiError::unprocessable(format!("{at}: not valid base64 ({e})")))
+    let too_large = |bytes: usize, about: &str| {
+        ApiError::too_large(format!(
+            "{at}: the image is {about}{bytes} bytes, over the limit of {max_bytes} bytes \
+             (server.max_image_bytes)"
+        ))
+    };
+    // Every 4 base64 characters (whitespace aside) give 3 bytes, padding
+    // included: this bounds the decoded size from above by at most 2 bytes.
+    let chars = payload.bytes().filter(|b| !b.is_ascii_whitespace()).count();
+    let estimate = chars / 4 * 3 + (chars % 4).saturating_sub(1);
+    if estimate > max_bytes.saturating_add(2) {
+        return Err(too_large(estimate, "about "));
+    }
+    let bytes = decode_base64(payload)
+        .map_err(|e| ApiError::unprocessable(format!("{at}: not valid base64 ({e})")))?;
+    if bytes.len() > max_bytes {
+        return Err(too_large(bytes.len(), ""));
+    }
+    Ok(bytes)
 }
 
 fn decode_base64(payload: &str) -> Result<Vec<u8>, base64::DecodeError> {
@@ -263,12 +852,12 @@ mod tests {
         let raw = vec![0u8, 255, 1, 2, 250, 251];
         let std = base64::engine::general_purpose::STANDARD.encode(&raw);
         let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
-        assert_eq!(decode_image_string(&std, "i").unwrap(), raw);
-        assert_eq!(decode_image_string(&url, "i").unwrap(), raw);
+        assert_eq!(decode_image_string(&std, "i", usize::MAX).unwrap(), raw);
+        assert_eq!(decode_image_string(&url, "i", usize::MAX).unwrap(), raw);
         let wrapped = format!("{}\n{}", &std[..4], &std[4..]);
-        assert_eq!(decode_image_string(&wrapped, "i").unwrap(), raw);
+        assert_eq!(decode_image_string(&wrapped, "i", usize::MAX).unwrap(), raw);
         let data = format!("data:image/png;base64,{std}");
-        assert_eq!(decode_image_string(&data, "i").unwrap(), raw);
+        assert_eq!(decode_image_string(&data, "i", usize::MAX).unwrap(), raw);
     }
 
     #[test]

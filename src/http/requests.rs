@@ -2,16 +2,23 @@
 //! multipart, validated into plain values ([`Input`]s with labels and
 //! options).
 //!
-//! Owns field names, defaults and the multipart pairing rule of API.md. It
-//! does not resolve models, count limits against the configuration or embed
-//! anything (see [`super::handlers`]).
+//! Owns field names, defaults and the multipart pairing rule of API.md. JSON
+//! bodies are read by streaming visitors (see [`super::inputs`]) that check
+//! the [`BodyLimits`] as they go, so a body over a limit is refused without
+//! building what lies past it. It does not resolve models or embed anything
+//! (see [`super::handlers`]).
 
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::Value;
 
-use super::body::{decode_json, part_bool, part_text, Part};
-use super::error::ApiError;
-use super::inputs::{parse_input, parse_input_list, parse_role, type_name, Labeled};
+use super::body::{decode_seed, part_bool, part_text, JsonBody, Part};
+use super::error::{quote, ApiError};
+use super::inputs::{
+    parse_role, scalars_are_wrong, BodyLimits, InputSeed, Key, KeySeed, Labeled, ListSeed,
+    ListShape, Nested, ParseCtx,
+};
 use crate::input::{Input, Role};
 
 /// How embeddings are written in responses.
@@ -30,14 +37,11 @@ impl std::str::FromStr for EncodingFormat {
             "float" => Ok(EncodingFormat::Float),
             "base64" => Ok(EncodingFormat::Base64),
             other => Err(ApiError::bad_request(format!(
-                "encoding_format: expected \"float\" or \"base64\", found {other:?}"
+                "encoding_format: expected \"float\" or \"base64\", found {}",
+                quote(other)
             ))),
         }
     }
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// `POST /embed`.
@@ -50,31 +54,15 @@ pub struct EmbedRequest {
     pub encoding_format: EncodingFormat,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmbedJson {
-    #[serde(default)]
-    model: Option<String>,
-    inputs: Value,
-    #[serde(default = "yes")]
-    normalize: bool,
-    #[serde(default = "yes")]
-    truncate: bool,
-    #[serde(default)]
-    encoding_format: EncodingFormat,
-}
-
 impl EmbedRequest {
-    pub fn from_json(bytes: &[u8]) -> Result<Self, ApiError> {
-        let j: EmbedJson = decode_json(bytes)?;
-        let inputs = parse_input_list(j.inputs, "inputs")?;
-        Ok(EmbedRequest {
-            model: j.model,
-            inputs,
-            normalize: j.normalize,
-            truncate: j.truncate,
-            encoding_format: j.encoding_format,
-        })
+    /// Reads a JSON body under its limits.
+    pub fn from_json(body: &JsonBody) -> Result<Self, ApiError> {
+        Self::from_json_with(&body.bytes, &body.limits)
+    }
+
+    pub fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError> {
+        let ctx = ParseCtx::new(limits);
+        decode_seed(bytes, &ctx, Top(EmbedFields::new(&ctx)))
     }
 
     pub fn from_multipart(parts: Vec<Part>) -> Result<Self, ApiError> {
@@ -135,14 +123,16 @@ const SCORE_PARTS: &str =
 
 fn unknown_part(name: &str, known: &str) -> ApiError {
     ApiError::bad_request(format!(
-        "unknown multipart field {name:?}; expected one of: {known}"
+        "unknown multipart field {}; expected one of: {known}",
+        quote(name)
     ))
 }
 
 fn once(seen: &mut Vec<String>, name: &str) -> Result<(), ApiError> {
     if seen.iter().any(|s| s == name) {
         return Err(ApiError::bad_request(format!(
-            "multipart field {name:?} is given more than once"
+            "multipart field {} is given more than once",
+            quote(name)
         )));
     }
     seen.push(name.to_string());
@@ -188,49 +178,15 @@ pub struct ScoreRequest {
     pub top_k: Option<usize>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScoreJson {
-    #[serde(default)]
-    model: Option<String>,
-    query: Value,
-    candidates: Value,
-    #[serde(default)]
-    top_k: Option<usize>,
-}
-
 impl ScoreRequest {
-    pub fn from_json(bytes: &[u8]) -> Result<Self, ApiError> {
-        let j: ScoreJson = decode_json(bytes)?;
-        if j.query.is_array() {
-            return Err(ApiError::bad_request(
-                "query: expected one input (a string or an object), found an array",
-            ));
-        }
-        let mut query = parse_input(j.query, "query")?;
-        query.role = Role::Query;
-        let candidates = match j.candidates {
-            Value::Array(items) => items,
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "candidates: expected an array of inputs, found {}",
-                    type_name(&other)
-                )))
-            }
-        };
-        let mut inputs = Labeled::default();
-        inputs.push(query, "query".into());
-        for (i, c) in candidates.into_iter().enumerate() {
-            let at = format!("candidates[{i}]");
-            let mut input = parse_input(c, &at)?;
-            input.role = Role::Candidate;
-            inputs.push(input, at);
-        }
-        Ok(ScoreRequest {
-            model: j.model,
-            inputs,
-            top_k: j.top_k,
-        })
+    /// Reads a JSON body under its limits.
+    pub fn from_json(body: &JsonBody) -> Result<Self, ApiError> {
+        Self::from_json_with(&body.bytes, &body.limits)
+    }
+
+    pub fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError> {
+        let ctx = ParseCtx::new(limits);
+        decode_seed(bytes, &ctx, Top(ScoreFields::new(&ctx)))
     }
 
     pub fn from_multipart(parts: Vec<Part>) -> Result<Self, ApiError> {
@@ -256,7 +212,8 @@ impl ScoreRequest {
                     let t = part_text(&part)?;
                     top_k = Some(t.trim().parse::<usize>().map_err(|_| {
                         ApiError::bad_request(format!(
-                            "multipart field \"top_k\": expected a non-negative integer, found {t:?}"
+                            "multipart field \"top_k\": expected a non-negative integer, found {}",
+                            quote(&t)
                         ))
                     })?)
                 }
@@ -301,54 +258,441 @@ pub struct OpenAiRequest {
     pub dimensions: Option<usize>,
 }
 
-/// Unknown fields are accepted, as OpenAI clients may send more.
-#[derive(Deserialize)]
-struct OpenAiJson {
-    #[serde(default)]
-    model: Option<String>,
-    input: Value,
-    #[serde(default)]
-    encoding_format: Option<EncodingFormat>,
-    #[serde(default)]
-    dimensions: Option<usize>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    user: Option<String>,
+impl OpenAiRequest {
+    /// Reads a JSON body under its limits.
+    pub fn from_json(body: &JsonBody) -> Result<Self, ApiError> {
+        Self::from_json_with(&body.bytes, &body.limits)
+    }
+
+    pub fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError> {
+        let ctx = ParseCtx::new(limits);
+        decode_seed(bytes, &ctx, Top(OpenAiFields::new(&ctx)))
+    }
 }
 
-impl OpenAiRequest {
-    pub fn from_json(bytes: &[u8]) -> Result<Self, ApiError> {
-        let j: OpenAiJson = decode_json(bytes)?;
-        let token_arrays = || {
-            ApiError::bad_request(
-                "input: token id arrays are not supported; send strings or input objects",
-            )
-        };
-        let inputs = match j.input {
-            Value::Array(items) => {
-                if items.iter().any(|v| v.is_number() || v.is_array()) {
-                    return Err(token_arrays());
+// ---- JSON bodies: one streaming visitor per request object ----------------
+
+/// The fields of one request object, read one by one.
+trait Fields<'de>: Sized {
+    type Out;
+    const NAMES: &'static [&'static str];
+    /// Whether fields not in `NAMES` are skipped (else refused).
+    const LENIENT: bool = false;
+    fn ctx(&self) -> &ParseCtx<'_>;
+    /// Reads the value of field `NAMES[i]`.
+    fn field<A: MapAccess<'de>>(&mut self, i: usize, map: &mut A) -> Result<(), A::Error>;
+    fn finish<E: de::Error>(self) -> Result<Self::Out, E>;
+}
+
+/// Reads a request object through its [`Fields`].
+struct Top<F>(F);
+
+impl<'de, F: Fields<'de>> DeserializeSeed<'de> for Top<F> {
+    type Value = F::Out;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<F::Out, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: Fields<'de>> Top<F> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.0.ctx().fail(ApiError::bad_request(format!(
+            "invalid request body: expected a JSON object, found {found}"
+        )))
+    }
+}
+
+impl<'de, F: Fields<'de>> Visitor<'de> for Top<F> {
+    type Value = F::Out;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    scalars_are_wrong!();
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<F::Out, E> {
+        Err(self.wrong_type("a string"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<F::Out, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<F::Out, A::Error> {
+        let mut fields = self.0;
+        let mut seen = vec![false; F::NAMES.len()];
+        while let Some(key) = map.next_key_seed(KeySeed(F::NAMES))? {
+            match key {
+                Key::Known(i) => {
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(fields.ctx().fail(ApiError::bad_request(format!(
+                            "invalid request body: duplicate field `{}`",
+                            F::NAMES[i]
+                        ))));
+                    }
+                    fields.field(i, &mut map)?;
                 }
-                parse_input_list(Value::Array(items), "input")?
+                Key::Unknown(_) if F::LENIENT => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Key::Unknown(k) => {
+                    let expected = F::NAMES
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(fields.ctx().fail(ApiError::bad_request(format!(
+                        "invalid request body: unknown field `{k}`, expected one of {expected}"
+                    ))));
+                }
             }
-            Value::String(s) => {
-                let mut l = Labeled::default();
-                l.push(Input::text(s), "input".into());
-                l
-            }
-            Value::Object(_) => parse_input_list(j.input, "input")?,
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "input: expected a string or an array of strings or inputs, found {}",
-                    type_name(&other)
-                )))
-            }
+        }
+        fields.finish()
+    }
+}
+
+fn missing<E: de::Error>(ctx: &ParseCtx, name: &str) -> E {
+    ctx.fail(ApiError::bad_request(format!(
+        "invalid request body: missing field `{name}`"
+    )))
+}
+
+/// A scalar request field (`model`, `normalize`, `top_k`, ...), read with a
+/// message naming the field and never echoing more than a cut string.
+#[derive(Clone, Copy)]
+enum Scalar {
+    OptString,
+    Bool,
+    Format,
+    OptUsize,
+}
+
+enum ScalarValue {
+    None,
+    String(String),
+    Bool(bool),
+    Format(EncodingFormat),
+    Usize(usize),
+}
+
+struct ScalarSeed<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    name: &'static str,
+    kind: Scalar,
+}
+
+impl<'de> DeserializeSeed<'de> for ScalarSeed<'_, '_> {
+    type Value = ScalarValue;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<ScalarValue, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl ScalarSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        let expected = match self.kind {
+            Scalar::OptString => "a string",
+            Scalar::Bool => "true or false",
+            Scalar::Format => "\"float\" or \"base64\"",
+            Scalar::OptUsize => "a non-negative integer",
         };
-        Ok(OpenAiRequest {
-            model: j.model,
+        self.ctx.fail(ApiError::bad_request(format!(
+            "field {}: expected {expected}, found {found}",
+            self.name
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for ScalarSeed<'_, '_> {
+    type Value = ScalarValue;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "the value of {}", self.name)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<ScalarValue, E> {
+        match self.kind {
+            Scalar::Bool => Ok(ScalarValue::Bool(v)),
+            _ => Err(self.wrong_type("a boolean")),
+        }
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScalarValue, E> {
+        match (self.kind, usize::try_from(v)) {
+            (Scalar::OptUsize, Ok(n)) => Ok(ScalarValue::Usize(n)),
+            _ => Err(self.wrong_type("a number")),
+        }
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<ScalarValue, E> {
+        Err(self.wrong_type("a negative number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<ScalarValue, E> {
+        Err(self.wrong_type("a number with a fraction"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<ScalarValue, E> {
+        match self.kind {
+            Scalar::OptString | Scalar::OptUsize => Ok(ScalarValue::None),
+            _ => Err(self.wrong_type("null")),
+        }
+    }
+    fn visit_none<E: de::Error>(self) -> Result<ScalarValue, E> {
+        self.visit_unit()
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarValue, E> {
+        match self.kind {
+            Scalar::OptString => Ok(ScalarValue::String(v.to_owned())),
+            Scalar::Format => v
+                .parse()
+                .map(ScalarValue::Format)
+                .map_err(|e| self.ctx.fail(e)),
+            _ => Err(self.wrong_type(&format!("the string {}", quote(v)))),
+        }
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<ScalarValue, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<ScalarValue, A::Error> {
+        Err(self.wrong_type("an object"))
+    }
+}
+
+fn scalar<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+    kind: Scalar,
+) -> Result<ScalarValue, A::Error> {
+    map.next_value_seed(ScalarSeed { ctx, name, kind })
+}
+
+fn opt_string<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<Option<String>, A::Error> {
+    Ok(match scalar(ctx, map, name, Scalar::OptString)? {
+        ScalarValue::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn boolean<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<bool, A::Error> {
+    Ok(matches!(
+        scalar(ctx, map, name, Scalar::Bool)?,
+        ScalarValue::Bool(true)
+    ))
+}
+
+fn format<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<EncodingFormat, A::Error> {
+    Ok(match scalar(ctx, map, name, Scalar::Format)? {
+        ScalarValue::Format(f) => f,
+        _ => EncodingFormat::default(),
+    })
+}
+
+fn opt_usize<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<Option<usize>, A::Error> {
+    Ok(match scalar(ctx, map, name, Scalar::OptUsize)? {
+        ScalarValue::Usize(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// `/embed`'s fields as they are read.
+struct EmbedFields<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    model: Option<String>,
+    inputs: Option<Labeled>,
+    normalize: Option<bool>,
+    truncate: Option<bool>,
+    encoding_format: Option<EncodingFormat>,
+}
+
+impl<'c, 'l> EmbedFields<'c, 'l> {
+    fn new(ctx: &'c ParseCtx<'l>) -> Self {
+        EmbedFields {
+            ctx,
+            model: None,
+            inputs: None,
+            normalize: None,
+            truncate: None,
+            encoding_format: None,
+        }
+    }
+}
+
+impl<'de> Fields<'de> for EmbedFields<'_, '_> {
+    type Out = EmbedRequest;
+    const NAMES: &'static [&'static str] = &[
+        "model",
+        "inputs",
+        "normalize",
+        "truncate",
+        "encoding_format",
+    ];
+    fn ctx(&self) -> &ParseCtx<'_> {
+        self.ctx
+    }
+    fn field<A: MapAccess<'de>>(&mut self, i: usize, map: &mut A) -> Result<(), A::Error> {
+        let ctx = self.ctx;
+        match i {
+            0 => self.model = opt_string(ctx, map, "model")?,
+            1 => {
+                self.inputs = Some(map.next_value_seed(ListSeed {
+                    ctx,
+                    field: "inputs",
+                    shape: ListShape::OneOrMany,
+                    max: ctx.limits.max_inputs,
+                    noun: "inputs",
+                })?)
+            }
+            2 => self.normalize = Some(boolean(ctx, map, "normalize")?),
+            3 => self.truncate = Some(boolean(ctx, map, "truncate")?),
+            _ => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
+        }
+        Ok(())
+    }
+    fn finish<E: de::Error>(self) -> Result<EmbedRequest, E> {
+        Ok(EmbedRequest {
+            model: self.model,
+            inputs: self.inputs.ok_or_else(|| missing(self.ctx, "inputs"))?,
+            normalize: self.normalize.unwrap_or(true),
+            truncate: self.truncate.unwrap_or(true),
+            encoding_format: self.encoding_format.unwrap_or_default(),
+        })
+    }
+}
+
+/// `/score`'s fields as they are read.
+struct ScoreFields<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    model: Option<String>,
+    query: Option<Input>,
+    candidates: Option<Labeled>,
+    top_k: Option<usize>,
+}
+
+impl<'c, 'l> ScoreFields<'c, 'l> {
+    fn new(ctx: &'c ParseCtx<'l>) -> Self {
+        ScoreFields {
+            ctx,
+            model: None,
+            query: None,
+            candidates: None,
+            top_k: None,
+        }
+    }
+}
+
+impl<'de> Fields<'de> for ScoreFields<'_, '_> {
+    type Out = ScoreRequest;
+    const NAMES: &'static [&'static str] = &["model", "query", "candidates", "top_k"];
+    fn ctx(&self) -> &ParseCtx<'_> {
+        self.ctx
+    }
+    fn field<A: MapAccess<'de>>(&mut self, i: usize, map: &mut A) -> Result<(), A::Error> {
+        let ctx = self.ctx;
+        match i {
+            0 => self.model = opt_string(ctx, map, "model")?,
+            1 => {
+                self.query = Some(map.next_value_seed(InputSeed {
+                    ctx,
+                    at: "query",
+                    nested: Nested::Query,
+                })?)
+            }
+            2 => {
+                // The query is one of the request's inputs.
+                let max = ctx.limits.max_inputs.saturating_sub(1);
+                self.candidates = Some(map.next_value_seed(ListSeed {
+                    ctx,
+                    field: "candidates",
+                    shape: ListShape::ArrayOnly,
+                    max,
+                    noun: "candidates",
+                })?)
+            }
+            _ => self.top_k = opt_usize(ctx, map, "top_k")?,
+        }
+        Ok(())
+    }
+    fn finish<E: de::Error>(self) -> Result<ScoreRequest, E> {
+        let mut query = self.query.ok_or_else(|| missing(self.ctx, "query"))?;
+        let candidates = self
+            .candidates
+            .ok_or_else(|| missing(self.ctx, "candidates"))?;
+        query.role = Role::Query;
+        let mut inputs = Labeled::default();
+        inputs.push(query, "query".into());
+        for (mut c, at) in candidates.inputs.into_iter().zip(candidates.labels) {
+            c.role = Role::Candidate;
+            inputs.push(c, at);
+        }
+        Ok(ScoreRequest {
+            model: self.model,
             inputs,
-            encoding_format: j.encoding_format.unwrap_or_default(),
-            dimensions: j.dimensions,
+            top_k: self.top_k,
+        })
+    }
+}
+
+/// `/v1/embeddings`' fields as they are read. Unknown fields are skipped, as
+/// OpenAI clients may send more (`user`, ...).
+struct OpenAiFields<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+    model: Option<String>,
+    input: Option<Labeled>,
+    encoding_format: Option<EncodingFormat>,
+    dimensions: Option<usize>,
+}
+
+impl<'c, 'l> OpenAiFields<'c, 'l> {
+    fn new(ctx: &'c ParseCtx<'l>) -> Self {
+        OpenAiFields {
+            ctx,
+            model: None,
+            input: None,
+            encoding_format: None,
+            dimensions: None,
+        }
+    }
+}
+
+impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
+    type Out = OpenAiRequest;
+    const NAMES: &'static [&'static str] = &["model", "input", "encoding_format", "dimensions"];
+    const LENIENT: bool = true;
+    fn ctx(&self) -> &ParseCtx<'_> {
+        self.ctx
+    }
+    fn field<A: MapAccess<'de>>(&mut self, i: usize, map: &mut A) -> Result<(), A::Error> {
+        let ctx = self.ctx;
+        match i {
+            0 => self.model = opt_string(ctx, map, "model")?,
+            1 => {
+                self.input = Some(map.next_value_seed(ListSeed {
+                    ctx,
+                    field: "input",
+                    shape: ListShape::OpenAi,
+                    max: ctx.limits.max_inputs,
+                    noun: "inputs",
+                })?)
+            }
+            2 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
+            _ => self.dimensions = opt_usize(ctx, map, "dimensions")?,
+        }
+        Ok(())
+    }
+    fn finish<E: de::Error>(self) -> Result<OpenAiRequest, E> {
+        Ok(OpenAiRequest {
+            model: self.model,
+            inputs: self.input.ok_or_else(|| missing(self.ctx, "input"))?,
+            encoding_format: self.encoding_format.unwrap_or_default(),
+            dimensions: self.dimensions,
         })
     }
 }
@@ -356,7 +700,196 @@ impl OpenAiRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::inputs::parsed_inputs;
     use axum::body::Bytes;
+    use std::time::Instant;
+
+    fn embed(b: &[u8]) -> Result<EmbedRequest, ApiError> {
+        EmbedRequest::from_json_with(b, &BodyLimits::NONE)
+    }
+
+    fn score(b: &[u8]) -> Result<ScoreRequest, ApiError> {
+        ScoreRequest::from_json_with(b, &BodyLimits::NONE)
+    }
+
+    fn openai(b: &[u8]) -> Result<OpenAiRequest, ApiError> {
+        OpenAiRequest::from_json_with(b, &BodyLimits::NONE)
+    }
+
+    const LIMITS: BodyLimits = BodyLimits {
+        max_inputs: 256,
+        max_text_chars: 1000,
+        max_image_bytes: 3000,
+    };
+
+    #[test]
+    fn an_array_over_the_input_limit_stops_at_the_limit() {
+        // 16 MiB of empty strings: 5.6 M items.
+        let mut body = b"{\"inputs\": [".to_vec();
+        while body.len() < 16 << 20 {
+            body.extend_from_slice(b"\"\",");
+        }
+        body.extend_from_slice(b"\"\"]}");
+        let before = parsed_inputs();
+        let start = Instant::now();
+        let e = EmbedRequest::from_json_with(&body, &LIMITS).unwrap_err();
+        let built = parsed_inputs() - before;
+        assert_eq!(e.status.as_u16(), 413, "{}", e.message);
+        assert!(
+            e.message
+                .contains("inputs: more than 256 inputs, over the limit of 256 inputs per request"),
+            "{}",
+            e.message
+        );
+        // Only the first 256 were built (other tests may build a few meanwhile).
+        assert!(built < 2_000, "{built} inputs built");
+        assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+        // The same through /score (the query counts) and /v1/embeddings.
+        let mut body = b"{\"query\": \"q\", \"candidates\": [".to_vec();
+        body.extend(std::iter::repeat_n(&b"\"c\","[..], 300).flatten());
+        body.extend_from_slice(b"\"c\"]}");
+        let e = ScoreRequest::from_json_with(&body, &LIMITS).unwrap_err();
+        assert_eq!(e.status.as_u16(), 413);
+        assert!(
+            e.message.contains("more than 255 candidates"),
+            "{}",
+            e.message
+        );
+        let mut body = b"{\"input\": [".to_vec();
+        body.extend(std::iter::repeat_n(&b"\"c\","[..], 300).flatten());
+        body.extend_from_slice(b"\"c\"]}");
+        let e = OpenAiRequest::from_json_with(&body, &LIMITS).unwrap_err();
+        assert_eq!(e.status.as_u16(), 413);
+        // Exactly at the limit is fine.
+        let items = vec!["\"a\""; 256].join(",");
+        let r =
+            EmbedRequest::from_json_with(format!("{{\"inputs\": [{items}]}}").as_bytes(), &LIMITS);
+        assert_eq!(r.unwrap().inputs.len(), 256);
+    }
+
+    #[test]
+    fn texts_and_images_are_measured_while_read() {
+        let long = "é".repeat(1001);
+        for body in [
+            serde_json::json!({"inputs": [long]}),
+            serde_json::json!({"inputs": [{"text": long}]}),
+            serde_json::json!({"inputs": [{"text": "a", "instruction": long}]}),
+            serde_json::json!({"input": long}),
+        ] {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let e = if body.get("input").is_some() {
+                OpenAiRequest::from_json_with(&bytes, &LIMITS).unwrap_err()
+            } else {
+                EmbedRequest::from_json_with(&bytes, &LIMITS).unwrap_err()
+            };
+            assert_eq!(e.status.as_u16(), 413, "{}", e.message);
+            assert!(
+                e.message.contains("1001 characters long, over the limit of 1000 characters (server.max_text_chars)"),
+                "{}",
+                e.message
+            );
+        }
+        // 1000 characters of 2 bytes each are within the limit.
+        let ok = serde_json::to_vec(&serde_json::json!({"inputs": ["é".repeat(1000)]})).unwrap();
+        assert!(EmbedRequest::from_json_with(&ok, &LIMITS).is_ok());
+        let b64 = |n: usize| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(vec![7u8; n])
+        };
+        let big =
+            serde_json::to_vec(&serde_json::json!({"inputs": [{"image": b64(3001)}]})).unwrap();
+        let e = EmbedRequest::from_json_with(&big, &LIMITS).unwrap_err();
+        assert_eq!(e.status.as_u16(), 413);
+        assert!(
+            e.message.contains("inputs[0].image: the image is"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("server.max_image_bytes"),
+            "{}",
+            e.message
+        );
+        let ok =
+            serde_json::to_vec(&serde_json::json!({"inputs": [{"image": b64(3000)}]})).unwrap();
+        assert!(EmbedRequest::from_json_with(&ok, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn messages_never_echo_bulk_input() {
+        let huge = "x".repeat(4 << 20);
+        let cases = [
+            serde_json::json!({"inputs": "a", "encoding_format": huge}),
+            serde_json::json!({"inputs": "a", "normalize": huge}),
+            serde_json::json!({"inputs": [{"text": "a", "role": huge}]}),
+            serde_json::json!({"inputs": [{"text": "a", huge.clone(): 1}]}),
+            serde_json::json!({"inputs": "a", huge.clone(): 1}),
+            serde_json::json!({"inputs": [{"image": {huge.clone(): 1}}]}),
+        ];
+        for body in cases {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let e = embed(&bytes).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400);
+            assert!(e.message.len() < 400, "{} bytes", e.message.len());
+            assert!(
+                e.message.contains("(cut, 4194304 bytes in all)"),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_and_wrongly_typed_fields_are_named() {
+        let e = embed(br#"{"inputs": "a", "inputs": "b"}"#).unwrap_err();
+        assert!(
+            e.message.contains("duplicate field `inputs`"),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"{"inputs": [{"text": "a", "text": "b"}]}"#).unwrap_err();
+        assert!(
+            e.message
+                .contains("inputs[0]: field \"text\" is given more than once"),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"[1]"#).unwrap_err();
+        assert!(
+            e.message.contains("expected a JSON object, found an array"),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"{"normalize": true}"#).unwrap_err();
+        assert!(
+            e.message.contains("missing field `inputs`"),
+            "{}",
+            e.message
+        );
+        let e = score(br#"{"query": "a", "candidates": ["b"], "top_k": -1}"#).unwrap_err();
+        assert!(
+            e.message
+                .contains("field top_k: expected a non-negative integer"),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"{"inputs": [{"image": {"url": 5}}]}"#).unwrap_err();
+        assert!(
+            e.message
+                .contains("inputs[0].image.url: expected a string, found a number"),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"{"inputs": [["a"]]}"#).unwrap_err();
+        assert!(
+            e.message
+                .contains("inputs[0]: expected a string or an object"),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"{"inputs": ["a"] "#).unwrap_err();
+        assert!(e.message.starts_with("malformed JSON"), "{}", e.message);
+    }
 
     fn part(name: &str, data: &[u8]) -> Part {
         Part {
@@ -368,16 +901,15 @@ mod tests {
 
     #[test]
     fn embed_json_defaults() {
-        let r = EmbedRequest::from_json(br#"{"inputs": ["a", "b"]}"#).unwrap();
+        let r = embed(br#"{"inputs": ["a", "b"]}"#).unwrap();
         assert!(r.normalize && r.truncate && r.model.is_none());
         assert_eq!(r.encoding_format, EncodingFormat::Float);
         assert_eq!(r.inputs.len(), 2);
-        let e =
-            EmbedRequest::from_json(br#"{"inputs": "a", "encoding_format": "hex"}"#).unwrap_err();
+        let e = embed(br#"{"inputs": "a", "encoding_format": "hex"}"#).unwrap_err();
         assert!(e.message.contains("encoding_format"), "{}", e.message);
-        let e = EmbedRequest::from_json(br#"{"inputs": "a", "normalize": "yes"}"#).unwrap_err();
+        let e = embed(br#"{"inputs": "a", "normalize": "yes"}"#).unwrap_err();
         assert!(e.message.contains("field normalize"), "{}", e.message);
-        let e = EmbedRequest::from_json(br#"{"input": "a"}"#).unwrap_err();
+        let e = embed(br#"{"input": "a"}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
     }
 
@@ -420,7 +952,7 @@ mod tests {
 
     #[test]
     fn score_sets_roles_and_checks_shapes() {
-        let r = ScoreRequest::from_json(
+        let r = score(
             br#"{"query": {"text": "q", "role": "candidate"}, "candidates": ["a", {"text": "b", "role": "query"}], "top_k": 1}"#,
         )
         .unwrap();
@@ -431,9 +963,9 @@ mod tests {
             vec!["query", "candidates[0]", "candidates[1]"]
         );
         assert_eq!(r.top_k, Some(1));
-        let e = ScoreRequest::from_json(br#"{"query": ["a"], "candidates": ["b"]}"#).unwrap_err();
+        let e = score(br#"{"query": ["a"], "candidates": ["b"]}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
-        let e = ScoreRequest::from_json(br#"{"query": "a", "candidates": "b"}"#).unwrap_err();
+        let e = score(br#"{"query": "a", "candidates": "b"}"#).unwrap_err();
         assert!(e.message.contains("candidates"), "{}", e.message);
         let r = ScoreRequest::from_multipart(vec![
             part("query_text", b"q"),
@@ -448,14 +980,14 @@ mod tests {
 
     #[test]
     fn openai_inputs() {
-        let r = OpenAiRequest::from_json(br#"{"model": "m", "input": "hi", "encoding_format": "base64", "user": "u", "extra": 1}"#).unwrap();
+        let r = openai(br#"{"model": "m", "input": "hi", "encoding_format": "base64", "user": "u", "extra": 1}"#).unwrap();
         assert_eq!(r.inputs.labels, vec!["input"]);
         assert_eq!(r.encoding_format, EncodingFormat::Base64);
-        let r = OpenAiRequest::from_json(br#"{"input": ["a", {"text": "b"}]}"#).unwrap();
+        let r = openai(br#"{"input": ["a", {"text": "b"}]}"#).unwrap();
         assert_eq!(r.inputs.labels, vec!["input[0]", "input[1]"]);
-        let e = OpenAiRequest::from_json(br#"{"input": [[1, 2]]}"#).unwrap_err();
+        let e = openai(br#"{"input": [[1, 2]]}"#).unwrap_err();
         assert!(e.message.contains("token id arrays"));
-        let e = OpenAiRequest::from_json(br#"{"input": 5}"#).unwrap_err();
+        let e = openai(br#"{"input": 5}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
     }
 }

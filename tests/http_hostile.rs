@@ -1,0 +1,257 @@
+//! Hostile requests against a real server (issue 9's table, the rows about
+//! bodies, texts, error messages and bad inputs): each gets its status, and
+//! the work it caused is bounded, checked through the server's own counters
+//! (inputs built by the body parser, preprocessing jobs run) and loose time
+//! bounds. Every input is generated here.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::multipart::{Form, Part};
+use serde_json::json;
+use tokio::sync::Mutex;
+use vlembed::app::Hooks;
+use vlembed::http::inputs::parsed_inputs;
+
+/// The tests read process-wide counters: one at a time.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const IMAGE_JOBS: &str =
+    "vlembed_preprocess_duration_seconds_count{modality=\"image\",model=\"clip-tiny\"}";
+
+async fn image_jobs(s: &TestServer) -> f64 {
+    metric(&s.metrics().await, IMAGE_JOBS).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_body_of_millions_of_inputs_is_refused_at_the_limit() {
+    let _serial = SERIAL.lock().await;
+    let s = TestServer::ready(config(), Hooks::default()).await;
+    // 16 MiB of "" items: 5.6 M inputs in the old parser's hands.
+    let mut body = b"{\"inputs\": [".to_vec();
+    while body.len() < (16 << 20) - 16 {
+        body.extend_from_slice(b"\"\",");
+    }
+    body.extend_from_slice(b"\"\"]}");
+    let before = parsed_inputs();
+    let start = Instant::now();
+    let r = s
+        .post_raw("/embed", Some("application/json"), body.clone())
+        .await;
+    let elapsed = start.elapsed();
+    let built = parsed_inputs() - before;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message()
+            .contains("inputs: more than 256 inputs, over the limit of 256"),
+        "{}",
+        r.text
+    );
+    assert!(built <= 256, "{built} inputs built for a refused request");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    // /v1/embeddings and /score read their lists the same way.
+    let before = parsed_inputs();
+    let r = s
+        .post_raw(
+            "/v1/embeddings",
+            Some("application/json"),
+            [b"{\"input\": [".as_slice(), &body[12..]].concat(),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(parsed_inputs() - before <= 256);
+    // (7 items fewer, to stay under the body limit)
+    let candidates = [
+        b"{\"query\": \"q\", \"candidates\": [".as_slice(),
+        &body[12 + 7 * 3..],
+    ]
+    .concat();
+    let r = s
+        .post_raw("/score", Some("application/json"), candidates)
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message().contains("more than 255 candidates"),
+        "{}",
+        r.text
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn huge_texts_are_refused_or_cut_before_tokenising() {
+    let _serial = SERIAL.lock().await;
+    let s = TestServer::ready(config(), Hooks::default()).await;
+    let text = "word ".repeat(3_000_000);
+    // Over max_text_chars (65536 by default): 413 before any tokenisation.
+    let start = Instant::now();
+    let r = s.post_json("/embed", &json!({"inputs": [text]})).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message().contains(
+            "inputs[0].text: the text is 15000000 characters long, over the limit of 65536 characters (server.max_text_chars)"
+        ),
+        "{}",
+        r.text
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    s.stop().await;
+
+    // With the limit raised, truncate=true keeps 77 tokens from a cut prefix
+    // (seconds of tokenising before: now bounded by the prefix).
+    let mut c = config();
+    c.server.max_text_chars = 16 << 20;
+    let s = TestServer::ready(c, Hooks::default()).await;
+    let start = Instant::now();
+    let r = s.post_json("/embed", &json!({"inputs": [text]})).await;
+    let elapsed = start.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["usage"]["text_tokens"], 77);
+    let short = s
+        .post_json("/embed", &json!({"inputs": ["word ".repeat(100)]}))
+        .await;
+    assert_eq!(
+        floats(&r.body["embeddings"]),
+        floats(&short.body["embeddings"])
+    );
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    // truncate=false counts every token (bounded by max_text_chars) and says so.
+    let r = s
+        .post_json(
+            "/embed",
+            &json!({"inputs": ["word ".repeat(20_000)], "truncate": false}),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message().contains("20002 tokens long"),
+        "{}",
+        r.text
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn client_strings_are_cut_in_error_messages() {
+    let _serial = SERIAL.lock().await;
+    let s = TestServer::ready(config(), Hooks::default()).await;
+    let name = "m".repeat(4 << 20);
+    let r = s
+        .post_json("/embed", &json!({"inputs": "a", "model": name}))
+        .await;
+    assert_eq!(r.status, 404, "{}", &r.text[..r.text.len().min(300)]);
+    assert!(r.text.len() < 512, "{} bytes echoed", r.text.len());
+    assert!(r.error_message().contains("(cut, 4194304 bytes in all)"));
+    let r = s
+        .post_json("/embed", &json!({"inputs": [{"text": "a", "role": name}]}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.text.len() < 512, "{} bytes echoed", r.text.len());
+    // Multipart: a field that is neither text nor image is small.
+    let form = Form::new().text("model", name.clone()).text("text", "a");
+    let r = s.post_form("/embed", form).await;
+    assert_eq!(r.status, 413, "{}", &r.text[..r.text.len().min(300)]);
+    assert!(r.error_message().contains("\"model\""), "{}", r.text);
+    assert!(r.text.len() < 512);
+    let form = Form::new().text(name.clone(), "a");
+    let r = s.post_form("/embed", form).await;
+    assert!(r.status == 400 || r.status == 413, "{}", r.status);
+    assert!(r.text.len() < 512, "{} bytes echoed", r.text.len());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn multipart_limits_apply_while_parts_are_read() {
+    let _serial = SERIAL.lock().await;
+    let mut c = config();
+    c.server.max_inputs_per_request = 8;
+    c.server.max_text_chars = 100;
+    c.server.max_image_bytes = 50_000;
+    let s = TestServer::ready(c, Hooks::default()).await;
+    let mut form = Form::new();
+    for _ in 0..9 {
+        form = form.text("text", "a");
+    }
+    let r = s.post_form("/embed", form).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message().contains("more than 8 \"text\" parts"),
+        "{}",
+        r.text
+    );
+    let mut form = Form::new();
+    for _ in 0..40 {
+        form = form.text("role", "query");
+    }
+    let r = s.post_form("/embed", form).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message().contains("more than 32 parts"),
+        "{}",
+        r.text
+    );
+    let form = Form::new().text("text", "é".repeat(101));
+    let r = s.post_form("/embed", form).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(r.error_message().contains("server.max_text_chars"));
+    let form = Form::new().text("text", "é".repeat(100));
+    assert_eq!(s.post_form("/embed", form).await.status, 200);
+    let form = Form::new().part(
+        "candidate_image",
+        Part::bytes(vec![0u8; 50_001]).file_name("x.png"),
+    );
+    let r = s.post_form("/score", form).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(r.error_message().contains("server.max_image_bytes"));
+    // JSON: the same limits.
+    let r = s
+        .post_json(
+            "/embed",
+            &json!({"inputs": [{"image": b64(&[1u8; 50_001])}]}),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_stops_at_its_first_bad_image() {
+    let _serial = SERIAL.lock().await;
+    let c = config(); // two preprocessing threads
+    let s = TestServer::ready(c, Hooks::default()).await;
+    let bad = b64(b"\xff\xd8\xff\xe0 this is not a JPEG at all");
+    let good = b64(&image("rgb_225x223.png"));
+    // 256 bad images: only the first ones (as many as run at once) are tried.
+    let before = image_jobs(&s).await;
+    let inputs: Vec<_> = (0..256).map(|_| json!({"image": bad})).collect();
+    let r = s.post_json("/embed", &json!({"inputs": inputs})).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(
+        r.error_message().starts_with("inputs[0].image"),
+        "{}",
+        r.text
+    );
+    let tried = image_jobs(&s).await - before;
+    assert!(tried <= 4.0, "{tried} of 256 images were decoded");
+    // A bad image after good ones is named by its index.
+    let before = image_jobs(&s).await;
+    let mut inputs: Vec<_> = (0..3).map(|_| json!({"image": good})).collect();
+    inputs.extend((0..200).map(|_| json!({"image": bad})));
+    let r = s.post_json("/embed", &json!({"inputs": inputs})).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(
+        r.error_message().starts_with("inputs[3].image"),
+        "{}",
+        r.text
+    );
+    let tried = image_jobs(&s).await - before;
+    assert!(tried <= 7.0, "{tried} of 203 images were decoded");
+    // The server is fine afterwards.
+    let r = s
+        .post_json("/embed", &json!({"inputs": [{"image": good}]}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
