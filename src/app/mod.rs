@@ -7,6 +7,7 @@
 
 pub mod registry;
 pub mod server;
+pub mod summary;
 
 pub use registry::{ModelSlot, ModelStatus, Registry, ServedModel};
 pub use server::{start, Hooks, ServeError, ServerHandle, ShutdownTrigger};

@@ -117,7 +117,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     let loader_registry = Arc::clone(&registry);
     std::thread::Builder::new()
         .name("vlembed-loader".into())
-        .spawn(move || load_all(&loader_registry, &hooks, &pool, fatal_tx))
+        .spawn(move || load_all(&loader_registry, &hooks, &pool, fatal_tx, addr))
         .map_err(ServeError::Thread)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -224,6 +224,7 @@ fn load_all(
     hooks: &Hooks,
     pool: &PreprocessPool,
     fatal: oneshot::Sender<(String, String)>,
+    addr: SocketAddr,
 ) {
     for slot in registry.models() {
         if registry.is_shutting_down() {
@@ -254,6 +255,7 @@ fn load_all(
             }
         }
     }
+    tracing::info!(target: "vlembed::startup", "{}", super::summary::ready_line(registry, addr));
 }
 
 fn load_model(

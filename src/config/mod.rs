@@ -57,6 +57,16 @@ pub struct ServerConfig {
     pub retry_after_s: u64,
     pub shutdown_timeout_ms: u64,
     pub fetch_image_urls: bool,
+    /// Log one line per request (target `vlembed::access`).
+    pub access_log: bool,
+    /// Routes (as routed, e.g. "/health") left out of the access log.
+    pub access_log_exclude: Vec<String>,
+    /// Origins allowed by CORS; empty: CORS off; `["*"]`: any origin.
+    pub cors_allowed_origins: Vec<String>,
+    /// Serve the playground page at `/`.
+    pub playground: bool,
+    /// Serve the rendered API documentation at `/docs`.
+    pub docs: bool,
 }
 
 impl ServerConfig {
@@ -340,6 +350,15 @@ impl Config {
         }
         if s.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be at least 1"));
+        }
+        if s.cors_allowed_origins.iter().any(|o| o.trim().is_empty())
+            || (s.cors_allowed_origins.len() > 1 && s.cors_allowed_origins.iter().any(|o| o == "*"))
+        {
+            return Err(invalid(
+                "server.cors_allowed_origins",
+                "list origins such as \"https://app.example.com\", or [\"*\"] alone for any origin; \
+                 entries must not be empty",
+            ));
         }
         if s.fetch_image_urls {
             return Err(invalid(

@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::batching::trace::{self, RequestTrace};
 use crate::batching::{Item, ItemError, Queue};
 use crate::metrics::Metrics;
 use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
@@ -171,8 +172,30 @@ fn serve(queue: &Queue, replica: &dyn EmbeddingModel, metrics: &Metrics) -> Resu
         batch_size.observe(batch.len() as f64);
         let start = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| replica.embed(&refs)));
-        inference.observe(start.elapsed().as_secs_f64());
+        let took = start.elapsed();
+        inference.observe(took.as_secs_f64());
         drop(refs);
+        let traces: Vec<Arc<RequestTrace>> =
+            trace::distinct(batch.iter().filter_map(|i| i.trace.as_ref()))
+                .into_iter()
+                .cloned()
+                .collect();
+        for i in &batch {
+            if let Some(t) = &i.trace {
+                t.record_queue(start.saturating_duration_since(i.enqueued));
+            }
+        }
+        for t in &traces {
+            t.add_batch(took);
+        }
+        let request_ids: Vec<&str> = traces.iter().map(|t| t.id()).collect();
+        tracing::debug!(
+            model = %model,
+            size = batch.len(),
+            ms = took.as_secs_f64() * 1e3,
+            request_ids = ?request_ids,
+            "batch"
+        );
         match outcome {
             Ok(Ok(vectors)) if vectors.len() == batch.len() => {
                 for (item, v) in batch.into_iter().zip(vectors) {
@@ -185,16 +208,16 @@ fn serve(queue: &Queue, replica: &dyn EmbeddingModel, metrics: &Metrics) -> Resu
                     vectors.len(),
                     batch.len()
                 );
-                tracing::error!(model = %model, "{msg}");
+                tracing::error!(model = %model, request_ids = ?request_ids, "{msg}");
                 answer_all(batch, ItemError::BatchFailed(msg));
             }
             Ok(Err(e)) => {
-                tracing::error!(model = %model, error = %e, "batch failed");
+                tracing::error!(model = %model, request_ids = ?request_ids, error = %e, "batch failed");
                 answer_all(batch, ItemError::BatchFailed(e.to_string()));
             }
             Err(panic) => {
                 let msg = format!("the model panicked: {}", panic_message(panic.as_ref()));
-                tracing::error!(model = %model, "{msg}; this worker stops");
+                tracing::error!(model = %model, request_ids = ?request_ids, "{msg}; this worker stops");
                 answer_all(batch, ItemError::WorkerDied(msg.clone()));
                 return Err(msg);
             }
