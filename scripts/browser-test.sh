@@ -35,9 +35,14 @@ if [[ ! -x $CHROMIUM || ! -x $CHROMEDRIVER ]]; then
   fi
 fi
 
-echo "== building the server"
-cargo build --locked --quiet --bin vlembed
-BIN=target/debug/vlembed
+# VLEMBED_BIN: a server binary already built (e.g. by `cargo test`, which
+# builds target/debug/vlembed for the integration tests); else built here.
+BIN=${VLEMBED_BIN:-}
+if [[ -z $BIN ]]; then
+  echo "== building the server"
+  cargo build --locked --quiet --bin vlembed
+  BIN=target/debug/vlembed
+fi
 
 WORK=$(mktemp -d /tmp/vlembed-browser.XXXXXX)
 SERVER_PID=""; DRIVER_PID=""; SESSION=""; DRIVER=""
@@ -140,11 +145,11 @@ echo "   page ranking:  $(jq -c 'map(.index)' <<<"$PAGE")"
 shot "$SHOT_DIR/vlembed-playground.png"
 
 # The same request straight to /score.
-BODY=$(jq -n --arg q "$QUERY" --argjson n "$N" \
-  --argjson imgs "$(for f in "${FILES[@]}"; do base64 -w0 "$f" | jq -R '{image: .}'; done | jq -s .)" \
-  --argjson texts "$(printf '%s\n' "${TEXTS[@]}" | jq -R . | jq -s .)" \
-  '{model: "clip-tiny", query: $q, candidates: ($imgs + $texts), top_k: $n}')
-API=$(curl -sf -m 30 "$BASE/score" -H 'Content-Type: application/json' -d "$BODY" | jq -c .ranking)
+for f in "${FILES[@]}"; do base64 -w0 "$f" | jq -R '{image: .}'; done >"$WORK/images.json"
+printf '%s\n' "${TEXTS[@]}" | jq -R . >"$WORK/texts.json"
+jq -n --arg q "$QUERY" --argjson n "$N" --slurpfile imgs "$WORK/images.json" --slurpfile texts "$WORK/texts.json" \
+  '{model: "clip-tiny", query: $q, candidates: ($imgs + $texts), top_k: $n}' >"$WORK/score.json"
+API=$(curl -sf -m 30 "$BASE/score" -H 'Content-Type: application/json' --data-binary "@$WORK/score.json" | jq -c .ranking)
 echo "   /score ranking: $(jq -c 'map(.index)' <<<"$API")"
 jq -e -n --argjson p "$PAGE" --argjson a "$API" '
   ($p | length) == ($a | length) and
@@ -177,7 +182,7 @@ wd POST "/session/$SESSION/window/rect" '{"width": 1280, "height": 1100}' >/dev/
 wd POST "/session/$SESSION/url" "$(jq -n --arg u "$BASE/docs" '{url:$u}')" >/dev/null
 OPS=$(curl -sf -m 10 "$BASE/openapi.json" | jq '[.paths[] | keys[] | select(. == "get" or . == "post")] | length')
 wait_for "document.querySelectorAll('#ops section.op').length == $OPS" "$OPS rendered operations"
-js "return document.getElementById('ops').innerText;" | jq -e 'contains("/score") and contains("request_id")' >/dev/null \
+js "return document.getElementById('ops').textContent;" | jq -e 'contains("/score") and contains("request_id")' >/dev/null \
   || { echo "FAIL: docs lack /score"; exit 1; }
 shot "$SHOT_DIR/vlembed-docs.png"
 
