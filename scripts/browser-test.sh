@@ -59,7 +59,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 PORT=$(free_port)
 BASE="http://127.0.0.1:$PORT"
 echo "== starting the server on $BASE"
-VLEMBED_LOG=info "$BIN" serve --model tests/fixtures/clip-tiny --host 127.0.0.1 --port "$PORT" \
+# With an API key, so the page's key field is exercised too.
+KEY="browser-test-key-$RANDOM$RANDOM"
+VLEMBED_API_KEYS="$KEY" VLEMBED_LOG=info "$BIN" serve --model tests/fixtures/clip-tiny --host 127.0.0.1 --port "$PORT" \
   >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 200); do
@@ -129,6 +131,9 @@ TEXTS=("a cat on a sofa" "a gray street at night")
 
 echo "== playground: rank ${#IMAGES[@]} images and ${#TEXTS[@]} texts"
 wd POST "/session/$SESSION/url" "$(jq -n --arg u "$BASE/" '{url:$u}')" >/dev/null
+wait_for "document.getElementById('error').textContent.includes('API key')" "the request for an API key"
+type_into '#api-key' "$KEY"
+click '#query-text'   # leaving the key field loads the model list with the key
 wait_for "document.querySelectorAll('#model option').length > 0" "the model list"
 [[ $(js "return document.getElementById('model').value;") == '"clip-tiny"' ]] || { echo "model list wrong"; exit 1; }
 js "document.getElementById('candidate-images-input').hidden = false; document.getElementById('query-image-input').hidden = false; return true;" >/dev/null
@@ -149,7 +154,7 @@ for f in "${FILES[@]}"; do base64 -w0 "$f" | jq -R '{image: .}'; done >"$WORK/im
 printf '%s\n' "${TEXTS[@]}" | jq -R . >"$WORK/texts.json"
 jq -n --arg q "$QUERY" --argjson n "$N" --slurpfile imgs "$WORK/images.json" --slurpfile texts "$WORK/texts.json" \
   '{model: "clip-tiny", query: $q, candidates: ($imgs + $texts), top_k: $n}' >"$WORK/score.json"
-API=$(curl -sf -m 30 "$BASE/score" -H 'Content-Type: application/json' --data-binary "@$WORK/score.json" | jq -c .ranking)
+API=$(curl -sf -m 30 "$BASE/score" -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' --data-binary "@$WORK/score.json" | jq -c .ranking)
 echo "   /score ranking: $(jq -c 'map(.index)' <<<"$API")"
 jq -e -n --argjson p "$PAGE" --argjson a "$API" '
   ($p | length) == ($a | length) and
@@ -158,6 +163,11 @@ jq -e -n --argjson p "$PAGE" --argjson a "$API" '
   || { echo "FAIL: the page's ranking differs from /score"; exit 1; }
 CURL=$(js "return document.getElementById('curl').textContent;")
 jq -e 'contains("/score") and contains("base64 -w0")' <<<"$CURL" >/dev/null || { echo "FAIL: no curl command: $CURL"; exit 1; }
+# The key stays in the page: not in the curl text, storage, cookies or the URL.
+jq -e --arg k "$KEY" '(contains($k) | not) and contains("$VLEMBED_API_KEY")' <<<"$CURL" >/dev/null \
+  || { echo "FAIL: the curl command shows the key or lacks the header: $CURL"; exit 1; }
+[[ $(js "return localStorage.length + sessionStorage.length + document.cookie.length + (location.href.includes('$KEY') ? 1 : 0);") == 0 ]] \
+  || { echo "FAIL: the key left the page's memory"; exit 1; }
 
 echo "== playground: a file that is not an image gets its error next to it"
 printf 'this is not an image' >"$WORK/not-an-image.png"
@@ -177,8 +187,21 @@ FITS=$(js "return document.documentElement.scrollWidth <= window.innerWidth + 1;
 [[ $FITS == true ]] || { echo "FAIL: horizontal overflow on a narrow screen ($(js 'return [document.documentElement.scrollWidth, window.innerWidth];'))"; exit 1; }
 shot "$SHOT_DIR/vlembed-playground-narrow.png"
 
-echo "== docs"
+echo "== playground: role candidate ranks with /embed in the page"
 wd POST "/session/$SESSION/window/rect" '{"width": 1280, "height": 1100}' >/dev/null
+js "document.querySelector('#cand-thumbs .thumb.bad button').click(); document.getElementById('role').value = 'candidate'; return true;" >/dev/null
+click '#run'
+wait_for "document.querySelectorAll('#results li').length == $N || document.getElementById('error').textContent" "the /embed ranking"
+[[ $(js "return document.getElementById('error').textContent;") == '""' ]] || { echo "page error: $(js "return document.getElementById('error').textContent;")"; exit 1; }
+js "return document.getElementById('curl').textContent;" | jq -e 'contains("/embed") and contains("candidate")' >/dev/null \
+  || { echo "FAIL: the curl command is not the /embed call"; exit 1; }
+EMBED_RANK=$(js "return Array.from(document.querySelectorAll('#results li')).map(li => Number(li.dataset.index));")
+echo "   page ranking:  $EMBED_RANK"
+# CLIP ignores roles: the cosine ranking equals /score's.
+jq -e -n --argjson p "$EMBED_RANK" --argjson a "$API" '$p == ($a | map(.index))' >/dev/null \
+  || { echo "FAIL: the /embed ranking differs from /score's"; exit 1; }
+
+echo "== docs"
 wd POST "/session/$SESSION/url" "$(jq -n --arg u "$BASE/docs" '{url:$u}')" >/dev/null
 OPS=$(curl -sf -m 10 "$BASE/openapi.json" | jq '[.paths[] | keys[] | select(. == "get" or . == "post")] | length')
 wait_for "document.querySelectorAll('#ops section.op').length == $OPS" "$OPS rendered operations"
