@@ -26,5 +26,6 @@ pub mod http;
 pub mod input;
 pub mod metrics;
 pub mod models;
+pub mod otlp;
 pub mod preprocess;
 pub mod worker;

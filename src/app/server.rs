@@ -99,6 +99,9 @@ impl ServerHandle {
 /// Binds the listener, starts serving at once (models load in the
 /// background) and returns.
 pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeError> {
+    if !config.server.otlp_endpoint.trim().is_empty() {
+        crate::otlp::init(config.server.otlp_endpoint.trim()).map_err(ServeError::Thread)?;
+    }
     let metrics = Metrics::new();
     let registry = Arc::new(Registry::new(&config, metrics.clone()));
     let router = crate::http::router(Arc::clone(&registry)).map_err(ServeError::OpenApi)?;

@@ -1,13 +1,19 @@
-//! What one request carries through batching, for logs and the access log.
+//! What one request carries through batching, for logs, the access log and
+//! trace export.
 //!
 //! Owns [`RequestTrace`]: the request id (so the workers' batch log lines can
-//! name every request a batch served) and where the request's time went
-//! (preprocessing, queue wait, forward passes). The HTTP layer creates one per
-//! request; the batcher and workers only record into it. No HTTP types here.
+//! name every request a batch served), where the request's time went
+//! (preprocessing, queue wait, forward passes), and, when traces are exported,
+//! the request's span context, under which the preprocessing and queue-wait
+//! spans are exported; the batch span links to every request it served. The
+//! HTTP layer creates one per request; the batcher and workers only record
+//! into it. No HTTP types here.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use crate::otlp::{self, Attr, Kind, Span, SpanContext};
 
 /// One request's id and timings. Shared (`Arc`) by the request and the queue
 /// items of its inputs; every field is updated atomically.
@@ -19,6 +25,8 @@ pub struct RequestTrace {
     queue_us: AtomicU64,
     inference_us: AtomicU64,
     batches: AtomicUsize,
+    /// The request's span, when its trace is exported.
+    span: Option<SpanContext>,
 }
 
 /// A snapshot of a [`RequestTrace`]'s timings.
@@ -48,6 +56,36 @@ impl RequestTrace {
         }
     }
 
+    /// Exports this request's stage spans as children of `span`.
+    pub fn with_span(mut self, span: SpanContext) -> Self {
+        self.span = Some(span);
+        self
+    }
+
+    /// The request's span, when its trace is exported.
+    pub fn span(&self) -> Option<SpanContext> {
+        self.span
+    }
+
+    fn child(&self, name: &str, start: SystemTime, end: SystemTime) {
+        if let Some(parent) = self.span {
+            otlp::export(Span {
+                context: SpanContext {
+                    trace_id: parent.trace_id,
+                    span_id: otlp::new_span_id(),
+                },
+                parent: Some(parent.span_id),
+                name: name.to_string(),
+                kind: Kind::Internal,
+                start,
+                end,
+                attributes: vec![("vlembed.request_id", Attr::Str(self.id.to_string()))],
+                links: Vec::new(),
+                error: false,
+            });
+        }
+    }
+
     /// The request id.
     pub fn id(&self) -> &str {
         &self.id
@@ -57,8 +95,11 @@ impl RequestTrace {
         self.inputs.store(n, Ordering::Relaxed);
     }
 
+    /// Records the request's preprocessing, which just ended after `d`.
     pub fn add_preprocess(&self, d: Duration) {
         self.preprocess_us.fetch_add(micros(d), Ordering::Relaxed);
+        let end = SystemTime::now();
+        self.child("preprocess", end.checked_sub(d).unwrap_or(end), end);
     }
 
     /// Records one input's queue wait (the longest is kept).
@@ -81,6 +122,63 @@ impl RequestTrace {
             batches: self.batches.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Records a batch that just finished after `took`: each request's queue
+/// wait (`waits`: one entry per item, its trace and its wait) and the
+/// forward pass, and exports the queue-wait spans and the batch span (linked
+/// to every request span). Returns the ids of the requests it served.
+pub fn record_batch(
+    model: &str,
+    waits: &[(&Arc<RequestTrace>, Duration)],
+    took: Duration,
+    size: usize,
+    failed: bool,
+) -> Vec<String> {
+    let traces = distinct(waits.iter().map(|(t, _)| *t));
+    let end = SystemTime::now();
+    let start = end.checked_sub(took).unwrap_or(end);
+    for t in &traces {
+        let wait = waits
+            .iter()
+            .filter(|(o, _)| Arc::ptr_eq(o, t))
+            .map(|(_, w)| *w)
+            .max()
+            .unwrap_or_default();
+        t.record_queue(wait);
+        t.add_batch(took);
+        t.child("queue", start.checked_sub(wait).unwrap_or(start), start);
+    }
+    if otlp::enabled() {
+        let links: Vec<SpanContext> = traces.iter().filter_map(|t| t.span).collect();
+        if !links.is_empty() {
+            otlp::export(Span {
+                context: SpanContext {
+                    trace_id: otlp::new_trace_id(),
+                    span_id: otlp::new_span_id(),
+                },
+                parent: None,
+                name: "batch".into(),
+                kind: Kind::Internal,
+                start,
+                end,
+                attributes: vec![
+                    ("vlembed.model", Attr::Str(model.to_string())),
+                    (
+                        "vlembed.batch_size",
+                        Attr::Int(i64::try_from(size).unwrap_or(i64::MAX)),
+                    ),
+                    (
+                        "vlembed.requests",
+                        Attr::Int(i64::try_from(traces.len()).unwrap_or(i64::MAX)),
+                    ),
+                ],
+                links,
+                error: failed,
+            });
+        }
+    }
+    traces.iter().map(|t| t.id().to_string()).collect()
 }
 
 /// The distinct traces among `traces` (one batch may hold several inputs of

@@ -67,6 +67,9 @@ pub struct ServerConfig {
     pub playground: bool,
     /// Serve the rendered API documentation at `/docs`.
     pub docs: bool,
+    /// OTLP/HTTP endpoint traces are exported to (e.g.
+    /// "http://collector:4318"); empty: no export.
+    pub otlp_endpoint: String,
 }
 
 impl ServerConfig {
@@ -151,6 +154,7 @@ pub struct Overrides {
     pub revision: Option<String>,
     pub devices: Option<Vec<DeviceSpec>>,
     pub dtype: Option<Precision>,
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Overrides {
@@ -165,6 +169,7 @@ impl Overrides {
             revision: higher.revision.or(self.revision),
             devices: higher.devices.or(self.devices),
             dtype: higher.dtype.or(self.dtype),
+            otlp_endpoint: higher.otlp_endpoint.or(self.otlp_endpoint),
         }
     }
 }
@@ -286,6 +291,9 @@ impl Config {
         if let Some(keys) = o.api_keys {
             self.server.api_keys = keys;
         }
+        if let Some(e) = o.otlp_endpoint {
+            self.server.otlp_endpoint = e;
+        }
         if let Some(source) = o.model {
             let mut t = self.model_defaults.clone();
             t.insert("source".into(), Value::String(source));
@@ -358,6 +366,13 @@ impl Config {
                 "server.cors_allowed_origins",
                 "list origins such as \"https://app.example.com\", or [\"*\"] alone for any origin; \
                  entries must not be empty",
+            ));
+        }
+        let otlp = s.otlp_endpoint.trim();
+        if !otlp.is_empty() && !otlp.starts_with("http://") && !otlp.starts_with("https://") {
+            return Err(invalid(
+                "server.otlp_endpoint",
+                format!("{otlp:?} is not an http:// or https:// URL (OTLP over HTTP, e.g. \"http://collector:4318\")"),
             ));
         }
         if s.fetch_image_urls {
@@ -552,6 +567,7 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
             "REVISION" => o.revision = Some(value.clone()),
             "DEVICES" => o.devices = Some(parse_devices(value).map_err(bad)?),
             "DTYPE" => o.dtype = Some(value.parse().map_err(bad)?),
+            "OTLP_ENDPOINT" => o.otlp_endpoint = Some(value.clone()),
             _ => tracing::warn!(variable = %name, "ignoring unknown VLEMBED_ environment variable"),
         }
     }

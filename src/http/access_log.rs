@@ -3,15 +3,17 @@
 //!
 //! Owns giving every request an id ([`super::request_id`]), the `request`
 //! span every log line about it is emitted in, the `x-request-id` response
-//! header, adding `request_id` to JSON error bodies, counting body bytes, and
-//! the one access-log line per request (target `vlembed::access`). It records
-//! no metrics (that is `observe` in [`super`]) and decides no status.
+//! header, adding `request_id` to JSON error bodies, counting body bytes, the
+//! one access-log line per request (target `vlembed::access`), and, when
+//! traces are exported, the request's server span (child of an incoming W3C
+//! `traceparent`). It records no metrics (that is `observe` in [`super`]) and
+//! decides no status.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
@@ -25,6 +27,7 @@ use super::error::ModelLabel;
 use super::request_id::{self, Incoming};
 use super::AppState;
 use crate::batching::RequestTrace;
+use crate::otlp::{self, Attr, Kind, SpanContext};
 
 /// Largest error body rewritten to carry the request id.
 const MAX_ERROR_BODY: usize = 1 << 20;
@@ -82,7 +85,24 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
             request_id::MAX_LEN
         );
     }
-    let trace = Arc::new(RequestTrace::new(id.as_str()));
+    let started_at = SystemTime::now();
+    // The request's span: a child of the caller's traceparent when valid
+    // (its sampled flag honoured), else the root of a new trace.
+    let parent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(otlp::parse_traceparent);
+    let sampled = parent.is_none_or(|p| p.sampled);
+    let span_ctx = (otlp::enabled() && sampled).then(|| SpanContext {
+        trace_id: parent.map_or_else(otlp::new_trace_id, |p| p.trace_id),
+        span_id: otlp::new_span_id(),
+    });
+    let mut trace = RequestTrace::new(id.as_str());
+    if let Some(ctx) = span_ctx {
+        trace = trace.with_span(ctx);
+    }
+    let trace = Arc::new(trace);
     let bytes_in = Arc::new(AtomicU64::new(0));
     let mut req = req.map(|inner| {
         Body::new(Counting {
@@ -97,6 +117,36 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(request_id::HEADER, v);
+    }
+    if let Some(ctx) = span_ctx {
+        let model = res.extensions().get::<ModelLabel>().map(|m| m.0.clone());
+        let mut attributes = vec![
+            ("http.request.method", Attr::Str(method.to_string())),
+            ("http.route", Attr::Str(route.clone())),
+            (
+                "http.response.status_code",
+                Attr::Int(i64::from(res.status().as_u16())),
+            ),
+            ("vlembed.request_id", Attr::Str(id.clone())),
+            (
+                "vlembed.inputs",
+                Attr::Int(i64::try_from(trace.timings().inputs).unwrap_or(i64::MAX)),
+            ),
+        ];
+        if let Some(m) = model {
+            attributes.push(("vlembed.model", Attr::Str(m)));
+        }
+        otlp::export(otlp::Span {
+            context: ctx,
+            parent: parent.map(|p| p.parent_id),
+            name: format!("{method} {route}"),
+            kind: Kind::Server,
+            start: started_at,
+            end: SystemTime::now(),
+            attributes,
+            links: Vec::new(),
+            error: res.status().is_server_error(),
+        });
     }
     let server = &st.registry.server;
     if server.access_log && !server.access_log_exclude.iter().any(|r| r == &route) {

@@ -175,20 +175,18 @@ fn serve(queue: &Queue, replica: &dyn EmbeddingModel, metrics: &Metrics) -> Resu
         let took = start.elapsed();
         inference.observe(took.as_secs_f64());
         drop(refs);
-        let traces: Vec<Arc<RequestTrace>> =
-            trace::distinct(batch.iter().filter_map(|i| i.trace.as_ref()))
-                .into_iter()
-                .cloned()
-                .collect();
-        for i in &batch {
-            if let Some(t) = &i.trace {
-                t.record_queue(start.saturating_duration_since(i.enqueued));
-            }
-        }
-        for t in &traces {
-            t.add_batch(took);
-        }
-        let request_ids: Vec<&str> = traces.iter().map(|t| t.id()).collect();
+        let waits: Vec<(&Arc<RequestTrace>, Duration)> = batch
+            .iter()
+            .filter_map(|i| {
+                Some((
+                    i.trace.as_ref()?,
+                    start.saturating_duration_since(i.enqueued),
+                ))
+            })
+            .collect();
+        let failed = !matches!(&outcome, Ok(Ok(v)) if v.len() == batch.len());
+        let request_ids = trace::record_batch(&model, &waits, took, batch.len(), failed);
+        drop(waits);
         tracing::debug!(
             model = %model,
             size = batch.len(),
