@@ -34,6 +34,7 @@ pub mod http;
 pub mod input;
 pub mod metrics;
 pub mod models;
+pub mod otlp;
 pub mod preprocess;
 pub mod registry;
 pub mod vector;

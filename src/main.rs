@@ -69,6 +69,9 @@ struct ServeArgs {
     /// Weight precision of every served model.
     #[arg(long)]
     dtype: Option<Precision>,
+    /// Export traces over OTLP/HTTP to this endpoint (e.g. http://collector:4318).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone)]
@@ -176,6 +179,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         revision: args.revision,
         devices: args.devices.map(|d| d.0),
         dtype: args.dtype,
+        otlp_endpoint: args.otlp_endpoint,
     };
     let config = Config::load(&Layers::from_process_env(args.config, flags))?;
     for m in &config.models {

@@ -1,8 +1,10 @@
 //! Prometheus metrics, with the names and labels fixed by the API contract.
 //!
 //! Owns the registry and every metric; other modules record into the
-//! [`Metrics`] they are handed and never create metrics of their own. Knows
-//! nothing of HTTP beyond rendering the text exposition format.
+//! [`Metrics`] they are handed and never create metrics of their own. Also
+//! owns `vlembed_build_info` and the standard `process_*` metrics (read from
+//! `/proc` on Linux at each scrape). Knows nothing of HTTP beyond rendering
+//! the text exposition format.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -28,12 +30,30 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// `vlembed_inputs_total{model, modality}`
     pub inputs: IntCounterVec,
+    /// `vlembed_text_tokens_total{model}`: text tokens embedded (special tokens included).
+    pub text_tokens: IntCounterVec,
+    /// `vlembed_images_total{model}`: images embedded.
+    pub images: IntCounterVec,
     /// `vlembed_rejected_total{model, reason}`
     pub rejected: IntCounterVec,
     /// `vlembed_model_ready{model}`: 1 when loaded with a live worker.
     pub model_ready: IntGaugeVec,
     /// `vlembed_worker_restarts_total{model}`: workers rebuilt after a panic.
     pub worker_restarts: IntCounterVec,
+    /// `vlembed_build_info{version, commit, features}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+/// The source commit the binary was built from (see build.rs).
+pub const COMMIT: &str = env!("VLEMBED_COMMIT");
+
+/// Cargo features compiled in, comma separated ("" for none).
+pub fn features() -> String {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    f.join(",")
 }
 
 /// Reasons for `vlembed_rejected_total`.
@@ -121,6 +141,12 @@ impl Metrics {
                     "Inputs embedded, by modality",
                     &["model", "modality"],
                 )?,
+                text_tokens: counter(
+                    "vlembed_text_tokens_total",
+                    "Text tokens embedded, special tokens included",
+                    &["model"],
+                )?,
+                images: counter("vlembed_images_total", "Images embedded", &["model"])?,
                 rejected: counter(
                     "vlembed_rejected_total",
                     "Requests or inputs rejected, by reason",
@@ -136,11 +162,21 @@ impl Metrics {
                     "Model workers rebuilt (fresh replica) after a panic",
                     &["model"],
                 )?,
+                build_info: gauge(
+                    "vlembed_build_info",
+                    "Build facts as labels; always 1",
+                    &["version", "commit", "features"],
+                )?,
                 registry: registry.clone(),
             })
         };
         match build() {
-            Ok(m) => m,
+            Ok(m) => {
+                m.build_info
+                    .with_label_values(&[env!("CARGO_PKG_VERSION"), COMMIT, &features()])
+                    .set(1);
+                m
+            }
             // Only reachable if a definition above is malformed, which the
             // unit test below rules out.
             Err(e) => unreachable!("invalid metric definition: {e}"),
@@ -153,7 +189,139 @@ impl Metrics {
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "cannot encode metrics");
         }
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        process::render(&mut text);
+        text
+    }
+}
+
+/// The standard `process_*` metrics of the Prometheus client libraries,
+/// read from `/proc/self` (Linux). Elsewhere, or when a file cannot be read,
+/// the metrics it feeds are left out.
+pub mod process {
+    use std::fmt::Write;
+
+    /// Clock ticks per second of `/proc/self/stat` times (USER_HZ, 100 on
+    /// every Linux architecture's user interface).
+    const TICKS_PER_SECOND: f64 = 100.0;
+
+    /// The process's facts, each when readable.
+    #[derive(Debug, Default, Clone, PartialEq)]
+    pub struct Sample {
+        pub cpu_seconds: Option<f64>,
+        pub resident_bytes: Option<u64>,
+        pub virtual_bytes: Option<u64>,
+        pub open_fds: Option<u64>,
+        pub max_fds: Option<u64>,
+        pub start_time_seconds: Option<f64>,
+        pub threads: Option<u64>,
+    }
+
+    /// Reads the current process.
+    pub fn sample() -> Sample {
+        let mut s = Sample::default();
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which may hold spaces), from field 3.
+            if let Some((_, rest)) = stat.rsplit_once(')') {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+                if let (Some(u), Some(sy)) = (num(11), num(12)) {
+                    s.cpu_seconds = Some((u + sy) as f64 / TICKS_PER_SECOND);
+                }
+                s.threads = num(17);
+                s.virtual_bytes = num(20);
+                let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("btime "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                });
+                if let (Some(boot), Some(start)) = (boot, num(19)) {
+                    s.start_time_seconds = Some(boot as f64 + start as f64 / TICKS_PER_SECOND);
+                }
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            s.resident_bytes = status.lines().find_map(|l| {
+                let kb = l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?;
+                kb.trim().parse::<u64>().ok().map(|k| k * 1024)
+            });
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The directory handle itself is one of the entries.
+            s.open_fds = Some(dir.count().saturating_sub(1) as u64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            s.max_fds = limits.lines().find_map(|l| {
+                let rest = l.strip_prefix("Max open files")?;
+                rest.split_whitespace().next()?.parse::<u64>().ok()
+            });
+        }
+        s
+    }
+
+    fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: Option<String>) {
+        if let Some(v) = value {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
+        }
+    }
+
+    /// Appends the process metrics to a text exposition.
+    pub fn render(out: &mut String) {
+        let s = sample();
+        let int = |v: Option<u64>| v.map(|v| v.to_string());
+        let float = |v: Option<f64>| v.map(|v| format!("{v}"));
+        metric(
+            out,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            float(s.cpu_seconds),
+        );
+        metric(
+            out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            int(s.resident_bytes),
+        );
+        metric(
+            out,
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            int(s.virtual_bytes),
+        );
+        metric(
+            out,
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            int(s.open_fds),
+        );
+        metric(
+            out,
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            int(s.max_fds),
+        );
+        metric(
+            out,
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            float(s.start_time_seconds),
+        );
+        metric(
+            out,
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            int(s.threads),
+        );
     }
 }
 
@@ -198,8 +366,40 @@ mod tests {
             "vlembed_inputs_total{modality=\"text\",model=\"m\"} 1",
             "vlembed_rejected_total{model=\"m\",reason=\"queue_full\"} 1",
             "vlembed_model_ready{model=\"m\"} 1",
+            "vlembed_build_info{commit=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_come_from_proc() {
+        let s = process::sample();
+        let rss = s.resident_bytes.expect("VmRSS");
+        assert!(rss > 1 << 20, "{rss}");
+        assert!(s.cpu_seconds.is_some());
+        assert!(s.open_fds.unwrap() >= 3);
+        assert!(s.max_fds.unwrap() >= s.open_fds.unwrap());
+        assert!(s.threads.unwrap() >= 1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = s.start_time_seconds.unwrap();
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0 * 30.0,
+            "{start} vs {now}"
+        );
+        let text = Metrics::new().render();
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+            "# TYPE process_cpu_seconds_total counter",
+        ] {
+            assert!(text.contains(name), "missing {name}");
         }
     }
 }

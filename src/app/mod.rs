@@ -8,6 +8,7 @@
 
 pub mod connections;
 pub mod server;
+pub mod summary;
 
 pub use crate::registry::{ModelSlot, ModelStatus, Registry, ServedModel};
 pub use server::{start, Hooks, ServeError, ServerHandle, ShutdownTrigger};

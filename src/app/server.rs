@@ -101,6 +101,9 @@ impl ServerHandle {
 /// Binds the listener, starts serving at once (models load in the
 /// background) and returns.
 pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeError> {
+    if !config.server.otlp_endpoint.trim().is_empty() {
+        crate::otlp::init(config.server.otlp_endpoint.trim()).map_err(ServeError::Thread)?;
+    }
     let metrics = Metrics::new();
     let registry = Arc::new(Registry::new(&config, metrics.clone()));
     let router = crate::http::router(Arc::clone(&registry)).map_err(ServeError::OpenApi)?;
@@ -120,7 +123,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     let loader_registry = Arc::clone(&registry);
     std::thread::Builder::new()
         .name("vlembed-loader".into())
-        .spawn(move || load_all(&loader_registry, &hooks, &pool, fatal_tx))
+        .spawn(move || load_all(&loader_registry, &hooks, &pool, fatal_tx, addr))
         .map_err(ServeError::Thread)?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -266,6 +269,7 @@ fn load_all(
     hooks: &Hooks,
     pool: &PreprocessPool,
     fatal: oneshot::Sender<(String, String)>,
+    addr: SocketAddr,
 ) {
     for slot in registry.models() {
         if registry.is_shutting_down() {
@@ -296,6 +300,7 @@ fn load_all(
             }
         }
     }
+    tracing::info!(target: "vlembed::startup", "{}", super::summary::ready_line(registry, addr));
 }
 
 fn load_model(

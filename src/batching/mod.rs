@@ -10,6 +10,7 @@
 
 pub mod policy;
 pub mod queue;
+pub mod trace;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,14 +23,17 @@ use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
 use crate::vector::l2_normalize;
 pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
+pub use trace::RequestTrace;
 
 /// How a request wants its inputs handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct EmbedOptions {
     /// L2-normalise each embedding.
     pub normalize: bool,
     /// Clip texts over the model's token limit instead of refusing them.
     pub truncate: bool,
+    /// The request's id and timings, carried by its queue items (logs, access log).
+    pub trace: Option<Arc<RequestTrace>>,
 }
 
 /// A request's embeddings, in input order, with what it used.
@@ -148,7 +152,11 @@ impl Batcher {
         budget: Duration,
     ) -> Result<Embedded, EmbedError> {
         let mut admission = self.queue.admit(inputs.len())?;
+        let prep_start = Instant::now();
         let prepared = self.prepare_all(inputs, opts.truncate).await?;
+        if let Some(t) = &opts.trace {
+            t.add_preprocess(prep_start.elapsed());
+        }
         let text_tokens = prepared.iter().map(|p| p.text_tokens).sum();
         let images = prepared.iter().filter(|p| p.modality.has_image()).count();
         let modalities: Vec<Modality> = prepared.iter().map(|p| p.modality).collect();
@@ -156,7 +164,8 @@ impl Batcher {
         let items = prepared
             .into_iter()
             .map(|p| {
-                let (item, rx) = Item::new(p, deadline);
+                let (mut item, rx) = Item::new(p, deadline);
+                item.trace.clone_from(&opts.trace);
                 receivers.push(rx);
                 item
             })

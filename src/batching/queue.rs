@@ -48,6 +48,8 @@ pub struct Item {
     pub enqueued: Instant,
     pub deadline: Instant,
     pub reply: oneshot::Sender<ItemResult>,
+    /// The request it belongs to (id and timings), when the caller traces.
+    pub trace: Option<Arc<super::RequestTrace>>,
 }
 
 impl Item {
@@ -60,6 +62,7 @@ impl Item {
                 enqueued: Instant::now(),
                 deadline,
                 reply,
+                trace: None,
             },
             rx,
         )

@@ -77,6 +77,19 @@ pub struct ServerConfig {
     pub worker_restart_limit: u32,
     /// Back-off before the first rebuild; doubles with each one in a row.
     pub worker_restart_backoff_ms: u64,
+    /// Log one line per request (target `vlembed::access`).
+    pub access_log: bool,
+    /// Routes (as routed, e.g. "/health") left out of the access log.
+    pub access_log_exclude: Vec<String>,
+    /// Origins allowed by CORS; empty: CORS off; `["*"]`: any origin.
+    pub cors_allowed_origins: Vec<String>,
+    /// Serve the playground page at `/`.
+    pub playground: bool,
+    /// Serve the rendered API documentation at `/docs`.
+    pub docs: bool,
+    /// OTLP/HTTP endpoint traces are exported to (e.g.
+    /// "http://collector:4318"); empty: no export.
+    pub otlp_endpoint: String,
 }
 
 impl ServerConfig {
@@ -169,6 +182,7 @@ pub struct Overrides {
     pub revision: Option<String>,
     pub devices: Option<Vec<DeviceSpec>>,
     pub dtype: Option<Precision>,
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Overrides {
@@ -183,6 +197,7 @@ impl Overrides {
             revision: higher.revision.or(self.revision),
             devices: higher.devices.or(self.devices),
             dtype: higher.dtype.or(self.dtype),
+            otlp_endpoint: higher.otlp_endpoint.or(self.otlp_endpoint),
         }
     }
 }
@@ -307,6 +322,9 @@ impl Config {
             }
             self.server.api_keys = keys;
         }
+        if let Some(e) = o.otlp_endpoint {
+            self.server.otlp_endpoint = e;
+        }
         if let Some(source) = o.model {
             let mut t = self.model_defaults.clone();
             t.insert("source".into(), Value::String(source));
@@ -411,6 +429,22 @@ impl Config {
                      shutdown including the delay",
                     s.drain_delay_ms, s.shutdown_timeout_ms
                 ),
+            ));
+        }
+        if s.cors_allowed_origins.iter().any(|o| o.trim().is_empty())
+            || (s.cors_allowed_origins.len() > 1 && s.cors_allowed_origins.iter().any(|o| o == "*"))
+        {
+            return Err(invalid(
+                "server.cors_allowed_origins",
+                "list origins such as \"https://app.example.com\", or [\"*\"] alone for any origin; \
+                 entries must not be empty",
+            ));
+        }
+        let otlp = s.otlp_endpoint.trim();
+        if !otlp.is_empty() && !otlp.starts_with("http://") && !otlp.starts_with("https://") {
+            return Err(invalid(
+                "server.otlp_endpoint",
+                format!("{otlp:?} is not an http:// or https:// URL (OTLP over HTTP, e.g. \"http://collector:4318\")"),
             ));
         }
         if s.fetch_image_urls {
@@ -620,6 +654,7 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
             "REVISION" => o.revision = Some(value.clone()),
             "DEVICES" => o.devices = Some(parse_devices(value).map_err(bad)?),
             "DTYPE" => o.dtype = Some(value.parse().map_err(bad)?),
+            "OTLP_ENDPOINT" => o.otlp_endpoint = Some(value.clone()),
             _ => tracing::warn!(variable = %name, "ignoring unknown VLEMBED_ environment variable"),
         }
     }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,9 +20,8 @@ use super::error::{ApiError, ModelLabel};
 use super::inputs::{encode_embedding, Labeled};
 use super::requests::{EmbedRequest, EncodingFormat, OpenAiRequest, ScoreRequest};
 use super::AppState;
-use crate::batching::{EmbedOptions, Embedded};
-use crate::registry::ModelStatus;
-use crate::registry::ServedModel;
+use crate::batching::{EmbedOptions, Embedded, RequestTrace};
+use crate::registry::{ModelStatus, ServedModel};
 
 /// A JSON success response tagged with its model for the metrics.
 fn ok_json<T: Serialize>(model: &str, body: &T) -> Response {
@@ -42,7 +41,9 @@ fn target(
     model: Option<&str>,
     inputs: &Labeled,
     what: &str,
+    trace: &RequestTrace,
 ) -> Result<Target, ApiError> {
+    trace.set_inputs(inputs.len());
     let retry = st.registry.server.retry_after_s;
     if st.registry.is_shutting_down() {
         return Err(ApiError::unavailable("the server is shutting down", retry));
@@ -73,18 +74,29 @@ async fn run(
     st: &AppState,
     t: &Target,
     mut inputs: Labeled,
-    opts: EmbedOptions,
+    mut opts: EmbedOptions,
     start: Instant,
+    trace: Arc<RequestTrace>,
 ) -> Result<Embedded, ApiError> {
     let batch = inputs.take_inputs();
-    t.served
+    opts.trace = Some(trace);
+    let out = t
+        .served
         .batcher
         .embed(batch, opts, start, st.registry.server.request_timeout())
         .await
         .map_err(|e| {
             ApiError::embed(e, &|i| inputs.label(i), st.registry.server.retry_after_s)
                 .for_model(&t.name)
-        })
+        })?;
+    let m = &st.registry.metrics;
+    m.text_tokens
+        .with_label_values(&[&t.name])
+        .inc_by(out.text_tokens as u64);
+    m.images
+        .with_label_values(&[&t.name])
+        .inc_by(out.images as u64);
+    Ok(out)
 }
 
 #[derive(Serialize)]
@@ -104,19 +116,24 @@ fn encode(embeddings: Vec<Vec<f32>>, format: EncodingFormat) -> Vectors {
 }
 
 /// `POST /embed`.
-pub async fn embed(State(st): State<AppState>, payload: Payload) -> Result<Response, ApiError> {
+pub async fn embed(
+    State(st): State<AppState>,
+    Extension(trace): Extension<Arc<RequestTrace>>,
+    payload: Payload,
+) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req = match payload {
         Payload::Json(b) => EmbedRequest::from_json(&b)?,
         Payload::Multipart(parts) => EmbedRequest::from_multipart(parts)?,
     };
-    let t = target(&st, req.model.as_deref(), &req.inputs, "inputs")?;
+    let t = target(&st, req.model.as_deref(), &req.inputs, "inputs", &trace)?;
     let n = req.inputs.len();
     let opts = EmbedOptions {
         normalize: req.normalize,
         truncate: req.truncate,
+        trace: None,
     };
-    let out = run(&st, &t, req.inputs, opts, start).await?;
+    let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let body = json!({
         "model": t.name,
         "dimensions": t.served.info.dimensions,
@@ -133,7 +150,11 @@ struct Ranked {
 }
 
 /// `POST /score`.
-pub async fn score(State(st): State<AppState>, payload: Payload) -> Result<Response, ApiError> {
+pub async fn score(
+    State(st): State<AppState>,
+    Extension(trace): Extension<Arc<RequestTrace>>,
+    payload: Payload,
+) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req = match payload {
         Payload::Json(b) => ScoreRequest::from_json(&b)?,
@@ -151,12 +172,14 @@ pub async fn score(State(st): State<AppState>, payload: Payload) -> Result<Respo
         req.model.as_deref(),
         &req.inputs,
         "query and candidates",
+        &trace,
     )?;
     let opts = EmbedOptions {
         normalize: true,
         truncate: true,
+        trace: None,
     };
-    let out = run(&st, &t, req.inputs, opts, start).await?;
+    let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let mut vectors = out.embeddings.into_iter();
     let query = vectors.next().unwrap_or_default();
     let scores: Vec<f32> = vectors
@@ -179,6 +202,7 @@ pub async fn score(State(st): State<AppState>, payload: Payload) -> Result<Respo
 /// `POST /v1/embeddings`.
 pub async fn openai_embeddings(
     State(st): State<AppState>,
+    Extension(trace): Extension<Arc<RequestTrace>>,
     payload: Payload,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
@@ -191,7 +215,7 @@ pub async fn openai_embeddings(
             ))
         }
     };
-    let t = target(&st, req.model.as_deref(), &req.inputs, "input")?;
+    let t = target(&st, req.model.as_deref(), &req.inputs, "input", &trace)?;
     if let Some(d) = req.dimensions {
         if d != t.served.info.dimensions {
             return Err(ApiError::bad_request(format!(
@@ -204,8 +228,9 @@ pub async fn openai_embeddings(
     let opts = EmbedOptions {
         normalize: true,
         truncate: true,
+        trace: None,
     };
-    let out = run(&st, &t, req.inputs, opts, start).await?;
+    let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let data: Vec<serde_json::Value> = out
         .embeddings
         .into_iter()

@@ -2,16 +2,20 @@
 //!
 //! Owns routes ([`Endpoint::ALL`] is the one list the router is built from,
 //! and the OpenAPI test checks it against `openapi.yaml`), API-key auth,
-//! request metrics, turning every error (axum's own rejections and panics
+//! request ids, the access log and CORS, request metrics, turning every error (axum's own rejections and panics
 //! included) into `{"error": {"type", "message"}}`, and serving the OpenAPI
 //! document. It knows nothing of tensors or devices: it turns requests into
 //! [`crate::input::Input`]s and hands them to a model's batcher.
 
+pub mod access_log;
 pub mod body;
+pub mod cors;
 pub mod error;
 pub mod handlers;
 pub mod inputs;
+pub mod request_id;
 pub mod requests;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -54,10 +58,12 @@ pub enum Endpoint {
     Info,
     Metrics,
     OpenApi,
+    Playground,
+    Docs,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::Embed,
         Endpoint::Score,
         Endpoint::OpenAiEmbeddings,
@@ -66,6 +72,8 @@ impl Endpoint {
         Endpoint::Info,
         Endpoint::Metrics,
         Endpoint::OpenApi,
+        Endpoint::Playground,
+        Endpoint::Docs,
     ];
 
     pub fn path(self) -> &'static str {
@@ -78,6 +86,8 @@ impl Endpoint {
             Endpoint::Info => "/info",
             Endpoint::Metrics => "/metrics",
             Endpoint::OpenApi => "/openapi.json",
+            Endpoint::Playground => "/",
+            Endpoint::Docs => "/docs",
         }
     }
 
@@ -114,6 +124,17 @@ impl Endpoint {
             Endpoint::Info => get(handlers::info),
             Endpoint::Metrics => get(handlers::metrics),
             Endpoint::OpenApi => get(handlers::openapi),
+            Endpoint::Playground => get(ui::playground),
+            Endpoint::Docs => get(ui::docs),
+        }
+    }
+
+    /// Whether the configuration serves the route (the pages can be off).
+    pub fn enabled(self, server: &crate::config::ServerConfig) -> bool {
+        match self {
+            Endpoint::Playground => server.playground,
+            Endpoint::Docs => server.docs,
+            _ => true,
         }
     }
 }
@@ -134,8 +155,12 @@ pub fn router(registry: Arc<Registry>) -> Result<Router, String> {
         openapi,
         in_flight,
     };
+    let cors = cors::layer(&state.registry.server.cors_allowed_origins);
     let mut router = Router::new();
     for ep in Endpoint::ALL {
+        if !ep.enabled(&state.registry.server) {
+            continue;
+        }
         let mut route = ep.handler();
         // The last layer added runs first: auth, then the concurrency limit.
         if ep.embeds() {
@@ -146,12 +171,22 @@ pub fn router(registry: Arc<Registry>) -> Result<Router, String> {
         }
         router = router.route(ep.path(), route);
     }
-    Ok(router
+    // Layers run outermost (last added) first: ids and the access log see
+    // everything, CORS answers preflights, panics become 500s, then metrics.
+    let mut router = router
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(body_limit));
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    Ok(router
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            access_log::track,
+        ))
         .with_state(state))
 }
 

@@ -103,10 +103,7 @@ impl ModelFiles {
                         "model source {id:?} is neither an existing directory nor a Hub id like \"BAAI/BGE-VL-base\""
                     )));
                 }
-                let cache = match std::env::var_os("HF_HUB_CACHE") {
-                    Some(p) => Cache::new(PathBuf::from(p)),
-                    None => Cache::from_env(),
-                };
+                let cache = hub_cache();
                 let repo = Repo::with_revision(id.clone(), RepoType::Model, revision.clone());
                 let offline = env_flag("HF_HUB_OFFLINE");
                 let api = if offline {
@@ -184,8 +181,30 @@ impl ModelFiles {
 
     /// The local path of `name`, which the model must have.
     pub fn required(&self, name: &str) -> Result<PathBuf, ModelError> {
-        self.optional(name)?
-            .ok_or_else(|| ModelError::Load(format!("{} has no {name}", self.description)))
+        self.optional(name)?.ok_or_else(|| {
+            ModelError::Load(match &self.inner {
+                // Offline and not cached: say so, and where the cache was searched.
+                Resolver::Hub { api: None, .. } => {
+                    let id = self.description.split('@').next().unwrap_or_default();
+                    format!(
+                        "{} is not in the local Hub cache ({name} not found under {}) and {}; \
+                         connect to the Hub once, point HF_HUB_CACHE (or HF_HOME) at a cache \
+                         that holds the model, or pass a local directory",
+                        self.description,
+                        hub_cache()
+                            .path()
+                            .join(format!("models--{}", id.replace('/', "--")))
+                            .display(),
+                        if env_flag("HF_HUB_OFFLINE") {
+                            "HF_HUB_OFFLINE forbids downloading it"
+                        } else {
+                            "the Hub could not be reached to download it"
+                        }
+                    )
+                }
+                _ => format!("{} has no {name}", self.description),
+            })
+        })
     }
 
     /// The safetensors files: `model.safetensors`, or every shard listed in
@@ -244,6 +263,14 @@ fn is_valid_repo_id(id: &str) -> bool {
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         })
+}
+
+/// The Hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+fn hub_cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(p) => Cache::new(PathBuf::from(p)),
+        None => Cache::from_env(),
+    }
 }
 
 fn env_flag(name: &str) -> bool {

@@ -24,6 +24,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::batching::trace::{self, RequestTrace};
 use crate::batching::{Item, ItemError, Queue};
 use crate::metrics::Metrics;
 use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
@@ -361,8 +362,36 @@ fn serve(
         }
         batch_size.observe(batch.len() as f64);
         let start = Instant::now();
+        // Who was in this batch, and how long each waited in the queue: read
+        // before the batch is consumed, recorded once it has run.
+        let traces: Vec<(Arc<RequestTrace>, Duration)> = batch
+            .iter()
+            .filter_map(|i| {
+                Some((
+                    Arc::clone(i.trace.as_ref()?),
+                    start.saturating_duration_since(i.enqueued),
+                ))
+            })
+            .collect();
+        let size = batch.len();
         let outcome = run_isolating(replica, &model, batch);
-        inference.observe(start.elapsed().as_secs_f64());
+        let took = start.elapsed();
+        inference.observe(took.as_secs_f64());
+        let failed = !matches!(outcome, Ok(true));
+        let waits: Vec<(&Arc<RequestTrace>, Duration)> =
+            traces.iter().map(|(t, w)| (t, *w)).collect();
+        let request_ids = trace::record_batch(&model, &waits, took, size, failed);
+        if failed {
+            tracing::warn!(model = %model, size, request_ids = ?request_ids, "batch had failures");
+        } else {
+            tracing::debug!(
+                model = %model,
+                size,
+                ms = took.as_secs_f64() * 1e3,
+                request_ids = ?request_ids,
+                "batch"
+            );
+        }
         if outcome? {
             *in_a_row = 0;
         }
