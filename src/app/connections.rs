@@ -287,7 +287,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        return closing(ApiError::too_large(too_large(limits.max_body_bytes)));
+        return closing(
+            ApiError::too_large(too_large(limits.max_body_bytes)),
+            &parts.headers,
+        )
+        .await;
     }
     let mut reserved = Reserved {
         budget: &shared.budget,
@@ -295,7 +299,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     };
     let bytes = match read_body(body, limits, &mut reserved).await {
         Ok(b) => b,
-        Err(e) => return closing(e),
+        Err(e) => return closing(e, &parts.headers).await,
     };
     let req = Request::from_parts(parts, Body::from(bytes));
     let res = match shared.router.clone().oneshot(req).await {
@@ -311,9 +315,9 @@ fn too_large(limit: usize) -> String {
 }
 
 /// An error answer after which the connection closes (its body may be
-/// partly unread).
-fn closing(e: ApiError) -> Response<Body> {
-    let mut res = e.into_response();
+/// partly unread). It carries the request id like the router's answers.
+async fn closing(e: ApiError, headers: &header::HeaderMap) -> Response<Body> {
+    let mut res = crate::http::access_log::attach_id(e.into_response(), headers).await;
     res.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     res

@@ -178,6 +178,18 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
     res
 }
 
+/// Gives an error answered before the router ran (by the connection layer,
+/// e.g. a body over the limit or too slow) the request id every other answer
+/// carries: in the `x-request-id` header and in the error body.
+pub async fn attach_id(res: Response, headers: &axum::http::HeaderMap) -> Response {
+    let (id, _) = request_id::for_request(headers);
+    let mut res = add_id_to_error(res, &id).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(request_id::HEADER, v);
+    }
+    res
+}
+
 /// Adds `"request_id"` to the `error` object of a JSON error body.
 async fn add_id_to_error(res: Response, id: &str) -> Response {
     let is_json = res
