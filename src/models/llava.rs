@@ -248,7 +248,7 @@ impl Architecture {
 /// Reads the config, then the tokenizer and processor configs, checked
 /// against the model's image geometry.
 fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
-    let cfg = LlavaConfig::from_json(cx.config).map_err(|e| cx.config_error(e))?;
+    let cfg = LlavaConfig::from_json(cx.config).map_err(|e| cx.invalid_config(e))?;
     let tokenizer_path = cx.files.required(source::TOKENIZER)?;
     let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
     let proc_path = cx.files.optional(source::PROCESSOR_CONFIG)?;
