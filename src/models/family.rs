@@ -43,7 +43,7 @@ pub struct LoadContext<'a> {
 
 impl LoadContext<'_> {
     /// A `config.json` problem as a [`ModelError`] naming the file.
-    pub fn config_error(&self, source: ConfigError) -> ModelError {
+    pub fn invalid_config(&self, source: ConfigError) -> ModelError {
         ModelError::Config {
             path: self.config_path.display().to_string(),
             source,

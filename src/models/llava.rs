@@ -224,6 +224,12 @@ pub fn unpad_bounds(original: (u32, u32), current: (usize, usize)) -> (usize, us
     }
 }
 
+/// The longest prompt by default, in tokens: BGE-VL-MLLM's 2928 image
+/// tokens plus 1168 for the template, instruction and text. The decoder's
+/// attention memory grows with its square (the additive mask is
+/// `t x t` f32 per sequence: 64 MiB at 4096).
+pub const DEFAULT_MAX_INPUT_TOKENS: usize = 4096;
+
 /// The LLaVA-NeXT family: `LlavaNextForConditionalGeneration` with a
 /// Mistral decoder (BGE-VL-MLLM-S1, BGE-VL-MLLM-S2).
 pub(super) const FAMILY: Family = Family {
@@ -242,7 +248,7 @@ impl Architecture {
 /// Reads the config, then the tokenizer and processor configs, checked
 /// against the model's image geometry.
 fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
-    let cfg = LlavaConfig::from_json(cx.config).map_err(|e| cx.config_error(e))?;
+    let cfg = LlavaConfig::from_json(cx.config).map_err(|e| cx.invalid_config(e))?;
     let tokenizer_path = cx.files.required(source::TOKENIZER)?;
     let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
     let proc_path = cx.files.optional(source::PROCESSOR_CONFIG)?;
@@ -251,13 +257,23 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
         .num_image_features(square)
         .ok_or_else(|| ModelError::Load("config.json has no image_grid_pinpoints".into()))?;
     let model_tiles = cfg.grid_shape(square).map_or(0, |(gh, gw)| 1 + gh * gw);
+    let max_tokens = cx
+        .opts
+        .max_input_tokens
+        .unwrap_or(DEFAULT_MAX_INPUT_TOKENS)
+        .min(cfg.text_config.max_position_embeddings);
+    if max_tokens <= model_features {
+        return Err(ModelError::Load(format!(
+            "max_input_tokens {max_tokens} leaves no room for the {model_features} tokens of an image"
+        )));
+    }
     let facts = llava_pre::LlavaModelFacts {
         tile: cfg.vision_config.image_size as u32,
         patch: cfg.vision_config.patch_size as u32,
         image_token_id: cfg.image_token_index,
         model_features,
         model_tiles,
-        max_tokens: cfg.text_config.max_position_embeddings,
+        max_tokens,
     };
     let pre = LlavaPreprocessor::load(
         &tokenizer_path,

@@ -180,6 +180,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// [`SCORE_BUDGET`] (smaller in tests, to exercise the blocks).
+    score_budget: usize,
 }
 
 impl Attention {
@@ -193,23 +195,27 @@ impl Attention {
             heads: h,
             kv_heads: kv,
             head_dim: d,
+            score_budget: SCORE_BUDGET,
         })
     }
 
     /// `x`: [b, t, hidden] (normed) for keys/values; `xq`: the query rows,
-    /// [b, tq, hidden] at positions `q_cos`/`q_sin` ([b or 1, tq, d/2]);
-    /// `mask`: additive f32 [b, 1, 1, tq, t].
-    #[allow(clippy::too_many_arguments)]
+    /// [b, tq, hidden], every position (`queries` is [`QueryRows::All`]) or
+    /// each sequence's last real token ([`QueryRows::Last`]); `mask`:
+    /// additive f32 [b, 1, 1, tq, t].
     fn forward(
         &self,
         x: &Tensor,
         xq: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        q_cos: &Tensor,
-        q_sin: &Tensor,
+        rope: &Rope,
+        queries: QueryRows,
         mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        let (cos, sin) = (&rope.cos, &rope.sin);
+        let (q_cos, q_sin) = match queries {
+            QueryRows::All => (&rope.cos, &rope.sin),
+            QueryRows::Last => (&rope.last_cos, &rope.last_sin),
+        };
         let (b, t, _) = x.dims3()?;
         let tq = xq.dim(1)?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -235,19 +241,39 @@ impl Attention {
             .contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, q_cos, q_sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        // Grouped queries: head `g * rep + r` uses key/value head `g`, as
-        // transformers' `repeat_kv` orders them; keys are never copied.
-        let q = q.reshape((b, kv, rep * tq, d))?;
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
-        let scores = scores.reshape((b, kv, rep, tq, t))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?
-            .to_dtype(dtype)?
-            .reshape((b, kv, rep * tq, t))?;
-        let ctx = probs
-            .matmul(&v)?
-            .reshape((b, h, tq, d))?
-            .transpose(1, 2)?
-            .reshape((b, tq, h * d))?;
+        let kt = k.t()?;
+        // Query rows a block at a time, so the f32 scores of one block stay
+        // within SCORE_BUDGET elements whatever the prompt length (softmax
+        // is per row: blocks are independent).
+        let block = (self.score_budget / (b * h * t).max(1)).max(1);
+        let mut parts = Vec::with_capacity(tq.div_ceil(block));
+        let mut start = 0;
+        while start < tq {
+            let n = block.min(tq - start);
+            let (qb, mb) = if n == tq {
+                (q.clone(), mask.clone())
+            } else {
+                (
+                    q.narrow(2, start, n)?.contiguous()?,
+                    mask.narrow(3, start, n)?,
+                )
+            };
+            // Grouped queries: head `g * rep + r` uses key/value head `g`, as
+            // transformers' `repeat_kv` orders them; keys are never copied.
+            let qb = qb.reshape((b, kv, rep * n, d))?;
+            let scores = (qb.matmul(&kt)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
+            let scores = scores.reshape((b, kv, rep, n, t))?.broadcast_add(&mb)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?
+                .to_dtype(dtype)?
+                .reshape((b, kv, rep * n, t))?;
+            parts.push(probs.matmul(&v)?.reshape((b, h, n, d))?);
+            start += n;
+        }
+        let ctx = match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(&parts, 2)?,
+        };
+        let ctx = ctx.transpose(1, 2)?.reshape((b, tq, h * d))?;
         self.o.forward(&ctx)
     }
 }
@@ -323,18 +349,15 @@ impl Layer {
         mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let normed = self.ln1.forward(x)?;
-        let (residual, xq, q_cos, q_sin) = match rows {
-            None => (x.clone(), normed.clone(), &rope.cos, &rope.sin),
+        let (residual, xq, queries) = match rows {
+            None => (x.clone(), normed.clone(), QueryRows::All),
             Some(idx) => (
                 gather_rows(x, idx)?,
                 gather_rows(&normed, idx)?,
-                &rope.last_cos,
-                &rope.last_sin,
+                QueryRows::Last,
             ),
         };
-        let a = self
-            .attn
-            .forward(&normed, &xq, &rope.cos, &rope.sin, q_cos, q_sin, mask)?;
+        let a = self.attn.forward(&normed, &xq, rope, queries, mask)?;
         let h = (residual + a)?;
         let m = self.mlp.forward(&self.ln2.forward(&h)?)?;
         h + m
@@ -347,6 +370,19 @@ fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
     x.reshape((b * t, c))?
         .index_select(idx, 0)?
         .reshape((b, 1, c))
+}
+
+/// The most f32 attention scores one block of query rows may hold
+/// (256 MiB): longer prompts are attended a block of rows at a time.
+const SCORE_BUDGET: usize = 1 << 26;
+
+/// Which query rows an attention pass computes.
+#[derive(Debug, Clone, Copy)]
+enum QueryRows {
+    /// Every position.
+    All,
+    /// Each sequence's last real token (rotary tables `last_cos`/`last_sin`).
+    Last,
 }
 
 /// Rotary tables for one forward pass.
@@ -644,6 +680,42 @@ mod tests {
                 .unwrap();
         }
         m
+    }
+
+    /// Attention over blocks of query rows (a small score budget) equals
+    /// attention over all rows at once.
+    #[test]
+    fn attention_in_blocks_matches_one_block() {
+        let dev = Device::Cpu;
+        let x: Vec<f32> = (0..2 * 9 * 16).map(|k| (k as f32 * 0.029).sin()).collect();
+        let x = Tensor::from_vec(x, (2, 9, 16), &dev).unwrap();
+        for window in [None, Some(3)] {
+            let mut m = tiny(window);
+            for lens in [[9, 6], [4, 9]] {
+                let run = |m: &MistralModel| -> Vec<Vec<Vec<f32>>> {
+                    m.forward(&x, &lens).unwrap().to_vec3().unwrap()
+                };
+                let a = run(&m);
+                for l in &mut m.layers {
+                    // 2 x 4 heads x 9 keys: blocks of 1 query row.
+                    l.attn.score_budget = 2 * 4 * 9;
+                }
+                let b = run(&m);
+                for l in &mut m.layers {
+                    l.attn.score_budget = SCORE_BUDGET;
+                }
+                for (s, &len) in lens.iter().enumerate() {
+                    for i in 0..len {
+                        let d = a[s][i]
+                            .iter()
+                            .zip(&b[s][i])
+                            .map(|(p, q)| (p - q).abs())
+                            .fold(0f32, f32::max);
+                        assert!(d < 1e-6, "window {window:?} seq {s} row {i}: {d}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -162,6 +162,10 @@ pub struct LoadedModel {
 pub struct LoadOptions {
     pub dtype: Precision,
     pub image_limits: preprocess::image::ImageLimits,
+    /// The longest prompt an MLLM takes, in tokens (`None`:
+    /// [`llava::DEFAULT_MAX_INPUT_TOKENS`]), capped at its decoder's
+    /// `max_position_embeddings`. Bounds the decoder's attention memory.
+    pub max_input_tokens: Option<usize>,
 }
 
 impl LoadedModel {

@@ -54,7 +54,7 @@ impl Architecture {
 /// Reads the config, the tokenizer and the image processor, checking that
 /// the processor's crop is what the vision tower takes.
 fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
-    let cfg = ClipConfig::from_json(cx.config).map_err(|e| cx.config_error(e))?;
+    let cfg = ClipConfig::from_json(cx.config).map_err(|e| cx.invalid_config(e))?;
     let tokenizer_path = cx.files.required(source::TOKENIZER)?;
     let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
     let pre = ClipPreprocessor::load(
