@@ -800,6 +800,29 @@ mod tests {
         let c = Config::load(&layers).unwrap();
         assert_eq!(c.models.len(), 1);
         assert_eq!(c.models[0].name, "org/from-env");
+        assert_eq!(c.server.otlp_endpoint, "");
+
+        let c = Config::load(&Layers {
+            env: env(&[("VLEMBED_OTLP_ENDPOINT", "http://env:4318")]),
+            flags: Overrides {
+                model: Some("a/b".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.server.otlp_endpoint, "http://env:4318");
+        let c = Config::load(&Layers {
+            env: env(&[("VLEMBED_OTLP_ENDPOINT", "http://env:4318")]),
+            flags: Overrides {
+                model: Some("a/b".into()),
+                otlp_endpoint: Some("http://flag:4318".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.server.otlp_endpoint, "http://flag:4318");
     }
 
     #[test]
@@ -818,6 +841,9 @@ mod tests {
             ("[server]\nfetch_image_urls = true\n[[models]]\nsource = \"a/b\"\n", "not implemented"),
             ("[[models]]\nname = \"x\"\n", "source"),
             ("[server\n", "TOML"),
+            ("[server]\notlp_endpoint = \"collector:4318\"\n[[models]]\nsource = \"a/b\"\n", "otlp_endpoint"),
+            ("[server]\ncors_allowed_origins = [\"*\", \"https://a.b\"]\n[[models]]\nsource = \"a/b\"\n", "cors_allowed_origins"),
+            ("[server]\ncors_allowed_origins = [\"\"]\n[[models]]\nsource = \"a/b\"\n", "cors_allowed_origins"),
         ];
         for (i, (text, needle)) in cases.iter().enumerate() {
             let file = write_file(&format!("bad{i}.toml"), text);
