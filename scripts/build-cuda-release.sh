@@ -5,6 +5,7 @@
 #
 #   dist/vlembed-cuda13-sm${CUDA_COMPUTE_CAP}/
 #     bin/vlembed        RUNPATH $ORIGIN/../lib
+#     bin/loadgen        examples/loadgen.rs, for scripts/gpu-check.sh
 #     lib/               libcudart.so.13, libcublas(Lt).so.13, libcurand.so.10,
 #                        libnvrtc.so.13 (+ builtins) from NVIDIA's CUDA 13.0 wheels
 #
@@ -35,14 +36,14 @@ done
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$link -C link-arg=-Wl,-rpath,\$ORIGIN/../lib"
 echo "== cargo build --release --features cuda (sm_${CUDA_COMPUTE_CAP})" >&2
 t0=$SECONDS
-nice -n 10 cargo build --release --locked --features cuda --bin vlembed
+nice -n 10 cargo build --release --locked --features cuda --bin vlembed --example loadgen
 echo "== built in $((SECONDS - t0)) s" >&2
 
 dist="dist/vlembed-cuda13-sm${CUDA_COMPUTE_CAP}"
 rm -rf "$dist"
 mkdir -p "$dist/bin" "$dist/lib"
-cp "$CARGO_TARGET_DIR/release/vlembed" "$dist/bin/"
-strip "$dist/bin/vlembed"
+cp "$CARGO_TARGET_DIR/release/vlembed" "$CARGO_TARGET_DIR/release/examples/loadgen" "$dist/bin/"
+strip "$dist/bin/vlembed" "$dist/bin/loadgen"
 cp -L "$libs"/libcublas.so.13 "$libs"/libcublasLt.so.13 "$libs"/libcurand.so.10 \
   "$libs"/libnvrtc.so.13 "$libs"/libnvrtc-builtins.so.13.0 "$CUDA_ROOT"/lib/libcudart.so.13 "$dist/lib/"
 
