@@ -24,7 +24,8 @@
 # Environment: VLEMBED_SMOKE_CACHE (stand-ins, image storage; default
 # ~/.cache/vlembed/container-smoke), SMOKE_PORT (default 18280),
 # DEBIAN_MIRROR (default http://deb.debian.org/debian), KEEP_IMAGE=1,
-# SMOKE_STANDINS_ONLY=1 (prepare the stand-ins and stop).
+# SMOKE_STANDINS_ONLY=1 (prepare the stand-ins and stop), SMOKE_IMAGE=IMAGE (run
+# the checks on an image already in the cache's storage instead of building).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -101,20 +102,27 @@ if [ "${SMOKE_STANDINS_ONLY:-0}" = 1 ]; then
 fi
 
 # --- 2. build the unchanged Dockerfile ---------------------------------------
-log "buildah bud Dockerfile (release build inside; long)"
-t0=$SECONDS
-nice -n 10 buildah "${STORE[@]}" bud --isolation chroot --format docker --layers \
-  --build-arg BUILDER_IMAGE="$BUILDER_STANDIN" --build-arg RUNTIME_IMAGE="$RUNTIME_STANDIN" \
-  -t "$IMAGE" -f Dockerfile . >"$CACHE/build.log" 2>&1 || {
-  tail -40 "$CACHE/build.log" >&2
-  exit 1
-}
-build_s=$((SECONDS - t0))
-size_bytes=$(bah inspect --type image --format '{{.ImageSize}}' "$IMAGE" 2>/dev/null || echo 0)
-if [ "$size_bytes" = 0 ] || [ -z "$size_bytes" ]; then
-  size_bytes=$(bah images --noheading --format '{{.Size}}' "$IMAGE" | head -1)
+if [ -n "${SMOKE_IMAGE:-}" ]; then
+  # Checks an image built elsewhere (e.g. to test this script's checks).
+  IMAGE="$SMOKE_IMAGE"
+  KEEP_IMAGE=1
+  build_s="(not built here)"
+else
+  log "buildah bud Dockerfile (release build inside; long)"
+  t0=$SECONDS
+  nice -n 10 buildah "${STORE[@]}" bud --isolation chroot --format docker --layers \
+    --build-arg BUILDER_IMAGE="$BUILDER_STANDIN" --build-arg RUNTIME_IMAGE="$RUNTIME_STANDIN" \
+    -t "$IMAGE" -f Dockerfile . >"$CACHE/build.log" 2>&1 || {
+    tail -40 "$CACHE/build.log" >&2
+    exit 1
+  }
+  build_s=$((SECONDS - t0))
+  size_bytes=$(bah inspect --type image --format '{{.ImageSize}}' "$IMAGE" 2>/dev/null || echo 0)
+  if [ "$size_bytes" = 0 ] || [ -z "$size_bytes" ]; then
+    size_bytes=$(bah images --noheading --format '{{.Size}}' "$IMAGE" | head -1)
+  fi
 fi
-log "built $IMAGE in ${build_s} s"
+log "image $IMAGE, build ${build_s} s"
 
 # --- 3. run it ----------------------------------------------------------------
 ctr_name=vlembed-smoke-$$
@@ -128,7 +136,13 @@ cleanup() {
   if [ "$mode" = podman ]; then
     podman "${STORE[@]}" rm -f -t 0 "$ctr_name" >/dev/null 2>&1 || true
   fi
-  if [ -n "$runner_pid" ]; then kill "$runner_pid" 2>/dev/null || true; fi
+  if [ -n "$runner_pid" ]; then
+    # The server this script started inside the chroot, then buildah itself.
+    local spid
+    spid=$(server_pid_of_port)
+    [ -n "$spid" ] && kill -TERM "$spid" 2>/dev/null
+    kill "$runner_pid" 2>/dev/null || true
+  fi
   if [ -n "$working_ctr" ]; then bah rm "$working_ctr" >/dev/null 2>&1 || true; fi
   if [ "${KEEP_IMAGE:-0}" != 1 ]; then bah rmi "$IMAGE" >/dev/null 2>&1 || true; fi
   wait 2>/dev/null || true
