@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import urllib.error
 import urllib.request
 
 
@@ -33,11 +34,13 @@ def image(path):
 def cases(ref):
     out = []
     for t in ref.get("texts", []):
+        if not t["text"].strip():
+            continue  # the server refuses empty texts (422) by contract
         out.append((f"text {t['text'][:30]!r}", t["text"], t["embedding"]))
     for i in ref.get("images", []):
         out.append((f"image {os.path.basename(i['file'])}", {"image": image(i["file"])}, i["embedding"]))
     for c in ref.get("composed", []):
-        if os.path.exists(c["file"]):
+        if os.path.exists(c["file"]) and c["text"].strip():
             out.append((f"composed {os.path.basename(c['file'])}",
                         {"text": c["text"], "image": image(c["file"])}, c["embedding"]))
     for c in ref.get("cases", []):
@@ -45,6 +48,8 @@ def cases(ref):
         if c.get("instruction") is not None:
             inp["instruction"] = c["instruction"]
         if c.get("text") is not None:
+            if not c["text"].strip():
+                continue
             inp["text"] = c["text"]
         if c.get("file") is not None:
             if not os.path.exists(c["file"]):
@@ -74,8 +79,11 @@ def main():
         body["model"] = a.model
     req = urllib.request.Request(a.url.rstrip("/") + "/embed", data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        got = json.load(r)["embeddings"]
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            got = json.load(r)["embeddings"]
+    except urllib.error.HTTPError as e:
+        sys.exit(f"/embed answered {e.code}: {e.read().decode(errors='replace')[:500]}")
     worst_cos, worst_diff, bad = 1.0, 0.0, []
     for (name, _, want), g in zip(todo, got):
         x, y = unit(g), unit(want)
