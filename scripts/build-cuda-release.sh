@@ -15,6 +15,7 @@
 # Copy the directory over and run bin/vlembed, or scripts/gpu-check.sh.
 #
 #   CUDA_COMPUTE_CAP=90 scripts/build-cuda-release.sh   # default 90 (H100/H200)
+#   PREFLIGHT_ONLY=1 scripts/build-cuda-release.sh      # wheels + link check only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_WITH_LIBS=1
@@ -32,6 +33,30 @@ for so in "$libs"/libcublas.so.13 "$libs"/libcublasLt.so.13 "$libs"/libcurand.so
   "$libs"/libnvrtc.so.13 "$CUDA_ROOT"/lib/libcudart.so.13; do
   ln -s "$so" "$link/$(basename "$so" | sed 's/\.so\..*/.so/')"
 done
+
+# Preflight (seconds, before the long build): a C program calling one entry
+# point of each library links against the same directory.
+cat >"$link/probe.c" <<'C'
+int cuInit(unsigned);
+int cublasCreate_v2(void **);
+int curandCreateGenerator(void **, int);
+int nvrtcVersion(int *, int *);
+int cudaGetDeviceCount(int *);
+int main(void) {
+  void *h; int a, b;
+  return cuInit(0) + cublasCreate_v2(&h) + curandCreateGenerator(&h, 100) + nvrtcVersion(&a, &b) +
+         cudaGetDeviceCount(&a);
+}
+C
+cc -o "$link/probe" "$link/probe.c" -L"$link" -lcuda -lcublas -lcurand -lnvrtc -lcudart \
+  -Wl,-rpath,"$libs:$CUDA_ROOT/lib"
+probe_missing=$(ldd "$link/probe" | awk '/not found/ {print $1}' | tr '\n' ' ')
+if [ "$probe_missing" != "libcuda.so.1 " ]; then
+  echo "link preflight: unresolved '$probe_missing' (expected only libcuda.so.1)" >&2
+  exit 1
+fi
+echo "== link preflight passed (stub libcuda + wheel libraries)" >&2
+if [ "${PREFLIGHT_ONLY:-0}" = 1 ]; then exit 0; fi
 
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$link -C link-arg=-Wl,-rpath,\$ORIGIN/../lib"
 echo "== cargo build --release --features cuda (sm_${CUDA_COMPUTE_CAP})" >&2
