@@ -98,6 +98,19 @@ if ! have_image "$BUILDER_STANDIN"; then
   rm -rf "$CACHE/rootfs-builder"
 fi
 
+# The builder reaches crates.io the way this machine does: with this machine's
+# CA certificates (a TLS-intercepting egress proxy's CA, if any, is among them).
+if [ "$(bah inspect --type image --format '{{index .OCIv1.Config.Labels "vlembed.host-cas"}}' "$BUILDER_STANDIN" 2>/dev/null)" != 1 ]; then
+  log "stand-in builder: adding this machine's CA certificates"
+  ctr=$(bah from --quiet "$BUILDER_STANDIN")
+  bah copy "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >/dev/null
+  if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+    bah copy "$ctr" /usr/local/share/ca-certificates/ /usr/local/share/ca-certificates/ >/dev/null
+  fi
+  bah config --label vlembed.host-cas=1 "$ctr"
+  bah commit --quiet --rm "$ctr" "$BUILDER_STANDIN" >/dev/null
+fi
+
 if [ "${SMOKE_STANDINS_ONLY:-0}" = 1 ]; then
   log "stand-ins ready: $RUNTIME_STANDIN, $BUILDER_STANDIN"
   exit 0

@@ -148,10 +148,6 @@ pub struct Registry {
     pub server: ServerConfig,
     pub metrics: Metrics,
     models: Vec<Arc<ModelSlot>>,
-    /// Set at shutdown: `/ready` answers 503, requests are still served
-    /// (for `server.drain_delay_ms`).
-    leaving: AtomicBool,
-    /// Set when the drain starts: new requests are refused.
     shutting_down: AtomicBool,
 }
 
@@ -181,7 +177,6 @@ impl Registry {
             server: config.server.clone(),
             metrics,
             models,
-            leaving: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -219,24 +214,11 @@ impl Registry {
         }
     }
 
-    /// First step of a shutdown: not ready any more, still serving.
-    pub fn begin_leaving(&self) {
-        self.leaving.store(true, Ordering::Release);
-    }
-
-    /// Second step: new requests are refused while in-flight ones drain.
     pub fn begin_shutdown(&self) {
-        self.leaving.store(true, Ordering::Release);
         self.shutting_down.store(true, Ordering::Release);
     }
 
-    /// Whether a shutdown has begun (`/ready` says so from its first step).
     pub fn is_shutting_down(&self) -> bool {
-        self.leaving.load(Ordering::Acquire)
-    }
-
-    /// Whether new requests are refused (the drain has begun).
-    pub fn refuses_requests(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
 

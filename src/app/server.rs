@@ -1,9 +1,8 @@
 //! Starting, running and stopping the server.
 //!
 //! Owns the listener, the background loading of every configured model, the
-//! graceful shutdown (readiness goes 503 while requests are still served for
-//! `server.drain_delay_ms`, then the listener closes, in-flight requests drain
-//! within `server.shutdown_timeout_ms`, queues close and workers are joined),
+//! graceful shutdown (readiness goes 503, in-flight requests drain within
+//! `server.shutdown_timeout_ms`, then queues close and workers are joined),
 //! and the test hooks that make loading and failures observable. Handlers
 //! live in [`crate::http`]; batching in [`crate::batching`].
 
@@ -129,7 +128,6 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
         shutdown_rx,
         fatal_rx,
         config.server.shutdown_timeout(),
-        config.server.drain_delay(),
     ));
     Ok(ServerHandle {
         addr,
@@ -146,7 +144,6 @@ async fn run(
     mut shutdown_rx: watch::Receiver<bool>,
     fatal_rx: oneshot::Receiver<(String, String)>,
     drain_timeout: Duration,
-    drain_delay: Duration,
 ) -> Result<(), ServeError> {
     let fatal: Arc<Mutex<Option<(String, String)>>> = Arc::default();
     let fatal_slot = Arc::clone(&fatal);
@@ -160,22 +157,11 @@ async fn run(
                 Err(_) => std::future::pending().await,
             }
         };
-        let failure = tokio::select! {
-            _ = shutdown_rx.wait_for(|stop| *stop) => None,
-            f = load_failure => Some(f),
-        };
-        match failure {
-            None => {
-                if !drain_delay.is_zero() {
-                    // Load balancers see /ready fail and take this replica
-                    // out while it still answers what reaches it.
-                    signal_registry.begin_leaving();
-                    tracing::info!(delay = ?drain_delay, "shutting down: not ready, still serving");
-                    tokio::time::sleep(drain_delay).await;
-                }
+        tokio::select! {
+            _ = shutdown_rx.wait_for(|stop| *stop) => {
                 tracing::info!("shutting down: draining in-flight requests");
             }
-            Some(f) => {
+            f = load_failure => {
                 tracing::error!(model = %f.0, error = %f.1, "a model failed to load; shutting down");
                 *fatal_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
             }

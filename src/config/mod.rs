@@ -56,8 +56,6 @@ pub struct ServerConfig {
     pub preprocess_threads: usize,
     pub retry_after_s: u64,
     pub shutdown_timeout_ms: u64,
-    /// Serving goes on this long after `/ready` turns 503 at shutdown.
-    pub drain_delay_ms: u64,
     pub fetch_image_urls: bool,
 }
 
@@ -68,10 +66,6 @@ impl ServerConfig {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
-    }
-
-    pub fn drain_delay(&self) -> Duration {
-        Duration::from_millis(self.drain_delay_ms)
     }
 
     /// Preprocessing concurrency; `0` means a quarter of the CPU cores (at

@@ -44,7 +44,7 @@ fn target(
     what: &str,
 ) -> Result<Target, ApiError> {
     let retry = st.registry.server.retry_after_s;
-    if st.registry.refuses_requests() {
+    if st.registry.is_shutting_down() {
         return Err(ApiError::unavailable("the server is shutting down", retry));
     }
     let slot = st.registry.resolve(model)?;
