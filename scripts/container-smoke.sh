@@ -17,9 +17,9 @@
 #  4. Prints the image size and the build time.
 #
 # Needs root, buildah and debootstrap (apt-get installed when missing), curl,
-# python3. CPU-heavy (a release build inside the image: ~25-40 min on 2 cores,
-# so it is not part of .ci/run). Loopback only, besides the package registries
-# (deb.debian.org for debootstrap, crates.io for cargo).
+# python3, and ~20 GB of free disk (vfs). CPU-heavy (a release build inside the
+# image: ~25-40 min on 2 cores, so it is not part of .ci/run). Loopback only,
+# besides the package registries (deb.debian.org for debootstrap, crates.io).
 #
 # Environment: VLEMBED_SMOKE_CACHE (stand-ins, image storage; default
 # ~/.cache/vlembed/container-smoke), SMOKE_PORT (default 18280),
@@ -50,6 +50,15 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi
 mkdir -p "$CACHE"
+# The vfs driver copies the whole filesystem for every layer: a full build
+# needs ~20 GB free (the quick modes ~2 GB). Refuse rather than fill a shared disk.
+need_gb=20
+if [ -n "${SMOKE_IMAGE:-}${SMOKE_PREBUILT_BIN:-}" ] || [ "${SMOKE_STANDINS_ONLY:-0}" = 1 ]; then need_gb=3; fi
+free_gb=$(df -Pk "$CACHE" | awk 'NR == 2 {print int($4 / 1048576)}')
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "only ${free_gb} GB free under $CACHE; this mode needs ~${need_gb} GB (vfs storage)" >&2
+  exit 1
+fi
 STORE=(--root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver vfs)
 bah() { buildah "${STORE[@]}" "$@"; }
 
@@ -80,7 +89,9 @@ if ! have_image "$RUNTIME_STANDIN"; then
   import_rootfs "$CACHE/rootfs-slim" "$RUNTIME_STANDIN"
   rm -rf "$CACHE/rootfs-slim"
 fi
-if ! have_image "$BUILDER_STANDIN"; then
+quick=0
+if [ -n "${SMOKE_IMAGE:-}${SMOKE_PREBUILT_BIN:-}" ]; then quick=1; fi
+if [ "$quick" = 0 ] && ! have_image "$BUILDER_STANDIN"; then
   sysroot="$(rustc --print sysroot)"
   log "stand-in for rust:1.95-bookworm: bookworm + build tools + $(rustc --version) from $sysroot"
   rm -rf "$CACHE/rootfs-builder"
@@ -100,7 +111,7 @@ fi
 
 # The builder reaches crates.io the way this machine does: with this machine's
 # CA certificates (a TLS-intercepting egress proxy's CA, if any, is among them).
-if [ "$(bah inspect --type image --format '{{index .OCIv1.Config.Labels "vlembed.host-cas"}}' "$BUILDER_STANDIN" 2>/dev/null)" != 1 ]; then
+if [ "$quick" = 0 ] && [ "$(bah inspect --type image --format '{{index .OCIv1.Config.Labels "vlembed.host-cas"}}' "$BUILDER_STANDIN" 2>/dev/null)" != 1 ]; then
   log "stand-in builder: adding this machine's CA certificates"
   ctr=$(bah from --quiet "$BUILDER_STANDIN")
   bah copy "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >/dev/null
