@@ -140,6 +140,9 @@ pub struct ModelConfig {
     pub source: String,
     pub revision: String,
     pub dtype: Precision,
+    /// `dtype = "auto"` (the default): `dtype` follows the devices (see
+    /// [`auto_precision`]), also when `--devices` changes them.
+    pub dtype_auto: bool,
     pub devices: Vec<DeviceSpec>,
     pub batching: BatchLimits,
     pub max_image_pixels: u64,
@@ -239,13 +242,43 @@ struct RawConfig {
     models: Vec<Table>,
 }
 
+/// The precision `dtype = "auto"` picks: bf16 when every device is a CUDA
+/// device (tensor cores, half the memory, cosine >= 0.999 to f32), else f32
+/// (the reference, and the fastest on CPU).
+pub fn auto_precision(devices: &[DeviceSpec]) -> Precision {
+    if !devices.is_empty() && devices.iter().all(|d| matches!(d, DeviceSpec::Cuda(_))) {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
+
+/// `dtype` as written in a config layer: a precision or `"auto"`.
+#[derive(Debug, Clone, Copy)]
+enum DtypeSetting {
+    Auto,
+    Fixed(Precision),
+}
+
+impl<'de> Deserialize<'de> for DtypeSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(DtypeSetting::Auto);
+        }
+        s.parse::<Precision>()
+            .map(DtypeSetting::Fixed)
+            .map_err(|e| serde::de::Error::custom(format!("{e} or auto")))
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
     name: Option<String>,
     source: String,
     revision: String,
-    dtype: Precision,
+    dtype: DtypeSetting,
     devices: Vec<String>,
     max_batch_size: usize,
     max_batch_cost: usize,
@@ -355,9 +388,13 @@ impl Config {
             }
             if let Some(devices) = &o.devices {
                 m.devices.clone_from(devices);
+                if m.dtype_auto {
+                    m.dtype = auto_precision(&m.devices);
+                }
             }
             if let Some(dtype) = o.dtype {
                 m.dtype = dtype;
+                m.dtype_auto = false;
             }
         }
         Ok(())
@@ -536,11 +573,16 @@ fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError>
         Some(n) => n,
         None => ModelSource::parse(&raw.source, Some(&raw.revision)).default_name(),
     };
+    let (dtype, dtype_auto) = match raw.dtype {
+        DtypeSetting::Auto => (auto_precision(&devices), true),
+        DtypeSetting::Fixed(p) => (p, false),
+    };
     Ok(ModelConfig {
         name,
         source: raw.source,
         revision: raw.revision,
-        dtype: raw.dtype,
+        dtype,
+        dtype_auto,
         devices,
         batching: BatchLimits {
             max_batch_size: raw.max_batch_size,
@@ -769,7 +811,53 @@ mod tests {
         let b = c.model("b").unwrap();
         assert_eq!(b.batching.max_batch_size, 4);
         assert_eq!(b.devices, vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]);
-        assert_eq!(b.dtype, Precision::F32);
+        // dtype "auto" (the default) on CUDA devices.
+        assert_eq!(b.dtype, Precision::Bf16);
+    }
+
+    #[test]
+    fn auto_dtype_follows_the_devices_and_explicit_wins() {
+        let load = |file_text: &str, flags: Overrides| {
+            let file = write_file("auto-dtype.toml", file_text);
+            Config::load(&Layers {
+                file: Some(file),
+                flags,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let one = "[[models]]\nsource = \"org/a\"\n";
+        assert_eq!(
+            load(one, Overrides::default()).models[0].dtype,
+            Precision::F32
+        );
+        let cuda = Overrides {
+            devices: Some(vec![DeviceSpec::Cuda(0)]),
+            ..Default::default()
+        };
+        let c = load(one, cuda.clone());
+        assert_eq!(c.models[0].dtype, Precision::Bf16);
+        // An explicit dtype wins, in the file or as a flag.
+        let c = load(
+            "[[models]]\nsource = \"org/a\"\ndtype = \"f32\"\n",
+            cuda.clone(),
+        );
+        assert_eq!(c.models[0].dtype, Precision::F32);
+        let c = load(
+            one,
+            Overrides {
+                dtype: Some(Precision::F16),
+                ..cuda
+            },
+        );
+        assert_eq!(c.models[0].dtype, Precision::F16);
+        // A model spread over CPU and GPU stays f32.
+        let c = load(
+            "[[models]]\nsource = \"org/a\"\ndevices = [\"cpu\", \"cuda:0\"]\n",
+            Overrides::default(),
+        );
+        assert_eq!(c.models[0].dtype, Precision::F32);
+        assert_eq!(auto_precision(&[]), Precision::F32);
     }
 
     #[test]
