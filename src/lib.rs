@@ -27,4 +27,5 @@ pub mod input;
 pub mod metrics;
 pub mod models;
 pub mod preprocess;
+mod simd;
 pub mod worker;

@@ -290,7 +290,7 @@ impl LoadedModel {
                 let tokenizer_path = files.required(source::TOKENIZER)?;
                 let pre_path = files.required(source::PREPROCESSOR_CONFIG)?;
                 let proc_path = files.optional(source::PROCESSOR_CONFIG)?;
-                let square = (preprocess::llava::RESIZE_TO, preprocess::llava::RESIZE_TO);
+                let square = preprocess::Size::square(preprocess::llava::RESIZE_TO);
                 let model_features = cfg.num_image_features(square).ok_or_else(|| {
                     ModelError::Load("config.json has no image_grid_pinpoints".into())
                 })?;

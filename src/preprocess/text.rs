@@ -84,6 +84,12 @@ impl TextTokenizer {
         self.encode_with(&self.truncating, text)
     }
 
+    /// The tokenizer without truncation or padding, for callers that need
+    /// whole encodings (the MLLM prompt builder cuts texts by offsets).
+    pub fn plain(&self) -> &Tokenizer {
+        &self.plain
+    }
+
     /// The tokenizer's id for a token string, if it has one.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.plain.token_to_id(token)
