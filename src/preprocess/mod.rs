@@ -178,6 +178,17 @@ impl Preprocessor {
         image::check_request_images(images, self.image_limits())
     }
 
+    /// [`Preprocessor::check_request_images`] over a request's inputs: the
+    /// images of `inputs`, each reported by its input's index.
+    pub fn check_request_inputs(&self, inputs: &[Input]) -> Result<u64, RequestImagesError> {
+        self.check_request_images(
+            inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(index, input)| input.image.as_deref().map(|bytes| (index, bytes))),
+        )
+    }
+
     /// Validates and converts one input. `truncate` decides what happens to a
     /// text longer than the model's limit.
     pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
@@ -185,5 +196,58 @@ impl Preprocessor {
             Preprocessor::Clip(p) => p.prepare(input, truncate),
             Preprocessor::Llava(p) => p.prepare(input, truncate),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img = ::image::DynamicImage::ImageLuma8(::image::GrayImage::new(width, height));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, ::image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    /// The request budget sees every input's image, by input index, and
+    /// uses the model's limits.
+    #[test]
+    fn request_inputs_are_checked_by_input_index() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip-tiny");
+        let limits = ImageLimits {
+            max_request_pixels: 150,
+            ..ImageLimits::default()
+        };
+        let pre = Preprocessor::Clip(
+            ClipPreprocessor::load(
+                &dir.join("tokenizer.json"),
+                &dir.join("preprocessor_config.json"),
+                77,
+                limits,
+            )
+            .unwrap(),
+        );
+        assert_eq!(pre.image_limits().max_request_pixels, 150);
+        let one = vec![Input::text("a cat"), Input::image(png(10, 10))];
+        assert_eq!(pre.check_request_inputs(&one).unwrap(), 100);
+        let two = vec![
+            Input::text("a cat"),
+            Input::image(png(10, 10)),
+            Input::image(png(10, 10)),
+        ];
+        assert!(matches!(
+            pre.check_request_inputs(&two),
+            Err(RequestImagesError::OverBudget {
+                images: 2,
+                pixels: 200,
+                limit: 150
+            })
+        ));
+        let bad = vec![Input::text("a cat"), Input::image(b"junk".to_vec())];
+        assert!(matches!(
+            pre.check_request_inputs(&bad),
+            Err(RequestImagesError::Image { index: 1, .. })
+        ));
     }
 }
