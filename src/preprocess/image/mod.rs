@@ -1066,4 +1066,29 @@ mod tests {
             })
         ));
     }
+
+    /// Decodes every file in `$VLEMBED_IMAGE_DIR` with the default limits
+    /// (a check that real photos pass the stricter JPEG rules):
+    /// `VLEMBED_IMAGE_DIR=... cargo test --lib decodes_a_directory -- --ignored`.
+    #[test]
+    #[ignore = "needs VLEMBED_IMAGE_DIR"]
+    fn decodes_a_directory() {
+        let dir = std::env::var("VLEMBED_IMAGE_DIR").expect("VLEMBED_IMAGE_DIR");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            if image::guess_format(&bytes).is_err() {
+                continue;
+            }
+            let decoded = decode_image(&bytes, &ImageLimits::default());
+            assert!(decoded.is_ok(), "{}: {:?}", path.display(), decoded.err());
+            let size = header_size(&bytes).unwrap();
+            assert_eq!((size.width, size.height), decoded.unwrap().dimensions());
+            n += 1;
+        }
+        println!("{n} images decoded");
+    }
 }
