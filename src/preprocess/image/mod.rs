@@ -1091,4 +1091,32 @@ mod tests {
         }
         println!("{n} images decoded");
     }
+
+    /// The JPEG marker walk is not behind the decoders' panic guard in every
+    /// caller: it must not panic on any cut or corrupted stream.
+    #[test]
+    fn jpeg_marker_walk_survives_corruption() {
+        let mut state = 0x2545_f491u32;
+        let mut rand = |n: usize| -> usize {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize % n.max(1)
+        };
+        for fixture in [BASELINE_JPEG, PROGRESSIVE_JPEG] {
+            for cut in (0..fixture.len()).step_by(97) {
+                let _ = sniff::jpeg_info(&fixture[..cut]);
+                let _ = header_size(&fixture[..cut]);
+            }
+            for _ in 0..300 {
+                let mut bytes = fixture.to_vec();
+                for _ in 0..1 + rand(8) {
+                    let at = rand(bytes.len());
+                    bytes[at] = [0x00, 0xff, 0xd9, 0xda, 0xc2, rand(256) as u8][rand(6)];
+                }
+                let _ = sniff::jpeg_info(&bytes);
+                let _ = decode_image(&bytes[..rand(bytes.len()) + 1], &ImageLimits::default());
+            }
+        }
+    }
 }
