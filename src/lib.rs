@@ -37,5 +37,6 @@ pub mod models;
 pub mod otlp;
 pub mod preprocess;
 pub mod registry;
+mod simd;
 pub mod vector;
 pub mod worker;

@@ -144,10 +144,17 @@ fn pixel_tensors_match_the_reference() {
             .collect();
         let max = diffs.iter().cloned().fold(0.0, f32::max);
         let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-        eprintln!("{key}: {}x{} max {max:.2e} mean {mean:.2e}", size.0, size.1);
+        eprintln!(
+            "{key}: {}x{} max {max:.2e} mean {mean:.2e}",
+            size.width, size.height
+        );
         assert!(max <= 0.02 && mean <= 0.002, "{key}: max {max} mean {mean}");
         let want_size = ids(&case["size"]);
-        assert_eq!([size.0, size.1], [want_size[0], want_size[1]], "{key} size");
+        assert_eq!(
+            [size.width, size.height],
+            [want_size[0], want_size[1]],
+            "{key} size"
+        );
         checked += 1;
     }
     assert!(checked >= 12, "only {checked} images checked");

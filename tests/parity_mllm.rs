@@ -17,7 +17,7 @@ use vlembed::embedder::{l2_normalize, Embedder};
 use vlembed::input::{Input, Modality, Role};
 use vlembed::models::{Architecture, DeviceSpec, LoadOptions, ModelSource};
 use vlembed::preprocess::llava::build_prompt;
-use vlembed::preprocess::{LlavaPreprocessor, Pixels, Prepared, Preprocessor};
+use vlembed::preprocess::{LlavaPreprocessor, Pixels, Prepared, Preprocessor, Size};
 
 mod common;
 use common::*;
@@ -90,7 +90,7 @@ fn reference_prepared(case: &Value, px: &HashMap<String, Tensor>) -> Prepared {
     let pixels = case["pixels"].as_str().map(|k| pixels_of(&px[k]));
     let image_size = case["image_size"]
         .as_array()
-        .map(|s| (s[0].as_u64().unwrap() as u32, s[1].as_u64().unwrap() as u32));
+        .map(|s| Size::new(s[0].as_u64().unwrap() as u32, s[1].as_u64().unwrap() as u32));
     let modality = match (case["text"].is_string(), pixels.is_some()) {
         (true, true) => Modality::Composed,
         (false, true) => Modality::Image,
@@ -209,7 +209,7 @@ fn pixel_tiles_match_the_reference() {
             let size = case["image_size"].as_array().unwrap();
             assert_eq!(
                 p.image_size,
-                Some((
+                Some(Size::new(
                     size[0].as_u64().unwrap() as u32,
                     size[1].as_u64().unwrap() as u32
                 ))

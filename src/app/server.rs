@@ -320,6 +320,7 @@ fn load_model(
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;
+    opts.image_limits.max_request_pixels = cfg.max_request_image_pixels;
     let loaded = Arc::new(LoadedModel::open(&source, &opts).map_err(|e| e.to_string())?);
     let queue = Queue::new(&cfg.name, cfg.batching, metrics.clone());
     let restart = RestartPolicy {

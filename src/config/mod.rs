@@ -146,6 +146,8 @@ pub struct ModelConfig {
     pub devices: Vec<DeviceSpec>,
     pub batching: BatchLimits,
     pub max_image_pixels: u64,
+    /// Most pixels the images of one request may declare in all.
+    pub max_request_image_pixels: u64,
 }
 
 impl ModelConfig {
@@ -285,6 +287,7 @@ struct RawModel {
     max_queue_inputs: usize,
     max_delay_ms: u64,
     max_image_pixels: u64,
+    max_request_image_pixels: u64,
 }
 
 impl Config {
@@ -534,6 +537,9 @@ impl Config {
             if m.max_image_pixels == 0 {
                 return Err(invalid(at, "max_image_pixels must be at least 1"));
             }
+            if m.max_request_image_pixels == 0 {
+                return Err(invalid(at, "max_request_image_pixels must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -591,6 +597,7 @@ fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError>
             max_delay: Duration::from_millis(raw.max_delay_ms),
         },
         max_image_pixels: raw.max_image_pixels,
+        max_request_image_pixels: raw.max_request_image_pixels,
     })
 }
 

@@ -10,7 +10,7 @@
 //! - `multi_modal_projector`: `linear_1`, GELU (erf), `linear_2`;
 //! - any-resolution packing as `pack_image_features`: the base tile's
 //!   features first, then the grid tiles arranged spatially, unpadded to the
-//!   image's aspect ([`unpad_bounds`]) with `image_newline` after every row;
+//!   image's aspect ([`anyres::unpad_bounds`]) with `image_newline` after every row;
 //! - the features replace the `<image>` tokens of the prompt (their number
 //!   must match exactly), then the Mistral decoder ([`MistralModel`]);
 //! - the embedding is the final-norm hidden state of the last token
@@ -28,7 +28,8 @@ use super::clip::{ClipVisionConfig, ClipVisionTransformer};
 use super::family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder};
 use super::mistral::{DecoderError, MistralConfig, MistralModel};
 use super::{source, ConfigError, EmbeddingModel, ModelError};
-use crate::preprocess::llava::{self as llava_pre, select_best_resolution};
+use crate::preprocess::anyres::{self, parse_pinpoints, Size, DEFAULT_PINPOINTS};
+use crate::preprocess::llava as llava_pre;
 use crate::preprocess::{LlavaPreprocessor, Prepared, Preprocessor};
 
 /// The parts of a LLaVA-NeXT `config.json` the model needs.
@@ -40,37 +41,8 @@ pub struct LlavaConfig {
     /// `vision_feature_layer` resolved to an index into the vision tower's
     /// `num_hidden_layers + 1` hidden states.
     pub vision_layer: usize,
-    /// `image_grid_pinpoints` as (height, width).
-    pub image_grid_pinpoints: Vec<(u32, u32)>,
-}
-
-/// transformers' default `image_grid_pinpoints`.
-pub const DEFAULT_PINPOINTS: [(u32, u32); 5] =
-    [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
-
-/// Reads `[[h, w], ...]`.
-pub fn parse_pinpoints(v: &Value) -> Result<Vec<(u32, u32)>, ConfigError> {
-    let err = || {
-        ConfigError::from(format!(
-            "image_grid_pinpoints must be a list of [height, width] pairs, got {v}"
-        ))
-    };
-    let list = v.as_array().ok_or_else(err)?;
-    let mut out = Vec::with_capacity(list.len());
-    for p in list {
-        let pair = p.as_array().filter(|a| a.len() == 2).ok_or_else(err)?;
-        let dim = |x: &Value| {
-            x.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|&n| n > 0)
-                .ok_or_else(err)
-        };
-        out.push((dim(&pair[0])?, dim(&pair[1])?));
-    }
-    if out.is_empty() {
-        return Err("image_grid_pinpoints is empty".into());
-    }
-    Ok(out)
+    /// `image_grid_pinpoints`.
+    pub image_grid_pinpoints: Vec<Size>,
 }
 
 impl LlavaConfig {
@@ -162,12 +134,13 @@ impl LlavaConfig {
             Some(p) => parse_pinpoints(p)?,
         };
         let side = vc.image_size as u32;
-        if let Some(&(h, w)) = image_grid_pinpoints
+        if let Some(p) = image_grid_pinpoints
             .iter()
-            .find(|(h, w)| h % side != 0 || w % side != 0)
+            .find(|p| p.height % side != 0 || p.width % side != 0)
         {
             return Err(format!(
-                "image_grid_pinpoints entry [{h}, {w}] is not a multiple of the {side}px tiles"
+                "image_grid_pinpoints entry [{}, {}] is not a multiple of the {side}px tiles",
+                p.height, p.width
             )
             .into());
         }
@@ -185,42 +158,19 @@ impl LlavaConfig {
         self.vision_config.image_size / self.vision_config.patch_size
     }
 
-    /// The grid of tiles (rows, columns) for an image of `(height, width)`,
+    /// The grid of tiles (rows, columns) for an image of `size`,
     /// as `get_anyres_image_grid_shape`.
-    pub fn grid_shape(&self, size: (u32, u32)) -> Option<(usize, usize)> {
-        let (bh, bw) = select_best_resolution(size, &self.image_grid_pinpoints)?;
-        let s = self.vision_config.image_size as u32;
-        Some(((bh / s) as usize, (bw / s) as usize))
+    pub fn grid_shape(&self, size: Size) -> Option<(usize, usize)> {
+        let tile = self.vision_config.image_size as u32;
+        anyres::grid_shape(size, &self.image_grid_pinpoints, tile)
     }
 
     /// The number of image features the model makes for an image of
-    /// `(height, width)`: base tile + unpadded grid with one newline per row.
-    pub fn num_image_features(&self, size: (u32, u32)) -> Option<usize> {
-        let (gh, gw) = self.grid_shape(size)?;
-        let p = self.patches_per_side();
-        let (r0, r1, c0, c1) = unpad_bounds(size, (gh * p, gw * p));
-        Some(p * p + (r1 - r0) * (c1 - c0 + 1))
-    }
-}
-
-/// transformers 4.45.2 `unpad_image`: the rows `r0..r1` and columns `c0..c1`
-/// of a `current` (rows, cols) feature map to keep for an image of
-/// `original` (height, width). Python float arithmetic (f64) throughout.
-pub fn unpad_bounds(original: (u32, u32), current: (usize, usize)) -> (usize, usize, usize, usize) {
-    let (oh, ow) = (f64::from(original.0), f64::from(original.1));
-    let (ch, cw) = current;
-    let original_aspect = ow / oh;
-    let current_aspect = cw as f64 / ch as f64;
-    if original_aspect > current_aspect {
-        let scale = cw as f64 / ow;
-        let new_h = (oh * scale) as usize;
-        let pad = ch.saturating_sub(new_h) / 2;
-        (pad, ch - pad, 0, cw)
-    } else {
-        let scale = ch as f64 / oh;
-        let new_w = (ow * scale) as usize;
-        let pad = cw.saturating_sub(new_w) / 2;
-        (0, ch, pad, cw - pad)
+    /// `size`: base tile + unpadded grid with one newline per row.
+    pub fn num_image_features(&self, size: Size) -> Option<usize> {
+        let tile = self.vision_config.image_size as u32;
+        let patch = self.vision_config.patch_size as u32;
+        anyres::model_feature_count(size, &self.image_grid_pinpoints, tile, patch)
     }
 }
 
@@ -252,7 +202,7 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
     let tokenizer_path = cx.files.required(source::TOKENIZER)?;
     let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
     let proc_path = cx.files.optional(source::PROCESSOR_CONFIG)?;
-    let square = (llava_pre::RESIZE_TO, llava_pre::RESIZE_TO);
+    let square = Size::square(llava_pre::RESIZE_TO);
     let model_features = cfg
         .num_image_features(square)
         .ok_or_else(|| ModelError::Load("config.json has no image_grid_pinpoints".into()))?;
@@ -310,12 +260,12 @@ const GROUP_TOKENS: usize = 4096;
 
 /// One item's image for [`LlavaModel::embed_ids`]: `tiles` tiles of
 /// `3 x S x S` pixel values (the base tile first) of an image that was
-/// `size` (height, width) when the processor saw it.
+/// `size` when the processor saw it.
 #[derive(Debug, Clone, Copy)]
 pub struct ImageTiles<'a> {
     pub data: &'a [f32],
     pub tiles: usize,
-    pub size: (u32, u32),
+    pub size: Size,
 }
 
 /// A BGE-VL-MLLM replica on one device.
@@ -384,7 +334,7 @@ impl LlavaModel {
 
     /// `pack_image_features` for one image: tiles' features
     /// [1 + gh * gw, p * p, hidden] -> [features, hidden].
-    fn pack(&self, feats: &Tensor, size: (u32, u32)) -> Result<Tensor, ModelError> {
+    fn pack(&self, feats: &Tensor, size: Size) -> Result<Tensor, ModelError> {
         let (gh, gw) = self
             .cfg
             .grid_shape(size)
@@ -393,9 +343,7 @@ impl LlavaModel {
         let (n, _, c) = feats.dims3()?;
         if n != 1 + gh * gw {
             return Err(ModelError::Batch(format!(
-                "an image of {}x{} needs {} tiles, got {n}",
-                size.1,
-                size.0,
+                "an image of {size} needs {} tiles, got {n}",
                 1 + gh * gw
             )));
         }
@@ -406,7 +354,7 @@ impl LlavaModel {
             .permute((0, 2, 1, 3, 4))?
             .contiguous()?
             .reshape((gh * p, gw * p, c))?;
-        let (r0, r1, c0, c1) = unpad_bounds(size, (gh * p, gw * p));
+        let (r0, r1, c0, c1) = anyres::unpad_bounds(size, (gh * p, gw * p));
         let grid = grid.narrow(0, r0, r1 - r0)?.narrow(1, c0, c1 - c0)?;
         let rows = r1 - r0;
         let newline = self
@@ -570,13 +518,13 @@ impl EmbeddingModel for LlavaModel {
                             p.height, p.width
                         )));
                     }
-                    let (w, h) = item.image_size.ok_or_else(|| {
+                    let size = item.image_size.ok_or_else(|| {
                         ModelError::Batch(format!("item {i} has pixels but no image size"))
                     })?;
                     Some(ImageTiles {
                         data: p.data.as_slice(),
                         tiles: p.tiles,
-                        size: (h, w),
+                        size,
                     })
                 }
             });
@@ -616,8 +564,8 @@ mod tests {
         assert_eq!(c.text_config.sliding_window, None);
         assert_eq!(c.patches_per_side(), 24);
         // 512x512 -> 672x672 -> 2x2 grid; 576 + 48 * 49 = 2928 features.
-        assert_eq!(c.grid_shape((512, 512)), Some((2, 2)));
-        assert_eq!(c.num_image_features((512, 512)), Some(2928));
+        assert_eq!(c.grid_shape(Size::square(512)), Some((2, 2)));
+        assert_eq!(c.num_image_features(Size::square(512)), Some(2928));
     }
 
     #[test]
@@ -640,18 +588,5 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("multiple"));
-    }
-
-    #[test]
-    fn unpad_follows_transformers_arithmetic() {
-        // Square image in a square grid: nothing removed.
-        assert_eq!(unpad_bounds((512, 512), (48, 48)), (0, 48, 0, 48));
-        // Wide image (h 300, w 800) in 48x96: scale 96/800 = 0.12, new_h = 36, pad 6.
-        assert_eq!(unpad_bounds((300, 800), (48, 96)), (6, 42, 0, 96));
-        // Values checked against transformers 4.45.2 `unpad_image`.
-        assert_eq!(unpad_bounds((1000, 400), (72, 24)), (6, 66, 0, 24));
-        assert_eq!(unpad_bounds((1000, 200), (72, 48)), (0, 72, 17, 31));
-        assert_eq!(unpad_bounds((333, 1000), (24, 72)), (0, 24, 0, 72));
-        assert_eq!(unpad_bounds((517, 100), (48, 24)), (0, 48, 7, 17));
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::clip_image::ClipImageProcessor;
 use super::image::{decode_image, ImageLimits};
 use super::text::TextTokenizer;
-use super::{Pixels, Prepared, PreprocessError};
+use super::{Pixels, Prepared, PreprocessError, Size};
 use crate::input::Input;
 
 /// Tokenizer + image processor of a CLIP model.
@@ -55,10 +55,15 @@ impl ClipPreprocessor {
     }
 
     /// Pixel values for encoded image bytes.
-    pub fn image_pixels(&self, bytes: &[u8]) -> Result<(Pixels, (u32, u32)), PreprocessError> {
+    pub fn image_pixels(&self, bytes: &[u8]) -> Result<(Pixels, Size), PreprocessError> {
         let decoded = decode_image(bytes, &self.limits)?;
-        let size = (decoded.width(), decoded.height());
+        let size = Size::new(decoded.width(), decoded.height());
         Ok((self.images.preprocess(&decoded.to_rgb8()), size))
+    }
+
+    /// The limits images are decoded under.
+    pub fn image_limits(&self) -> &ImageLimits {
+        &self.limits
     }
 
     /// Turns one input into model-ready numbers.

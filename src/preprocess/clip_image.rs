@@ -11,6 +11,12 @@
 //! 3. rescale (`float32(float64(v) * rescale_factor)`, as numpy does it);
 //! 4. normalise in `float32`: `(x - mean) / std`.
 //!
+//! Steps 1 and 2 are done together: only the pixels of the resized image
+//! that the crop keeps are computed ([`resize::resize_interleaved_region`]),
+//! bit for bit what resizing everything and cropping gives, so the memory
+//! and time of an image follow the crop size, never its aspect ratio (a
+//! 32768x1 image would otherwise be resized to 7340032x224 first).
+//!
 //! Steps 3 and 4 only ever see 8-bit values, so they are a per-channel
 //! lookup table computed once with exactly those operations.
 //!
@@ -356,20 +362,12 @@ impl ClipImageProcessor {
     pub fn preprocess(&self, img: &RgbImage) -> Pixels {
         let (w, h) = img.dimensions();
         let (rw, rh) = self.resized_size(w, h);
-        let resized;
-        let img = if (rw, rh) != (w, h) {
-            resized = resize::resize(img, rw, rh, self.resample);
-            &resized
-        } else {
-            img
-        };
         let (out_h, out_w) = if self.do_center_crop {
             self.crop
         } else {
             (rh, rw)
         };
         let (out_h, out_w) = (out_h as usize, out_w as usize);
-        let (src_w, src_h) = (img.width() as usize, img.height() as usize);
         // transformers' center_crop, per axis: crop at (size - crop) // 2 when
         // the image is large enough, else pad with ceil((crop - size) / 2)
         // zeros before the image.
@@ -381,8 +379,28 @@ impl ClipImageProcessor {
                 (0, (crop - size).div_ceil(2), size)
             }
         };
-        let (sy, oy, ny) = place(src_h, out_h);
-        let (sx, ox, nx) = place(src_w, out_w);
+        let (sy, oy, ny) = place(rh as usize, out_h);
+        let (sx, ox, nx) = place(rw as usize, out_w);
+        // Only the part of the resized image that survives the crop is
+        // computed (bit for bit what resizing everything and cropping
+        // gives): the work and memory follow the crop, not the aspect ratio
+        // (a 32768x1 image would otherwise become 7340032x224 first).
+        let region = resize::Region {
+            x: sx,
+            y: sy,
+            width: nx,
+            height: ny,
+        };
+        let kept = resize::resize_interleaved_region(
+            img.as_raw(),
+            w as usize,
+            h as usize,
+            3,
+            rw as usize,
+            rh as usize,
+            region,
+            self.resample,
+        );
 
         let plane = out_h * out_w;
         let mut data = vec![0f32; 3 * plane];
@@ -393,14 +411,11 @@ impl ClipImageProcessor {
             if nx == 0 {
                 continue;
             }
-            let raw = img.as_raw();
-            for row in 0..ny {
-                let src_row = (sy + row) * src_w * 3;
+            for (row, src) in kept.chunks_exact(nx * 3).take(ny).enumerate() {
                 let dst_row = (oy + row) * out_w + ox;
-                let src = &raw[src_row + sx * 3 + c..];
                 for (dst, px) in out_plane[dst_row..dst_row + nx]
                     .iter_mut()
-                    .zip(src.iter().step_by(3))
+                    .zip(src[c..].iter().step_by(3))
                 {
                     *dst = table[usize::from(*px)];
                 }
@@ -566,5 +581,161 @@ mod tests {
         let p = ClipImageProcessor::default();
         let px = p.preprocess(&RgbImage::new(0, 0));
         assert_eq!(px.data.len(), 3 * 224 * 224);
+    }
+
+    /// The processor as it was before it resized only the crop: the whole
+    /// resized image, then transformers' center crop (pads included).
+    fn full_resize_then_crop(p: &ClipImageProcessor, img: &RgbImage) -> Vec<f32> {
+        let (w, h) = img.dimensions();
+        let (rw, rh) = p.resized_size(w, h);
+        let resized = resize::resize(img, rw, rh, p.resample);
+        let (out_h, out_w) = (p.crop.0 as usize, p.crop.1 as usize);
+        let (src_w, src_h) = (rw as usize, rh as usize);
+        let mut data = vec![0f32; 3 * out_h * out_w];
+        for c in 0..3 {
+            for y in 0..out_h {
+                for x in 0..out_w {
+                    // Output (x, y) reads source (x + sx - ox, y + sy - oy).
+                    let pick = |o: usize, size: usize, crop: usize| -> Option<usize> {
+                        if size >= crop {
+                            Some(o + (size - crop) / 2)
+                        } else {
+                            let pad = (crop - size).div_ceil(2);
+                            (o >= pad && o - pad < size).then(|| o - pad)
+                        }
+                    };
+                    let v = match (pick(x, src_w, out_w), pick(y, src_h, out_h)) {
+                        (Some(sx), Some(sy)) => resized.get_pixel(sx as u32, sy as u32).0[c],
+                        _ => 0,
+                    };
+                    data[c * out_h * out_w + y * out_w + x] = p.lut[c][usize::from(v)];
+                }
+            }
+        }
+        data
+    }
+
+    /// Resizing only the crop gives exactly the old full resize + crop,
+    /// including images smaller than the crop (padded) and extreme aspects.
+    #[test]
+    fn crop_only_resize_matches_full_resize_and_crop() {
+        let processors = [
+            ClipImageProcessor::default(),
+            ClipImageProcessor::from_json_str(
+                r#"{"size": 100, "crop_size": {"height": 60, "width": 90}}"#,
+            )
+            .unwrap(),
+            ClipImageProcessor::from_json_str(
+                r#"{"size": {"height": 50, "width": 30}, "crop_size": 40, "resample": 2}"#,
+            )
+            .unwrap(),
+        ];
+        let sizes = [
+            (225, 223),
+            (223, 225),
+            (640, 480),
+            (1000, 40),
+            (40, 1000),
+            (3000, 1),
+            (1, 3000),
+            (1, 1),
+            (224, 224),
+            (97, 13),
+        ];
+        for p in &processors {
+            for &(w, h) in &sizes {
+                let mut s = w * 31 + h;
+                let data: Vec<u8> = (0..w * h * 3)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 17;
+                        s ^= s << 5;
+                        (s >> 24) as u8
+                    })
+                    .collect();
+                let img = RgbImage::from_raw(w, h, data).unwrap();
+                assert!(
+                    p.preprocess(&img).data == full_resize_then_crop(p, &img),
+                    "{w}x{h} with {:?}",
+                    p.size
+                );
+            }
+        }
+    }
+
+    /// A constant grey PNG, compressed as tightly as the encoder can.
+    fn small_png(width: u32, height: u32) -> Vec<u8> {
+        use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+        use image::ImageEncoder;
+        let img = image::GrayImage::from_pixel(width, height, image::Luma([77]));
+        let mut png = Vec::new();
+        PngEncoder::new_with_quality(&mut png, CompressionType::Best, FilterType::Adaptive)
+            .write_image(img.as_raw(), width, height, image::ExtendedColorType::L8)
+            .unwrap();
+        png
+    }
+
+    /// A 32768x1 PNG (110 bytes) used to become a 7340032x224 RGB image
+    /// (4.9 GB) before the crop; now the work is the 224x224 crop.
+    #[test]
+    fn extreme_aspect_png_costs_the_crop_only() {
+        use crate::preprocess::image::{decode_image, ImageLimits};
+        let p = ClipImageProcessor::default();
+        for (w, h) in [(32768, 1), (1, 32768)] {
+            let png = small_png(w, h);
+            assert!(png.len() < 1000, "{}", png.len());
+            let started = std::time::Instant::now();
+            let decoded = decode_image(&png, &ImageLimits::default()).unwrap();
+            let px = p.preprocess(&decoded.to_rgb8());
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            assert_eq!((px.tiles, px.height, px.width), (1, 224, 224));
+            for c in 0..3 {
+                let plane = &px.data[c * 224 * 224..(c + 1) * 224 * 224];
+                assert!(plane.iter().all(|&v| v == p.lut[c][77]), "{w}x{h}");
+            }
+        }
+    }
+
+    /// Time and peak memory (VmHWM) of one 32768x1 PNG through the CLIP
+    /// image processor: `VLEMBED_BENCH_MODE=full` runs the old way (full
+    /// resize, then crop), anything else the new one. Run one mode per
+    /// process: `cargo test --lib bench_extreme_aspect -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn bench_extreme_aspect() {
+        use crate::preprocess::image::{decode_image, ImageLimits};
+        let full = std::env::var("VLEMBED_BENCH_MODE").is_ok_and(|m| m == "full");
+        let p = ClipImageProcessor::default();
+        let png = small_png(32768, 1);
+        let hwm = || {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .unwrap_or("VmHWM: ?")
+                .to_string()
+        };
+        let before = hwm();
+        let started = std::time::Instant::now();
+        let rgb = decode_image(&png, &ImageLimits::default())
+            .unwrap()
+            .to_rgb8();
+        let out = if full {
+            full_resize_then_crop(&p, &rgb)
+        } else {
+            p.preprocess(&rgb).data
+        };
+        println!(
+            "{} bytes PNG 32768x1, mode {}: {:.3} s, peak RSS before {before}, after {}",
+            png.len(),
+            if full {
+                "full resize + crop"
+            } else {
+                "crop-only resize"
+            },
+            started.elapsed().as_secs_f64(),
+            hwm()
+        );
+        assert_eq!(out.len(), 3 * 224 * 224);
     }
 }

@@ -9,14 +9,23 @@
 //! - images: decoded, resized to exactly 512x512 in the image's own mode
 //!   (Pillow's default filter), converted to RGB, then the any-resolution
 //!   processor: the best resolution from `image_grid_pinpoints`
-//!   ([`select_best_resolution`]), resized keeping the aspect
-//!   ([`patch_output_size`]) and padded with black to the centre, cut into
+//!   ([`anyres::select_best_resolution`]), resized keeping the aspect
+//!   ([`anyres::patch_output_size`]) and padded with black to the centre, cut into
 //!   tiles, plus the whole image resized to the tile size as the FIRST tile;
 //!   every tile then goes through the CLIP tile processor (resize shortest
 //!   edge, centre crop, rescale, normalise);
 //! - tokens: `tokenizer.json` with BOS; the `<image>` token is expanded to
 //!   exactly the number of image features the model makes
-//!   ([`processor_feature_count`], the processor's own arithmetic).
+//!   ([`anyres::processor_feature_count`], the processor's own arithmetic).
+//!
+//! Memory: every intermediate image is bounded by the decoded image (itself
+//! bounded by the decode limits) or by the fixed sizes of the pipeline (the
+//! 512x512 resize, the best resolution among the pinpoints, the tiles); none
+//! follows the input's aspect ratio. The first resize to 512x512 has one
+//! intermediate, 512 samples along one axis and the input's size along the
+//! other; with Pillow's pass order it is never larger than the decoded
+//! image or 512x512 (the first pass runs along an axis that grows, or the
+//! other axis is over 512 already). Everything after works on 512x512.
 //!
 //! Limits: a prompt (image tokens included) longer than the decoder's
 //! `max_position_embeddings` is [`PreprocessError::TextTooLong`] with
@@ -31,11 +40,12 @@ use std::path::Path;
 
 use image::RgbImage;
 use serde_json::Value;
-use tokenizers::Tokenizer;
 
+use super::anyres::{self, select_best_resolution, Size};
 use super::clip_image::ClipImageProcessor;
 use super::image::{decode_image, ImageLimits};
 use super::resize::{self, Filter};
+use super::text::TextTokenizer;
 use super::{Pixels, Prepared, PreprocessError};
 use crate::input::{Input, Role};
 
@@ -43,79 +53,6 @@ use crate::input::{Input, Role};
 pub const RESIZE_TO: u32 = 512;
 /// The image placeholder of the prompt (`LlavaNextProcessor.image_token`).
 pub const IMAGE_TOKEN: &str = "<image>";
-
-/// transformers' `select_best_resolution`: among `pinpoints` (height, width),
-/// the one keeping the most of an image of `size` (height, width), then the
-/// least waste; the first wins ties. `None` when `pinpoints` is empty.
-pub fn select_best_resolution(size: (u32, u32), pinpoints: &[(u32, u32)]) -> Option<(u32, u32)> {
-    let (oh, ow) = (f64::from(size.0), f64::from(size.1));
-    let mut best = None;
-    let mut max_effective: u64 = 0;
-    let mut min_wasted = f64::INFINITY;
-    for &(h, w) in pinpoints {
-        let scale = (f64::from(w) / ow).min(f64::from(h) / oh);
-        let dw = (ow * scale) as u64;
-        let dh = (oh * scale) as u64;
-        let effective = (dw * dh).min(u64::from(size.0) * u64::from(size.1));
-        let wasted = (u64::from(w) * u64::from(h)) as f64 - effective as f64;
-        if effective > max_effective || (effective == max_effective && wasted < min_wasted) {
-            max_effective = effective;
-            min_wasted = wasted;
-            best = Some((h, w));
-        }
-    }
-    best
-}
-
-/// `_get_patch_output_size`: the (height, width) an image of `size` is
-/// resized to inside `target`, keeping its aspect.
-pub fn patch_output_size(size: (u32, u32), target: (u32, u32)) -> (u32, u32) {
-    let (oh, ow) = (f64::from(size.0), f64::from(size.1));
-    let (th, tw) = target;
-    let scale_w = f64::from(tw) / ow;
-    let scale_h = f64::from(th) / oh;
-    if scale_w < scale_h {
-        (((oh * scale_w).ceil() as u32).min(th), tw)
-    } else {
-        (th, ((ow * scale_h).ceil() as u32).min(tw))
-    }
-}
-
-/// `LlavaNextProcessor._get_number_of_features` minus the CLS token
-/// ("default" strategy): the `<image>` tokens for an image of `size`
-/// (height, width) with `tile`-pixel tiles of `patch`-pixel patches.
-pub fn processor_feature_count(
-    size: (u32, u32),
-    pinpoints: &[(u32, u32)],
-    tile: u32,
-    patch: u32,
-) -> Option<usize> {
-    let (bh, bw) = select_best_resolution(size, pinpoints)?;
-    if tile == 0 || patch == 0 || size.0 == 0 || size.1 == 0 {
-        return None;
-    }
-    let (scale_h, scale_w) = (i64::from(bh / tile), i64::from(bw / tile));
-    let p = i64::from(tile / patch);
-    let (h, w) = (i64::from(size.0), i64::from(size.1));
-    let mut cur_h = p * scale_h;
-    let mut cur_w = p * scale_w;
-    if cur_h == 0 || cur_w == 0 {
-        return None;
-    }
-    let original_aspect = w as f64 / h as f64;
-    let current_aspect = cur_w as f64 / cur_h as f64;
-    if original_aspect > current_aspect {
-        let new_h = (h * cur_w).div_euclid(w);
-        let pad = (cur_h - new_h).div_euclid(2);
-        cur_h -= pad * 2;
-    } else {
-        let new_w = (w * cur_h).div_euclid(h);
-        let pad = (cur_w - new_w).div_euclid(2);
-        cur_w -= pad * 2;
-    }
-    let total = cur_h * cur_w + cur_h + p * p;
-    usize::try_from(total).ok()
-}
 
 /// Upstream BGE-VL-MLLM's prompt (before the `<image>` expansion).
 pub fn build_prompt(
@@ -145,14 +82,15 @@ fn config_error(path: &Path, msg: impl std::fmt::Display) -> String {
 /// Tokenizer + any-resolution image processor of a LLaVA-NeXT model.
 #[derive(Clone)]
 pub struct LlavaPreprocessor {
-    tokenizer: Tokenizer,
+    /// Used without truncation: prompts are cut by [`Self::prompt_ids`].
+    tokenizer: TextTokenizer,
     tiles: ClipImageProcessor,
     resample: Filter,
     /// Side of the base tile (`size.shortest_edge`).
     base_size: u32,
     /// Side of every tile (`crop_size`).
     tile: u32,
-    pinpoints: Vec<(u32, u32)>,
+    pinpoints: Vec<Size>,
     image_token_id: u32,
     /// `<image>` tokens per image (every image is 512x512 when processed).
     image_tokens: usize,
@@ -197,11 +135,7 @@ impl LlavaPreprocessor {
         facts: &LlavaModelFacts,
         limits: ImageLimits,
     ) -> Result<Self, String> {
-        let mut tok = Tokenizer::from_file(tokenizer)
-            .map_err(|e| format!("cannot load tokenizer {}: {e}", tokenizer.display()))?;
-        tok.with_padding(None);
-        tok.with_truncation(None)
-            .map_err(|e| format!("cannot configure tokenizer: {e}"))?;
+        let tok = TextTokenizer::from_file(tokenizer, facts.max_tokens)?;
         let text = std::fs::read_to_string(preprocessor_config)
             .map_err(|e| format!("cannot read {}: {e}", preprocessor_config.display()))?;
         let pre: Value =
@@ -239,9 +173,10 @@ impl LlavaPreprocessor {
             ));
         }
         let pinpoints = match pre.get("image_grid_pinpoints") {
-            None | Some(Value::Null) => crate::models::llava::DEFAULT_PINPOINTS.to_vec(),
-            Some(p) => crate::models::llava::parse_pinpoints(p)
-                .map_err(|e| config_error(preprocessor_config, e))?,
+            None | Some(Value::Null) => anyres::DEFAULT_PINPOINTS.to_vec(),
+            Some(p) => {
+                anyres::parse_pinpoints(p).map_err(|e| config_error(preprocessor_config, e))?
+            }
         };
         // processor_config.json: patch size, strategy, image token.
         let mut patch = facts.patch;
@@ -282,8 +217,8 @@ impl LlavaPreprocessor {
                 facts.image_token_id
             ));
         }
-        let size = (RESIZE_TO, RESIZE_TO);
-        let image_tokens = processor_feature_count(size, &pinpoints, facts.tile, patch)
+        let size = Size::square(RESIZE_TO);
+        let image_tokens = anyres::processor_feature_count(size, &pinpoints, facts.tile, patch)
             .ok_or("cannot count the image features")?;
         if image_tokens != facts.model_features {
             return Err(format!(
@@ -291,8 +226,9 @@ impl LlavaPreprocessor {
                 facts.model_features
             ));
         }
-        let (bh, bw) = select_best_resolution(size, &pinpoints).ok_or("no pinpoints")?;
-        let proc_tiles = 1 + bh.div_ceil(facts.tile) as usize * bw.div_ceil(facts.tile) as usize;
+        let best = select_best_resolution(size, &pinpoints).ok_or("no pinpoints")?;
+        let proc_tiles = 1 + best.height.div_ceil(facts.tile) as usize
+            * best.width.div_ceil(facts.tile) as usize;
         if proc_tiles != facts.model_tiles {
             return Err(format!(
                 "the processor makes {proc_tiles} tiles per image but the model expects {}",
@@ -330,6 +266,7 @@ impl LlavaPreprocessor {
 
     fn encode(&self, text: &str) -> Result<tokenizers::Encoding, PreprocessError> {
         self.tokenizer
+            .plain()
             .encode(text, true)
             .map_err(|e| PreprocessError::Internal(format!("tokenizer failed: {e}")))
     }
@@ -339,8 +276,13 @@ impl LlavaPreprocessor {
     /// `3 x tile x tile`, the whole image first.
     pub fn process_rgb(&self, img: &RgbImage) -> Pixels {
         let (w, h) = img.dimensions();
-        let (bh, bw) = select_best_resolution((h, w), &self.pinpoints).unwrap_or((h, w));
-        let (nh, nw) = patch_output_size((h, w), (bh, bw));
+        let size = Size::new(w, h);
+        let best = select_best_resolution(size, &self.pinpoints).unwrap_or(size);
+        let Size {
+            width: nw,
+            height: nh,
+        } = anyres::patch_output_size(size, best);
+        let (bw, bh) = (best.width, best.height);
         let resized;
         let src = if (nw, nh) != (w, h) {
             resized = resize::resize(img, nw, nh, self.resample);
@@ -390,7 +332,7 @@ impl LlavaPreprocessor {
                 .as_deref()
                 .is_some_and(|t| t.contains(IMAGE_TOKEN));
             if in_text || in_instr {
-                return Err(PreprocessError::InvalidImage(format!(
+                return Err(PreprocessError::invalid_image(format!(
                     "the {} contains {IMAGE_TOKEN:?}, which marks where the image goes; remove it to embed it with an image",
                     if in_text { "text" } else { "instruction" }
                 )));
@@ -466,9 +408,14 @@ impl LlavaPreprocessor {
         out
     }
 
+    /// The limits images are decoded under.
+    pub fn image_limits(&self) -> &ImageLimits {
+        &self.limits
+    }
+
     /// Turns one input into model-ready numbers: the prompt's ids (image
     /// tokens expanded) and all tiles of the image; `image_size` is the
-    /// (width, height) the image processor saw (always 512x512).
+    /// size the image processor saw (always 512x512).
     pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
         let modality = input.modality().ok_or(PreprocessError::EmptyInput)?;
         if input.text.as_deref().is_some_and(|t| t.trim().is_empty()) {
@@ -494,7 +441,7 @@ impl LlavaPreprocessor {
         Ok(Prepared {
             modality,
             token_ids: Some(ids),
-            image_size: pixels.as_ref().map(|_| (RESIZE_TO, RESIZE_TO)),
+            image_size: pixels.as_ref().map(|_| Size::square(RESIZE_TO)),
             pixels,
             text_tokens,
             cost: cost.max(1),
@@ -505,61 +452,6 @@ impl LlavaPreprocessor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const LLAVA_16: [(u32, u32); 5] =
-        [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
-
-    #[test]
-    fn best_resolution_follows_transformers() {
-        assert_eq!(
-            select_best_resolution((512, 512), &LLAVA_16),
-            Some((672, 672))
-        );
-        assert_eq!(
-            select_best_resolution((300, 1000), &LLAVA_16),
-            Some((336, 1008))
-        );
-        assert_eq!(
-            select_best_resolution((480, 640), &LLAVA_16),
-            Some((672, 672))
-        );
-        assert_eq!(
-            select_best_resolution((200, 500), &LLAVA_16),
-            Some((336, 672))
-        );
-        // Ties on effective resolution: the least waste, then the first.
-        let b = [(48, 192), (192, 48), (96, 144), (144, 96), (96, 96)];
-        assert_eq!(select_best_resolution((512, 512), &b), Some((96, 96)));
-        let a = [(32, 64), (64, 32), (64, 64), (32, 96), (96, 32)];
-        assert_eq!(select_best_resolution((512, 512), &a), Some((64, 64)));
-        assert_eq!(select_best_resolution((512, 512), &[]), None);
-    }
-
-    #[test]
-    fn patch_output_size_keeps_the_aspect() {
-        assert_eq!(patch_output_size((512, 512), (672, 672)), (672, 672));
-        assert_eq!(patch_output_size((512, 512), (96, 144)), (96, 96));
-        assert_eq!(patch_output_size((300, 1000), (336, 1008)), (303, 1008));
-        assert_eq!(patch_output_size((1000, 300), (1008, 336)), (1008, 303));
-    }
-
-    #[test]
-    fn feature_counts_follow_the_processor() {
-        // llava-v1.6-mistral: 576 base + 48 rows of 48 + 48 newlines.
-        assert_eq!(
-            processor_feature_count((512, 512), &LLAVA_16, 336, 14),
-            Some(2928)
-        );
-        // tiny fixture A: 32px tiles of 8px patches, 2x2 grid: 16 + 8 * 9.
-        let a = [(32, 64), (64, 32), (64, 64), (32, 96), (96, 32)];
-        assert_eq!(processor_feature_count((512, 512), &a, 32, 8), Some(88));
-        // A wide image: best 336x1008 (1x3), 24x72 patches, unpadded rows.
-        // new_h = 300 * 72 // 1000 = 21, pad 1 -> 22 rows of 72 + 22 newlines + 576.
-        assert_eq!(
-            processor_feature_count((300, 1000), &LLAVA_16, 336, 14),
-            Some(22 * 73 + 576)
-        );
-    }
 
     #[test]
     fn prompts_are_upstreams() {

@@ -6,6 +6,7 @@
 //! candle tensors, so it can run on any thread pool. It knows nothing of HTTP,
 //! of queues or of devices.
 
+pub mod anyres;
 pub mod clip;
 pub mod clip_image;
 pub mod image;
@@ -14,7 +15,10 @@ pub mod resize;
 pub mod text;
 
 use crate::input::{Input, Modality};
+pub use anyres::Size;
 pub use clip::ClipPreprocessor;
+use image::ImageLimits;
+pub use image::RequestImagesError;
 pub use llava::LlavaPreprocessor;
 
 /// Why an input could not be preprocessed. Every variant is the client's fault
@@ -26,7 +30,7 @@ pub enum PreprocessError {
     #[error("text is empty")]
     EmptyText,
     #[error("undecodable or unsupported image: {0}")]
-    InvalidImage(String),
+    InvalidImage(#[source] ImageProblem),
     #[error("image is {width}x{height} ({pixels} pixels), over the limit of {limit} pixels")]
     ImageTooLarge {
         width: u32,
@@ -38,6 +42,85 @@ pub enum PreprocessError {
     TextTooLong { tokens: usize, limit: usize },
     #[error("internal preprocessing failure: {0}")]
     Internal(String),
+}
+
+impl PreprocessError {
+    /// [`PreprocessError::InvalidImage`] with a message and no underlying error.
+    pub fn invalid_image(message: impl Into<String>) -> Self {
+        PreprocessError::InvalidImage(ImageProblem::new(message))
+    }
+
+    /// [`PreprocessError::InvalidImage`] caused by a decoder's error, which
+    /// is kept as the error's source.
+    pub fn invalid_image_caused(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        PreprocessError::InvalidImage(ImageProblem::caused(message, source))
+    }
+}
+
+/// Why an image was refused: a message for the client (complete on its
+/// own, decoder details included) and, when a decoder reported it, the
+/// decoder's error as the [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct ImageProblem {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ImageProblem {
+    /// A problem found by vlembed itself.
+    pub fn new(message: impl Into<String>) -> Self {
+        ImageProblem {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A problem a decoder reported as `source`.
+    pub fn caused(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        ImageProblem {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ImageProblem {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl std::ops::Deref for ImageProblem {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<&str> for ImageProblem {
+    fn from(message: &str) -> Self {
+        ImageProblem::new(message)
+    }
+}
+
+impl From<String> for ImageProblem {
+    fn from(message: String) -> Self {
+        ImageProblem::new(message)
+    }
 }
 
 /// Pixel values for one image: `tiles` stacked `3 x height x width` planes
@@ -57,8 +140,8 @@ pub struct Prepared {
     /// Token ids of the text part (for CLIP: the text alone; for MLLM: the whole prompt).
     pub token_ids: Option<Vec<u32>>,
     pub pixels: Option<Pixels>,
-    /// Size of the image as decoded (width, height), for models that need it.
-    pub image_size: Option<(u32, u32)>,
+    /// Size of the image as the image processor saw it, for models that need it.
+    pub image_size: Option<Size>,
     /// Text tokens counted for usage reporting.
     pub text_tokens: usize,
     /// Relative compute cost used by the batcher's budget.
@@ -76,6 +159,36 @@ pub enum Preprocessor {
 }
 
 impl Preprocessor {
+    /// The image limits this model's inputs are decoded under.
+    pub fn image_limits(&self) -> &ImageLimits {
+        match self {
+            Preprocessor::Clip(p) => p.image_limits(),
+            Preprocessor::Llava(p) => p.image_limits(),
+        }
+    }
+
+    /// The decode budget of one request, from the images' headers alone,
+    /// before any is decoded (see [`image::check_request_images`]): call it
+    /// with every `(input index, image bytes)` of the request before
+    /// preprocessing any input.
+    pub fn check_request_images<'a>(
+        &self,
+        images: impl IntoIterator<Item = (usize, &'a [u8])>,
+    ) -> Result<u64, RequestImagesError> {
+        image::check_request_images(images, self.image_limits())
+    }
+
+    /// [`Preprocessor::check_request_images`] over a request's inputs: the
+    /// images of `inputs`, each reported by its input's index.
+    pub fn check_request_inputs(&self, inputs: &[Input]) -> Result<u64, RequestImagesError> {
+        self.check_request_images(
+            inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(index, input)| input.image.as_deref().map(|bytes| (index, bytes))),
+        )
+    }
+
     /// Validates and converts one input. `truncate` decides what happens to a
     /// text longer than the model's limit.
     pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
@@ -83,5 +196,58 @@ impl Preprocessor {
             Preprocessor::Clip(p) => p.prepare(input, truncate),
             Preprocessor::Llava(p) => p.prepare(input, truncate),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img = ::image::DynamicImage::ImageLuma8(::image::GrayImage::new(width, height));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, ::image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    /// The request budget sees every input's image, by input index, and
+    /// uses the model's limits.
+    #[test]
+    fn request_inputs_are_checked_by_input_index() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip-tiny");
+        let limits = ImageLimits {
+            max_request_pixels: 150,
+            ..ImageLimits::default()
+        };
+        let pre = Preprocessor::Clip(
+            ClipPreprocessor::load(
+                &dir.join("tokenizer.json"),
+                &dir.join("preprocessor_config.json"),
+                77,
+                limits,
+            )
+            .unwrap(),
+        );
+        assert_eq!(pre.image_limits().max_request_pixels, 150);
+        let one = vec![Input::text("a cat"), Input::image(png(10, 10))];
+        assert_eq!(pre.check_request_inputs(&one).unwrap(), 100);
+        let two = vec![
+            Input::text("a cat"),
+            Input::image(png(10, 10)),
+            Input::image(png(10, 10)),
+        ];
+        assert!(matches!(
+            pre.check_request_inputs(&two),
+            Err(RequestImagesError::OverBudget {
+                images: 2,
+                pixels: 200,
+                limit: 150
+            })
+        ));
+        let bad = vec![Input::text("a cat"), Input::image(b"junk".to_vec())];
+        assert!(matches!(
+            pre.check_request_inputs(&bad),
+            Err(RequestImagesError::Image { index: 1, .. })
+        ));
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! Owns: [`resize`] (and its raw-buffer form [`resize_interleaved`]), which
 //! reproduce `PIL.Image.resize` bit for bit for 8-bit images with 1 to 4
-//! interleaved channels, and [`Filter`], the resampling filters Pillow knows.
+//! interleaved channels; [`resize_interleaved_region`], the same samples for
+//! one rectangle of the output only (what a center crop keeps), at a cost
+//! that follows the rectangle rather than the full output; and [`Filter`],
+//! the resampling filters Pillow knows.
 //!
 //! Pillow's convolution filters (everything but [`Filter::Nearest`]) are a
 //! separable convolution:
@@ -29,6 +32,8 @@
 //! into `i32` accumulators with no per-pixel allocation.
 
 use image::{ImageBuffer, Pixel};
+
+use crate::simd::simd_fn;
 
 /// Fractional bits of Pillow's fixed-point coefficients (`32 - 8 - 2`).
 const PRECISION_BITS: u32 = 22;
@@ -166,7 +171,20 @@ struct FloatCoeffs {
 }
 
 impl FloatCoeffs {
+    /// Coefficients of every output sample.
     fn new(in_size: usize, out_size: usize, filter: Filter) -> FloatCoeffs {
+        FloatCoeffs::window(in_size, out_size, filter, 0..out_size)
+    }
+
+    /// Coefficients of the output samples in `window` only (entry `i` is
+    /// output sample `window.start + i`). Each sample's taps depend on its
+    /// own index alone, so they are exactly those of [`FloatCoeffs::new`].
+    fn window(
+        in_size: usize,
+        out_size: usize,
+        filter: Filter,
+        window: std::ops::Range<usize>,
+    ) -> FloatCoeffs {
         // Pillow computes the box extent in C floats, then the scale in double.
         let scale = f64::from(in_size as f32) / out_size as f64;
         let filterscale = scale.max(1.0);
@@ -175,9 +193,10 @@ impl FloatCoeffs {
         let stride = (support.ceil() as usize) * 2 + 1;
         let ss = 1.0 / filterscale;
 
-        let mut bounds = Vec::with_capacity(out_size);
-        let mut weights = vec![0f64; out_size * stride];
-        for (xx, row) in weights.chunks_exact_mut(stride).enumerate() {
+        let count = window.len();
+        let mut bounds = Vec::with_capacity(count);
+        let mut weights = vec![0f64; count * stride];
+        for (xx, row) in window.zip(weights.chunks_exact_mut(stride)) {
             let center = (xx as f64 + 0.5) * scale;
             // `as` truncates toward zero like C's (int) cast; negative values
             // are clamped to zero either way.
@@ -225,8 +244,20 @@ struct Coeffs {
 }
 
 impl Coeffs {
+    #[cfg(test)]
     fn new(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-        let float = FloatCoeffs::new(in_size, out_size, filter);
+        Coeffs::window(in_size, out_size, filter, 0..out_size)
+    }
+
+    /// Fixed-point coefficients of the output samples in `window` only
+    /// (see [`FloatCoeffs::window`]).
+    fn window(
+        in_size: usize,
+        out_size: usize,
+        filter: Filter,
+        window: std::ops::Range<usize>,
+    ) -> Coeffs {
+        let float = FloatCoeffs::window(in_size, out_size, filter, window);
         let one = f64::from(1u32 << PRECISION_BITS);
         let weights = float
             .weights
@@ -251,6 +282,17 @@ impl Coeffs {
     fn taps(&self, i: usize) -> (usize, &[i32]) {
         let (start, len) = self.bounds[i];
         (start, &self.weights[i * self.stride..i * self.stride + len])
+    }
+
+    /// The input samples the window reads, from its first tap to its last
+    /// (empty for an empty window).
+    fn input_span(&self) -> std::ops::Range<usize> {
+        // The bounds grow with the output index, so this is the first
+        // sample's start and the last one's end; min/max keeps it true
+        // without relying on that.
+        let start = self.bounds.iter().map(|b| b.0).min().unwrap_or(0);
+        let end = self.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0);
+        start..end.max(start)
     }
 }
 
@@ -313,7 +355,76 @@ pub fn resize_interleaved(
     new_height: usize,
     filter: Filter,
 ) -> Vec<u8> {
-    let out_len = new_width * new_height * channels;
+    let all = Region {
+        x: 0,
+        y: 0,
+        width: new_width,
+        height: new_height,
+    };
+    resize_interleaved_region(
+        src, width, height, channels, new_width, new_height, all, filter,
+    )
+}
+
+/// A rectangle of an image: `width` columns from column `x`, `height` rows
+/// from row `y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub x: usize,
+    pub y: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Region {
+    /// The part of `self` inside an image of `width` x `height`.
+    fn clamp(self, width: usize, height: usize) -> Region {
+        let x = self.x.min(width);
+        let y = self.y.min(height);
+        Region {
+            x,
+            y,
+            width: self.width.min(width - x),
+            height: self.height.min(height - y),
+        }
+    }
+
+    fn columns(&self) -> std::ops::Range<usize> {
+        self.x..self.x + self.width
+    }
+
+    fn rows(&self) -> std::ops::Range<usize> {
+        self.y..self.y + self.height
+    }
+}
+
+/// The `region` of [`resize_interleaved`]'s output, computed without the
+/// rest: bit for bit the same samples as resizing the whole image and
+/// cropping, but the work and the memory follow the region (and the input
+/// rows and columns its filter taps read), not the full output size. This
+/// is what keeps a 32768x1 image resized to a 224-pixel short side and
+/// center-cropped from materialising a 7340032x224 image.
+///
+/// Why it is exact: in each pass, an output sample depends only on its own
+/// coefficients (a function of its index) and on the input samples under
+/// its taps; the 8-bit intermediate of the first pass is rounded sample by
+/// sample. Computing fewer samples changes none of the ones computed.
+///
+/// `region` is clipped to the `new_width x new_height` output; returns
+/// `region.width * region.height * channels` samples (after clipping).
+#[allow(clippy::too_many_arguments)]
+pub fn resize_interleaved_region(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    new_width: usize,
+    new_height: usize,
+    region: Region,
+    filter: Filter,
+) -> Vec<u8> {
+    let region = region.clamp(new_width, new_height);
+    let out_len = region.width * region.height * channels;
     if out_len == 0 {
         return Vec::new();
     }
@@ -332,18 +443,44 @@ pub fn resize_interleaved(
         &padded[..]
     };
     if width == new_width && height == new_height {
-        return src.to_vec();
+        return crop(src, width, channels, region);
     }
     if filter == Filter::Nearest {
-        return nearest(src, width, height, channels, new_width, new_height);
+        return nearest(src, width, height, channels, new_width, new_height, region);
     }
+    let size = Sizes {
+        width,
+        height,
+        new_width,
+        new_height,
+    };
     match channels {
-        1 => convolve::<1>(src, width, height, new_width, new_height, filter),
-        2 => convolve::<2>(src, width, height, new_width, new_height, filter),
-        3 => convolve::<3>(src, width, height, new_width, new_height, filter),
-        4 => convolve::<4>(src, width, height, new_width, new_height, filter),
-        _ => convolve_planes(src, width, height, channels, new_width, new_height, filter),
+        1 => convolve::<1>(src, size, region, filter),
+        2 => convolve::<2>(src, size, region, filter),
+        3 => convolve::<3>(src, size, region, filter),
+        4 => convolve::<4>(src, size, region, filter),
+        _ => convolve_planes(src, size, channels, region, filter),
     }
+}
+
+/// The `region` of an image of `width`-pixel rows, copied out.
+fn crop<T: Copy>(src: &[T], width: usize, channels: usize, region: Region) -> Vec<T> {
+    let row_len = width * channels;
+    let mut out = Vec::with_capacity(region.width * region.height * channels);
+    for y in region.rows() {
+        let row = &src[y * row_len..(y + 1) * row_len];
+        out.extend_from_slice(&row[region.x * channels..(region.x + region.width) * channels]);
+    }
+    out
+}
+
+/// Input and output dimensions of one resize.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    width: usize,
+    height: usize,
+    new_width: usize,
+    new_height: usize,
 }
 
 /// Resizes a 16-bit greyscale image (Pillow mode `I;16`) exactly as
@@ -385,7 +522,13 @@ pub fn resize_i16(
         return src.to_vec();
     }
     if filter == Filter::Nearest {
-        return nearest(src, width, height, 1, new_width, new_height);
+        let all = Region {
+            x: 0,
+            y: 0,
+            width: new_width,
+            height: new_height,
+        };
+        return nearest(src, width, height, 1, new_width, new_height, all);
     }
     let need_horizontal = new_width != width;
     let need_vertical = new_height != height;
@@ -477,19 +620,17 @@ fn vertical_pass_16(
 /// Any channel count: resample each channel as its own 1-channel image.
 fn convolve_planes(
     src: &[u8],
-    width: usize,
-    height: usize,
+    size: Sizes,
     channels: usize,
-    new_width: usize,
-    new_height: usize,
+    region: Region,
     filter: Filter,
 ) -> Vec<u8> {
-    let mut out = vec![0u8; new_width * new_height * channels];
-    let mut plane = Vec::with_capacity(width * height);
+    let mut out = vec![0u8; region.width * region.height * channels];
+    let mut plane = Vec::with_capacity(size.width * size.height);
     for c in 0..channels {
         plane.clear();
         plane.extend(src.iter().skip(c).step_by(channels));
-        let resized = convolve::<1>(&plane, width, height, new_width, new_height, filter);
+        let resized = convolve::<1>(&plane, size, region, filter);
         for (dst, v) in out.iter_mut().skip(c).step_by(channels).zip(resized) {
             *dst = v;
         }
@@ -497,87 +638,68 @@ fn convolve_planes(
     out
 }
 
-/// Two-pass separable convolution, Pillow's `ImagingResampleInner`.
-/// `src` holds exactly `width * height * N` samples.
-///
-/// The loops are plain integer code that the compiler vectorises; on x86-64
-/// the baseline instruction set has no packed 32-bit multiply, so when the CPU
-/// has AVX2 the same code is run compiled for it (about 3x faster). Results
-/// are identical either way: it is all exact integer arithmetic.
-fn convolve<const N: usize>(
-    src: &[u8],
-    width: usize,
-    height: usize,
-    new_width: usize,
-    new_height: usize,
-    filter: Filter,
-) -> Vec<u8> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: `convolve_avx2` only requires AVX2, which the running
-            // CPU was just detected to support.
-            return unsafe {
-                convolve_avx2::<N>(src, width, height, new_width, new_height, filter)
-            };
+simd_fn! {
+    /// Two-pass separable convolution, Pillow's `ImagingResampleInner`,
+    /// computing only the output samples in `region` (which lies inside the
+    /// output). `src` holds exactly `width * height * N` samples.
+    ///
+    /// Each pass reads only the input rows (columns) the other pass needs
+    /// for the region, as Pillow trims its first pass to the rows the second
+    /// reads; Pillow's pass order and pass skipping are decided from the
+    /// full sizes, so the samples are those of the full resize.
+    ///
+    /// The loops are plain integer code that the compiler vectorises; on
+    /// x86-64 the baseline instruction set has no packed 32-bit multiply, so
+    /// the body is also compiled for AVX2 and picked at run time
+    /// ([`crate::simd`]; about 3x faster). Results are identical either way:
+    /// it is all exact integer arithmetic.
+    fn convolve<const N: usize>(src: &[u8], size: Sizes, region: Region, filter: Filter) -> Vec<u8> {
+        let Sizes {
+            width,
+            height,
+            new_width,
+            new_height,
+        } = size;
+        let need_horizontal = new_width != width;
+        let need_vertical = new_height != height;
+        let vert = Coeffs::window(height, new_height, filter, region.rows());
+        let horiz = Coeffs::window(width, new_width, filter, region.columns());
+
+        if need_horizontal && need_vertical && vertical_first(width, height, new_width, new_height) {
+            // Vertical pass over the input columns the horizontal pass reads.
+            let cols = horiz.input_span();
+            let rows = vertical_pass(src, width * N, cols.start * N..cols.end * N, 0, &vert);
+            return horizontal_pass::<N>(&rows, cols.len(), cols.start, &horiz);
         }
+
+        // Input rows the vertical pass reads (Pillow trims the horizontal
+        // pass to them); without a vertical pass, the region's own rows.
+        let row_span = if need_vertical {
+            vert.input_span()
+        } else {
+            region.rows()
+        };
+        let row_range = &src[row_span.start * width * N..row_span.end * width * N];
+        let rows = if need_horizontal {
+            horizontal_pass::<N>(row_range, width, 0, &horiz)
+        } else {
+            crop(
+                row_range,
+                width,
+                N,
+                Region {
+                    y: 0,
+                    height: row_span.len(),
+                    ..region
+                },
+            )
+        };
+        if !need_vertical {
+            return rows;
+        }
+        let row_len = region.width * N;
+        vertical_pass(&rows, row_len, 0..row_len, row_span.start, &vert)
     }
-    convolve_portable::<N>(src, width, height, new_width, new_height, filter)
-}
-
-/// [`convolve_portable`] compiled with AVX2 enabled.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn convolve_avx2<const N: usize>(
-    src: &[u8],
-    width: usize,
-    height: usize,
-    new_width: usize,
-    new_height: usize,
-    filter: Filter,
-) -> Vec<u8> {
-    convolve_portable::<N>(src, width, height, new_width, new_height, filter)
-}
-
-#[inline(always)]
-fn convolve_portable<const N: usize>(
-    src: &[u8],
-    width: usize,
-    height: usize,
-    new_width: usize,
-    new_height: usize,
-    filter: Filter,
-) -> Vec<u8> {
-    let need_horizontal = new_width != width;
-    let need_vertical = new_height != height;
-    let vert = Coeffs::new(height, new_height, filter);
-
-    if need_horizontal && need_vertical && vertical_first(width, height, new_width, new_height) {
-        let horiz = Coeffs::new(width, new_width, filter);
-        let rows = vertical_pass(src, width * N, 0, new_height, &vert);
-        return horizontal_pass::<N>(&rows, width, new_width, &horiz);
-    }
-
-    // Input rows the vertical pass reads (Pillow trims the horizontal pass to them).
-    let first_row = vert.bounds.first().map_or(0, |b| b.0);
-    let last_row = vert.bounds.last().map_or(0, |b| b.0 + b.1);
-
-    let horizontal;
-    let (rows, row_offset) = if need_horizontal {
-        let horiz = Coeffs::new(width, new_width, filter);
-        let row_range = &src[first_row * width * N..last_row * width * N];
-        horizontal = horizontal_pass::<N>(row_range, width, new_width, &horiz);
-        (&horizontal[..], first_row)
-    } else {
-        (src, 0)
-    };
-    if !need_vertical {
-        return rows.to_vec();
-    }
-    vertical_pass(rows, new_width * N, row_offset, new_height, &vert)
 }
 
 /// Pillow 13's pass order (python-pillow/Pillow#9549): when both dimensions
@@ -591,24 +713,30 @@ fn vertical_first(width: usize, height: usize, new_width: usize, new_height: usi
     shrink_h > 0 && shrink_h > 2 * shrink_w
 }
 
-/// Horizontal pass over every row of `src` (`in_width * N` samples per row).
+/// Horizontal pass over every row of `src` (`in_width * N` samples per
+/// row), one output sample per coefficient entry; the coefficients' input
+/// indices count from column `col_offset` (the first column `src` holds).
 #[inline(always)]
 fn horizontal_pass<const N: usize>(
     src: &[u8],
     in_width: usize,
-    out_width: usize,
+    col_offset: usize,
     coeffs: &Coeffs,
 ) -> Vec<u8> {
     let in_row_len = in_width * N;
-    let out_row_len = out_width * N;
+    let out_row_len = coeffs.bounds.len() * N;
     let rows = src.len() / in_row_len.max(1);
     let mut out = vec![0u8; rows * out_row_len];
+    if out_row_len == 0 {
+        return out;
+    }
     for (src_row, out_row) in src
-        .chunks_exact(in_row_len)
+        .chunks_exact(in_row_len.max(1))
         .zip(out.chunks_exact_mut(out_row_len))
     {
         for (xx, out_px) in out_row.chunks_exact_mut(N).enumerate() {
             let (start, k) = coeffs.taps(xx);
+            let start = start - col_offset;
             let pixels = &src_row[start * N..(start + k.len()) * N];
             let mut acc = [HALF; N];
             for (px, &w) in pixels.chunks_exact(N).zip(k) {
@@ -624,24 +752,30 @@ fn horizontal_pass<const N: usize>(
     out
 }
 
-/// Vertical pass. `src` rows are `row_len` samples; the coefficient bounds
-/// refer to source rows counted from `row_offset`.
+/// Vertical pass, one output row per coefficient entry, over the samples
+/// `cols` of each row. `src` rows are `row_len` samples; the coefficient
+/// bounds refer to source rows counted from `row_offset`.
 #[inline(always)]
 fn vertical_pass(
     src: &[u8],
     row_len: usize,
+    cols: std::ops::Range<usize>,
     row_offset: usize,
-    out_height: usize,
     coeffs: &Coeffs,
 ) -> Vec<u8> {
-    let mut out = vec![0u8; out_height * row_len];
-    let mut acc = vec![0i32; row_len];
-    for (yy, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+    let out_len = cols.len();
+    let mut out = vec![0u8; coeffs.bounds.len() * out_len];
+    if out_len == 0 {
+        return out;
+    }
+    let mut acc = vec![0i32; out_len];
+    for (yy, out_row) in out.chunks_exact_mut(out_len).enumerate() {
         let (start, k) = coeffs.taps(yy);
         acc.fill(HALF);
-        let start = start.saturating_sub(row_offset);
+        let start = start - row_offset;
         for (t, &w) in k.iter().enumerate() {
-            let row = &src[(start + t) * row_len..(start + t + 1) * row_len];
+            let at = (start + t) * row_len;
+            let row = &src[at + cols.start..at + cols.end];
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a = a.wrapping_add(i32::from(p).wrapping_mul(w));
             }
@@ -653,9 +787,11 @@ fn vertical_pass(
     out
 }
 
-/// Pillow's nearest-neighbour resize (`ImagingScaleAffine`): the source
-/// coordinate starts at half a step and is accumulated in `f64`, then
-/// truncated.
+/// Pillow's nearest-neighbour resize (`ImagingScaleAffine`), restricted
+/// to `region` of the output: the source coordinate starts at half a step
+/// and is accumulated in `f64`, then truncated. The accumulation runs over
+/// every output index before the region too (cheap arithmetic, nothing
+/// stored), so the positions are exactly the full resize's.
 fn nearest<T: Copy>(
     src: &[T],
     width: usize,
@@ -663,23 +799,26 @@ fn nearest<T: Copy>(
     channels: usize,
     new_width: usize,
     new_height: usize,
+    region: Region,
 ) -> Vec<T> {
-    let positions = |in_size: usize, out_size: usize| -> Vec<usize> {
+    let positions = |in_size: usize, out_size: usize, window: std::ops::Range<usize>| {
         let step = f64::from(in_size as f32) / out_size as f64;
         let mut pos = step * 0.5;
-        let mut table = Vec::with_capacity(out_size);
-        for _ in 0..out_size {
-            // Coordinates never leave [0, in_size) for a plain resize, but
-            // clamp anyway rather than trust float accumulation.
-            table.push((pos as usize).min(in_size.saturating_sub(1)));
+        let mut table = Vec::with_capacity(window.len());
+        for i in 0..window.end {
+            if i >= window.start {
+                // Coordinates never leave [0, in_size) for a plain resize, but
+                // clamp anyway rather than trust float accumulation.
+                table.push((pos as usize).min(in_size.saturating_sub(1)));
+            }
             pos += step;
         }
         table
     };
-    let xs = positions(width, new_width);
-    let ys = positions(height, new_height);
+    let xs = positions(width, new_width, region.columns());
+    let ys = positions(height, new_height, region.rows());
     let in_row_len = width * channels;
-    let mut out: Vec<T> = Vec::with_capacity(new_width * new_height * channels);
+    let mut out: Vec<T> = Vec::with_capacity(xs.len() * ys.len() * channels);
     for &y in &ys {
         let row = &src[y * in_row_len..(y + 1) * in_row_len];
         for &x in &xs {
@@ -850,6 +989,139 @@ mod tests {
             let out_bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
             assert_eq!(fnv(&out_bytes), digest, "{w}x{h} -> {nw}x{nh}");
         }
+    }
+
+    /// Crops `region` out of a full `width`-pixel-wide output.
+    fn crop_of(full: &[u8], width: usize, channels: usize, r: Region) -> Vec<u8> {
+        crop(full, width, channels, r)
+    }
+
+    /// `resize_interleaved_region` is bit for bit the crop of the full
+    /// resize: random sizes and regions, every filter, 1 to 5 channels,
+    /// extreme aspect ratios (32768x1 and 1x32768 with a short side small
+    /// enough that the full resize fits in a test), and the CLIP geometry
+    /// (short side to 224, centre crop 224x224) on sizes around it.
+    #[test]
+    fn region_is_the_crop_of_the_full_resize() {
+        let mut state = 0x9e37_79b9u32;
+        let mut rand = |n: usize| -> usize {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize % n.max(1)
+        };
+        let filters = [
+            Filter::Nearest,
+            Filter::Box,
+            Filter::Bilinear,
+            Filter::Hamming,
+            Filter::Bicubic,
+            Filter::Lanczos,
+        ];
+        // (width, height, new_width, new_height)
+        let mut cases: Vec<(usize, usize, usize, usize)> = vec![
+            (32768, 1, 131072, 4),
+            (1, 32768, 4, 131072),
+            (32768, 1, 64, 3),
+            (1, 32768, 3, 64),
+            (225, 223, 226, 224),
+            (223, 225, 224, 226),
+            (224, 224, 224, 224),
+            (640, 480, 298, 224),
+            (480, 640, 224, 298),
+            (3000, 7, 9600, 22),
+            (7, 3000, 22, 9600),
+            (5000, 20, 300, 1),
+            (1, 1, 224, 224),
+            (300, 300, 300, 17),
+            (300, 300, 17, 300),
+        ];
+        for _ in 0..40 {
+            let (w, h) = (1 + rand(400), 1 + rand(400));
+            cases.push((w, h, 1 + rand(400), 1 + rand(400)));
+        }
+        for (i, &(w, h, nw, nh)) in cases.iter().enumerate() {
+            let channels = 1 + i % 5;
+            let filter = filters[i % filters.len()];
+            let src = noise(w, h, channels, (w * 31 + h) as u32);
+            let full = resize_interleaved(&src, w, h, channels, nw, nh, filter);
+            // The centre 224x224 (or smaller) crop, then random regions.
+            let (cw, ch) = (nw.min(224), nh.min(224));
+            let mut regions = vec![Region {
+                x: (nw - cw) / 2,
+                y: (nh - ch) / 2,
+                width: cw,
+                height: ch,
+            }];
+            for _ in 0..4 {
+                let (x, y) = (rand(nw), rand(nh));
+                regions.push(Region {
+                    x,
+                    y,
+                    width: 1 + rand(nw - x),
+                    height: 1 + rand(nh - y),
+                });
+            }
+            for r in regions {
+                let got = resize_interleaved_region(&src, w, h, channels, nw, nh, r, filter);
+                assert!(
+                    got == crop_of(&full, nw, channels, r),
+                    "{w}x{h}x{channels} -> {nw}x{nh} {filter:?} {r:?}"
+                );
+            }
+            // Every filter on the CLIP-like centre crop of the extreme cases.
+            if i < 4 {
+                for f in filters {
+                    let full = resize_interleaved(&src, w, h, channels, nw, nh, f);
+                    let r = regions_centre(nw, nh);
+                    let got = resize_interleaved_region(&src, w, h, channels, nw, nh, r, f);
+                    assert!(got == crop_of(&full, nw, channels, r), "{f:?} {w}x{h}");
+                }
+            }
+        }
+    }
+
+    fn regions_centre(nw: usize, nh: usize) -> Region {
+        let (cw, ch) = (nw.min(224), nh.min(224));
+        Region {
+            x: (nw - cw) / 2,
+            y: (nh - ch) / 2,
+            width: cw,
+            height: ch,
+        }
+    }
+
+    /// The case the region exists for: 32768x1 to a 224 short side is a
+    /// 7340032x224 image (4.9 GB as RGB); its centre crop costs a few
+    /// hundred KB. A constant image stays constant, which checks the
+    /// region against the full resize's value without computing it.
+    #[test]
+    fn extreme_aspect_centre_crop_is_cheap() {
+        for (w, h, nw, nh) in [(32768, 1, 7_340_032, 224), (1, 32768, 224, 7_340_032)] {
+            let src = vec![77u8; w * h * 3];
+            let r = regions_centre(nw, nh);
+            let got = resize_interleaved_region(&src, w, h, 3, nw, nh, r, Filter::Bicubic);
+            assert_eq!(got.len(), 224 * 224 * 3);
+            assert!(got.iter().all(|&v| v == 77), "{w}x{h}");
+        }
+    }
+
+    /// A region sticking out of the output is clipped to it.
+    #[test]
+    fn region_is_clipped_to_the_output() {
+        let src = noise(10, 10, 3, 5);
+        let r = Region {
+            x: 8,
+            y: 9,
+            width: 100,
+            height: 100,
+        };
+        let got = resize_interleaved_region(&src, 10, 10, 3, 12, 11, r, Filter::Bicubic);
+        assert_eq!(got.len(), 4 * 2 * 3);
+        let empty = Region { x: 50, ..r };
+        assert!(
+            resize_interleaved_region(&src, 10, 10, 3, 12, 11, empty, Filter::Bicubic).is_empty()
+        );
     }
 
     #[test]

@@ -144,6 +144,12 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The tokenizer without truncation or padding, for callers that need
+    /// whole encodings (the MLLM prompt builder cuts texts by offsets).
+    pub fn plain(&self) -> &Tokenizer {
+        &self.plain
+    }
+
     /// The tokenizer's id for a token string, if it has one.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.plain.token_to_id(token)

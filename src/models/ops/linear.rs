@@ -9,6 +9,8 @@ use super::gemm::{MatMul, Output, Rhs, Threads};
 use super::rows::{add_rows, LANES};
 use super::short;
 
+use crate::simd::simd_fn;
+
 /// How a [`Linear`] holds its `[out, in]` weight.
 #[derive(Debug, Clone)]
 enum Weight {

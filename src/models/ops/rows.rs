@@ -5,6 +5,8 @@
 use candle_core::{Error, Result};
 use rayon::prelude::*;
 
+use crate::simd::simd_fn;
+
 /// Adds `b` to every row of `y` (rows of `b.len()`).
 pub fn add_rows(y: &mut [f32], b: &[f32]) {
     if b.is_empty() {

@@ -34,21 +34,32 @@
 //! PNG, GIF, BMP, WebP (lossy and lossless) and the other TIFF layouts
 //! decode to exactly Pillow's pixels.
 
+//!
+//! Layout: [`sniff`] reads what Pillow would call the mode from the file
+//! headers, [`gif`] and [`jpeg`] hold the decoders that replace the `image`
+//! crate's for those formats, and [`convert`] rearranges decoded samples
+//! into Pillow's modes and converts/resizes them.
+
+mod convert;
+mod gif;
+mod jpeg;
+mod sniff;
+
 use std::io::Cursor;
-use std::num::NonZeroU64;
 
 use image::{
     DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, ImageDecoder, ImageError, ImageFormat,
     ImageReader, Luma, RgbImage, RgbaImage,
 };
 
-use super::resize::{self, Filter};
-use super::PreprocessError;
+use super::{PreprocessError, Size};
+use convert::{bands_for_mode, mode_from_color, rescale_bmp16};
+use sniff::{bmp16_widths, bmp_mode, jpeg_components, png_mode};
 
 /// A 16-bit greyscale image (Pillow's `I;16`).
 pub type Gray16Image = ImageBuffer<Luma<u16>, Vec<u16>>;
 
-/// Resource limits for decoding one untrusted image.
+/// Resource limits for decoding untrusted images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLimits {
     /// Most pixels (width x height) an image may have. Checked from the
@@ -56,17 +67,35 @@ pub struct ImageLimits {
     pub max_pixels: u64,
     /// Longest width or height accepted, in pixels.
     pub max_side: u32,
-    /// Most bytes the decoder may allocate (the pixel buffer included).
+    /// Most bytes the decoder may allocate (the pixel buffer included; for
+    /// JPEG also libjpeg's whole-image coefficient buffer).
     pub max_alloc_bytes: u64,
+    /// Most pixels the images of one request may declare in all (the sum of
+    /// their header sizes), checked by [`check_request_images`] before any
+    /// of them is decoded.
+    pub max_request_pixels: u64,
+    /// Most scans a JPEG may have (a progressive JPEG makes a pass over all
+    /// its coefficients per scan; real files have about ten).
+    pub max_jpeg_scans: usize,
+    /// Accept a JPEG whose scan data stops short of the image (libjpeg's
+    /// "premature end of data segment"), painting the rest grey as Pillow
+    /// does. Off by default: such a file can claim 40 megapixels in a few
+    /// hundred bytes.
+    pub allow_incomplete_jpeg: bool,
 }
 
 impl Default for ImageLimits {
-    /// 40 megapixels, 32768 pixels per side, 512 MiB of decoder memory.
+    /// 40 megapixels per image and 100 megapixels per request, 32768
+    /// pixels per side, 512 MiB of decoder memory, 100 JPEG scans,
+    /// incomplete JPEG scans refused.
     fn default() -> Self {
         ImageLimits {
             max_pixels: 40_000_000,
             max_side: 32_768,
             max_alloc_bytes: 512 * 1024 * 1024,
+            max_request_pixels: 100_000_000,
+            max_jpeg_scans: 100,
+            allow_incomplete_jpeg: false,
         }
     }
 }
@@ -155,33 +184,140 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, 
         decode_unguarded(bytes, limits)
     }))
     .unwrap_or_else(|_| {
-        Err(PreprocessError::InvalidImage(
-            "the image decoder failed on malformed data".into(),
+        Err(PreprocessError::invalid_image(
+            "the image decoder failed on malformed data",
         ))
     })
 }
 
 fn decode_unguarded(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, PreprocessError> {
-    let format = image::guess_format(bytes).map_err(|_| {
-        PreprocessError::InvalidImage(format!(
-            "unrecognised image format (supported: {SUPPORTED})"
-        ))
-    })?;
+    let format = recognise(bytes)?;
     match format {
-        ImageFormat::Gif => decode_gif(bytes, limits),
+        ImageFormat::Gif => gif::decode_gif(bytes, limits),
         ImageFormat::Jpeg if matches!(jpeg_components(bytes), Some(1 | 3)) => {
-            decode_jpeg_libjpeg(bytes, limits)
+            jpeg::decode_jpeg_libjpeg(bytes, limits)
         }
         ImageFormat::Jpeg
         | ImageFormat::Png
         | ImageFormat::WebP
         | ImageFormat::Bmp
         | ImageFormat::Tiff => decode_with_image_crate(bytes, format, limits),
-        other => Err(PreprocessError::InvalidImage(format!(
-            "unsupported image format {} (supported: {SUPPORTED})",
-            format_name(other)
-        ))),
+        other => Err(unsupported(other)),
     }
+}
+
+/// The size an image's header declares, read without decoding any pixel
+/// data: the frame header of a JPEG, IHDR of a PNG, the logical screen (grown
+/// by the first frame) of a GIF, the first IFD of a TIFF, the header of a
+/// BMP or WebP. Errs like [`decode_image`] on data it cannot recognise.
+pub fn header_size(bytes: &[u8]) -> Result<Size, PreprocessError> {
+    // Header parsers are third-party code too: contain their panics.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        header_size_unguarded(bytes)
+    }))
+    .unwrap_or_else(|_| {
+        Err(PreprocessError::invalid_image(
+            "the image decoder failed on a malformed header",
+        ))
+    })
+}
+
+fn header_size_unguarded(bytes: &[u8]) -> Result<Size, PreprocessError> {
+    let format = recognise(bytes)?;
+    match format {
+        ImageFormat::Gif => gif::canvas_size(bytes),
+        ImageFormat::Jpeg => match sniff::jpeg_info(bytes) {
+            Some(info) => Ok(Size::new(info.width, info.height)),
+            None => Err(PreprocessError::invalid_image(
+                "JPEG data has no readable frame header",
+            )),
+        },
+        ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Tiff => {
+            let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+            let mut header_limits = image::Limits::default();
+            header_limits.max_alloc = Some(HEADER_ALLOC_BYTES);
+            reader.limits(header_limits);
+            let decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+            let (width, height) = decoder.dimensions();
+            Ok(Size::new(width, height))
+        }
+        other => Err(unsupported(other)),
+    }
+}
+
+/// Memory a header parser may use (TIFF directories, WebP chunk tables).
+const HEADER_ALLOC_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Why the images of a request were refused before any was decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestImagesError {
+    /// One image is unreadable or over the per-image limits: the request
+    /// stops at it.
+    #[error("{source}")]
+    Image {
+        /// The caller's index of the image (its input's position).
+        index: usize,
+        #[source]
+        source: PreprocessError,
+    },
+    /// The images declare more pixels in all than one request may decode.
+    #[error(
+        "the request's images declare at least {pixels} pixels in all (the first {images} of them), over the per-request budget of {limit} pixels (max_request_image_pixels)"
+    )]
+    OverBudget {
+        /// Images counted when the budget ran out.
+        images: usize,
+        /// Pixels declared by those images.
+        pixels: u64,
+        /// The budget (`max_request_pixels`).
+        limit: u64,
+    },
+}
+
+/// The decode budget of a request, checked from headers alone before any
+/// image is decoded: every image's header must be readable and within the
+/// per-image limits, and the images' declared pixels must sum to at most
+/// `limits.max_request_pixels`. Stops at the first image that fails either.
+///
+/// `images` yields `(index, bytes)` pairs; the index (the input's position
+/// in the request) is what [`RequestImagesError::Image`] reports. Returns the
+/// total number of pixels declared. Costs a header parse per image (a walk
+/// over the markers for JPEG), no pixel decoding.
+pub fn check_request_images<'a>(
+    images: impl IntoIterator<Item = (usize, &'a [u8])>,
+    limits: &ImageLimits,
+) -> Result<u64, RequestImagesError> {
+    let mut total = 0u64;
+    for (counted, (index, bytes)) in images.into_iter().enumerate() {
+        let size = header_size(bytes)
+            .and_then(|size| check_size(size.width, size.height, limits).map(|()| size))
+            .map_err(|source| RequestImagesError::Image { index, source })?;
+        total = total.saturating_add(size.pixels());
+        if total > limits.max_request_pixels {
+            return Err(RequestImagesError::OverBudget {
+                images: counted + 1,
+                pixels: total,
+                limit: limits.max_request_pixels,
+            });
+        }
+    }
+    Ok(total)
+}
+
+/// The format of `bytes`, from its signature.
+fn recognise(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
+    image::guess_format(bytes).map_err(|_| {
+        PreprocessError::invalid_image(format!(
+            "unrecognised image format (supported: {SUPPORTED})"
+        ))
+    })
+}
+
+fn unsupported(format: ImageFormat) -> PreprocessError {
+    PreprocessError::invalid_image(format!(
+        "unsupported image format {} (supported: {SUPPORTED})",
+        format_name(format)
+    ))
 }
 
 fn format_name(format: ImageFormat) -> String {
@@ -211,13 +347,13 @@ fn check_size(width: u32, height: u32, limits: &ImageLimits) -> Result<(), Prepr
         });
     }
     if width > limits.max_side || height > limits.max_side {
-        return Err(PreprocessError::InvalidImage(format!(
+        return Err(PreprocessError::invalid_image(format!(
             "image is {width}x{height}, a side is over the limit of {} pixels",
             limits.max_side
         )));
     }
     if width == 0 || height == 0 {
-        return Err(PreprocessError::InvalidImage(format!(
+        return Err(PreprocessError::invalid_image(format!(
             "image is {width}x{height}: it has no pixels"
         )));
     }
@@ -227,18 +363,17 @@ fn check_size(width: u32, height: u32, limits: &ImageLimits) -> Result<(), Prepr
 /// Maps a decoder error to a client-facing one.
 fn decode_error(format: ImageFormat, err: ImageError) -> PreprocessError {
     let name = format_name(format);
-    match err {
-        ImageError::Limits(e) => PreprocessError::InvalidImage(format!(
-            "{name} image needs more resources than allowed to decode: {e}"
-        )),
-        ImageError::Unsupported(e) => {
-            PreprocessError::InvalidImage(format!("unsupported {name} image: {e}"))
+    let message = match &err {
+        ImageError::Limits(e) => {
+            format!("{name} image needs more resources than allowed to decode: {e}")
         }
+        ImageError::Unsupported(e) => format!("unsupported {name} image: {e}"),
         ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            PreprocessError::InvalidImage(format!("{name} data is truncated"))
+            format!("{name} data is truncated (image file is truncated)")
         }
-        other => PreprocessError::InvalidImage(format!("cannot decode {name} data: {other}")),
-    }
+        other => format!("cannot decode {name} data: {other}"),
+    };
+    PreprocessError::invalid_image_caused(message, err)
 }
 
 fn decode_with_image_crate(
@@ -280,7 +415,7 @@ fn decode_with_image_crate(
         _ => mode_from_color(&img),
     };
     let mut bands = bands_for_mode(mode, img).map_err(|what| {
-        PreprocessError::InvalidImage(format!("unsupported {} image: {what}", format_name(format)))
+        PreprocessError::invalid_image(format!("unsupported {} image: {what}", format_name(format)))
     })?;
     if format == ImageFormat::Bmp {
         if let (Some(widths), Bands::Rgb(rgb)) = (bmp16_widths(bytes), &mut bands) {
@@ -292,433 +427,6 @@ fn decode_with_image_crate(
         mode,
         bands,
     })
-}
-
-/// Decodes a greyscale or three-component JPEG with libjpeg-turbo's decoder,
-/// as Pillow does. libjpeg reports errors by unwinding (the `unwinding`
-/// feature of mozjpeg-sys); [`decode_image`] catches that.
-fn decode_jpeg_libjpeg(
-    bytes: &[u8],
-    limits: &ImageLimits,
-) -> Result<DecodedImage, PreprocessError> {
-    let invalid =
-        |e: std::io::Error| PreprocessError::InvalidImage(format!("cannot decode JPEG data: {e}"));
-    let decoder = mozjpeg::Decompress::new_mem(bytes).map_err(invalid)?;
-    let (width, height) = (decoder.width(), decoder.height());
-    let (w, h) = (
-        u32::try_from(width).unwrap_or(u32::MAX),
-        u32::try_from(height).unwrap_or(u32::MAX),
-    );
-    check_size(w, h, limits)?;
-    let gray = decoder.components().len() == 1;
-    let channels: u64 = if gray { 1 } else { 3 };
-    if u64::from(w) * u64::from(h) * channels > limits.max_alloc_bytes {
-        return Err(PreprocessError::InvalidImage(format!(
-            "JPEG image needs more than the {} bytes allowed to decode",
-            limits.max_alloc_bytes
-        )));
-    }
-    let (mode, bands) = if gray {
-        let mut started = decoder.grayscale().map_err(invalid)?;
-        let px = started.read_scanlines::<u8>().map_err(invalid)?;
-        started.finish().map_err(invalid)?;
-        let img = GrayImage::from_raw(w, h, px)
-            .ok_or_else(|| PreprocessError::InvalidImage("JPEG data is truncated".into()))?;
-        (PilMode::L, Bands::Gray(img))
-    } else {
-        let mut started = decoder.rgb().map_err(invalid)?;
-        let px = started.read_scanlines::<u8>().map_err(invalid)?;
-        started.finish().map_err(invalid)?;
-        let img = RgbImage::from_raw(w, h, px)
-            .ok_or_else(|| PreprocessError::InvalidImage("JPEG data is truncated".into()))?;
-        (PilMode::Rgb, Bands::Rgb(img))
-    };
-    Ok(DecodedImage {
-        format: ImageFormat::Jpeg,
-        mode,
-        bands,
-    })
-}
-
-/// Bit widths of the red, green and blue fields of a 16-bit BMP (`None` for
-/// other BMPs): 5-6-5 when the bit fields say so, else 5-5-5.
-fn bmp16_widths(bytes: &[u8]) -> Option<[u32; 3]> {
-    let u32_at = |at: usize| -> Option<u32> {
-        let b = bytes.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    if u32_at(14)? < 40 || bytes.get(28..30)? != [16, 0] {
-        return None;
-    }
-    if u32_at(30)? == 3 {
-        let widths = [
-            u32_at(54)?.count_ones(),
-            u32_at(58)?.count_ones(),
-            u32_at(62)?.count_ones(),
-        ];
-        widths.iter().all(|w| (1..=8).contains(w)).then_some(widths)
-    } else {
-        Some([5, 5, 5])
-    }
-}
-
-/// The `image` crate expands an n-bit BMP sample `v` to
-/// `round(v * 255 / max)`; Pillow truncates (`v * 255 / max`). Both are
-/// one-to-one, so the decoded value is mapped back to `v` and re-expanded.
-fn rescale_bmp16(img: &mut RgbImage, widths: [u32; 3]) {
-    let mut luts = [[0u8; 256]; 3];
-    for (lut, bits) in luts.iter_mut().zip(widths) {
-        let max = (1u32 << bits) - 1;
-        for (i, entry) in lut.iter_mut().enumerate() {
-            *entry = i as u8;
-        }
-        for v in 0..=max {
-            let decoded = (v * 255 + max / 2) / max;
-            lut[decoded as usize] = (v * 255 / max) as u8;
-        }
-    }
-    for px in img.pixels_mut() {
-        for (c, lut) in px.0.iter_mut().zip(&luts) {
-            *c = lut[usize::from(*c)];
-        }
-    }
-}
-
-/// Pillow's mode for an image known only by its decoded colour type.
-fn mode_from_color(img: &DynamicImage) -> PilMode {
-    match img {
-        DynamicImage::ImageLuma8(_) => PilMode::L,
-        DynamicImage::ImageLumaA8(_) => PilMode::La,
-        DynamicImage::ImageLuma16(_) => PilMode::I16,
-        // Pillow opens 16-bit grey+alpha as RGBA.
-        DynamicImage::ImageLumaA16(_) => PilMode::Rgba,
-        DynamicImage::ImageRgba8(_)
-        | DynamicImage::ImageRgba16(_)
-        | DynamicImage::ImageRgba32F(_) => PilMode::Rgba,
-        _ => PilMode::Rgb,
-    }
-}
-
-/// Pillow's mode for a PNG, from the IHDR chunk (always the first chunk).
-fn png_mode(bytes: &[u8]) -> Option<PilMode> {
-    if bytes.get(12..16)? != b"IHDR" {
-        return None;
-    }
-    let depth = *bytes.get(24)?;
-    let color_type = *bytes.get(25)?;
-    Some(match (color_type, depth) {
-        (0, 1) => PilMode::Bilevel,
-        (0, 16) => PilMode::I16,
-        (0, _) => PilMode::L,
-        (2, _) => PilMode::Rgb,
-        (3, _) => PilMode::P,
-        (4, 16) => PilMode::Rgba,
-        (4, _) => PilMode::La,
-        (6, _) => PilMode::Rgba,
-        _ => return None,
-    })
-}
-
-/// Number of components in a JPEG's frame header (1 grey, 3 colour, 4 CMYK
-/// or YCCK), found by walking the marker segments up to the first SOF.
-fn jpeg_components(bytes: &[u8]) -> Option<u8> {
-    let mut at = 2; // after SOI
-    loop {
-        if *bytes.get(at)? != 0xff {
-            return None;
-        }
-        let marker = *bytes.get(at + 1)?;
-        match marker {
-            // Fill bytes before a marker.
-            0xff => at += 1,
-            // Standalone markers carry no length.
-            0x01 | 0xd0..=0xd7 => at += 2,
-            // SOF0..SOF15, except DHT (C4), JPG (C8) and DAC (CC).
-            0xc0..=0xcf if !matches!(marker, 0xc4 | 0xc8 | 0xcc) => {
-                return bytes.get(at + 9).copied();
-            }
-            _ => {
-                let len = bytes.get(at + 2..at + 4)?;
-                at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
-            }
-        }
-    }
-}
-
-/// Pillow's mode for a BMP (`BmpImagePlugin`): palettes of exact greys are
-/// dropped (`1` for two entries black and white, `L` for `i -> (i, i, i)`),
-/// other palettes give `P`; 32-bit images are `RGB` unless their bit fields
-/// name an alpha channel.
-fn bmp_mode(bytes: &[u8]) -> Option<PilMode> {
-    let u16_at = |at: usize| -> Option<u32> {
-        let b = bytes.get(at..at + 2)?;
-        Some(u32::from(u16::from_le_bytes([b[0], b[1]])))
-    };
-    let u32_at = |at: usize| -> Option<u32> {
-        let b = bytes.get(at..at + 4)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    const BITFIELDS: u32 = 3;
-    let header_size = u32_at(14)?;
-    let (bits, compression, colors, entry_size) = if header_size == 12 {
-        (u16_at(24)?, 0, 0, 3usize)
-    } else {
-        (u16_at(28)?, u32_at(30)?, u32_at(46)?, 4usize)
-    };
-    match bits {
-        1 | 4 | 8 => {
-            let colors = if colors == 0 { 1u32 << bits } else { colors };
-            let palette_at = 14 + header_size as usize;
-            let is_grey = |index: u32, value: u32| -> bool {
-                let at = palette_at + index as usize * entry_size;
-                match bytes.get(at..at + 3) {
-                    Some(bgr) => bgr.iter().all(|&c| u32::from(c) == value),
-                    None => false,
-                }
-            };
-            let grey = if colors == 2 {
-                is_grey(0, 0) && is_grey(1, 255)
-            } else {
-                (0..colors.min(256)).all(|i| is_grey(i, i)) && colors <= 256
-            };
-            Some(match (grey, colors <= 2) {
-                (true, true) => PilMode::Bilevel,
-                (true, false) => PilMode::L,
-                (false, _) => PilMode::P,
-            })
-        }
-        32 if compression == BITFIELDS => {
-            // The colour masks follow a 40-byte header or sit inside larger
-            // ones, at the same offset; only headers of 56 bytes and more
-            // carry an alpha mask. Pillow reads all-zero masks as BGRA.
-            let alpha_mask = if header_size >= 56 {
-                u32_at(14 + 52)?
-            } else {
-                0
-            };
-            let masks = [
-                u32_at(14 + 40)?,
-                u32_at(14 + 44)?,
-                u32_at(14 + 48)?,
-                alpha_mask,
-            ];
-            Some(if alpha_mask != 0 || masks == [0; 4] {
-                PilMode::Rgba
-            } else {
-                PilMode::Rgb
-            })
-        }
-        16 | 24 | 32 => Some(PilMode::Rgb),
-        _ => None,
-    }
-}
-
-/// High byte of a 16-bit sample, which is what Pillow keeps when it loads a
-/// 16-bit colour image into an 8-bit mode.
-#[inline]
-fn msb(v: u16) -> u8 {
-    (v >> 8) as u8
-}
-
-/// Rearranges decoded samples into the layout of Pillow's `mode`.
-/// Errs (with a description) on sample formats Pillow cannot load either.
-fn bands_for_mode(mode: PilMode, img: DynamicImage) -> Result<Bands, String> {
-    Ok(match mode {
-        PilMode::Bilevel | PilMode::L => Bands::Gray(match img {
-            DynamicImage::ImageLuma8(g) => g,
-            DynamicImage::ImageLumaA8(g) => map_pixels(&g, |p| [p[0]]),
-            // A greyscale palette expanded by the decoder.
-            DynamicImage::ImageRgb8(g) => map_pixels(&g, |p| [p[0]]),
-            DynamicImage::ImageRgba8(g) => map_pixels(&g, |p| [p[0]]),
-            other => other.to_luma8(),
-        }),
-        PilMode::La => Bands::GrayAlpha(match img {
-            DynamicImage::ImageLumaA8(g) => g,
-            DynamicImage::ImageLumaA16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[1])]),
-            DynamicImage::ImageRgba8(g) => map_pixels(&g, |p| [p[0], p[3]]),
-            DynamicImage::ImageLuma8(g) => map_pixels(&g, |p| [p[0], 255]),
-            other => other.to_luma_alpha8(),
-        }),
-        PilMode::I16 => Bands::Gray16(match img {
-            DynamicImage::ImageLuma16(g) => g,
-            DynamicImage::ImageLumaA16(g) => map_pixels(&g, |p| [p[0]]),
-            DynamicImage::ImageLuma8(g) => map_pixels(&g, |p| [u16::from(p[0])]),
-            other => other.to_luma16(),
-        }),
-        PilMode::P | PilMode::Rgb | PilMode::Cmyk => Bands::Rgb(match img {
-            DynamicImage::ImageRgb8(g) => g,
-            DynamicImage::ImageRgba8(g) => map_pixels(&g, |p| [p[0], p[1], p[2]]),
-            DynamicImage::ImageLuma8(g) => map_pixels(&g, |p| [p[0], p[0], p[0]]),
-            DynamicImage::ImageLumaA8(g) => map_pixels(&g, |p| [p[0], p[0], p[0]]),
-            DynamicImage::ImageRgb16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[1]), msb(p[2])]),
-            DynamicImage::ImageRgba16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[1]), msb(p[2])]),
-            DynamicImage::ImageLuma16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[0]), msb(p[0])]),
-            DynamicImage::ImageLumaA16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[0]), msb(p[0])]),
-            DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => {
-                return Err("32-bit floating point samples".into())
-            }
-            other => other.to_rgb8(),
-        }),
-        PilMode::Rgba => Bands::Rgba(match img {
-            DynamicImage::ImageRgba8(g) => g,
-            DynamicImage::ImageRgba16(g) => {
-                map_pixels(&g, |p| [msb(p[0]), msb(p[1]), msb(p[2]), msb(p[3])])
-            }
-            DynamicImage::ImageLumaA16(g) => {
-                map_pixels(&g, |p| [msb(p[0]), msb(p[0]), msb(p[0]), msb(p[1])])
-            }
-            DynamicImage::ImageLumaA8(g) => map_pixels(&g, |p| [p[0], p[0], p[0], p[1]]),
-            DynamicImage::ImageRgb8(g) => map_pixels(&g, |p| [p[0], p[1], p[2], 255]),
-            DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => {
-                return Err("32-bit floating point samples".into())
-            }
-            other => other.to_rgba8(),
-        }),
-    })
-}
-
-/// Builds an image of pixel type `Q` from one of pixel type `P`, pixel by pixel.
-fn map_pixels<P, Q, const M: usize>(
-    src: &ImageBuffer<P, Vec<P::Subpixel>>,
-    f: impl Fn(&[P::Subpixel]) -> [Q::Subpixel; M],
-) -> ImageBuffer<Q, Vec<Q::Subpixel>>
-where
-    P: image::Pixel,
-    Q: image::Pixel,
-{
-    let (width, height) = src.dimensions();
-    let channels = usize::from(P::CHANNEL_COUNT);
-    let pixels = width as usize * height as usize;
-    let mut data = Vec::with_capacity(pixels * M);
-    for px in src.as_raw().chunks_exact(channels).take(pixels) {
-        data.extend_from_slice(&f(px));
-    }
-    from_raw_or_empty(width, height, data)
-}
-
-/// `ImageBuffer::from_raw`, which cannot fail when `data` has exactly
-/// `width * height` pixels; an empty image otherwise keeps this total.
-fn from_raw_or_empty<Q: image::Pixel>(
-    width: u32,
-    height: u32,
-    data: Vec<Q::Subpixel>,
-) -> ImageBuffer<Q, Vec<Q::Subpixel>> {
-    ImageBuffer::from_raw(width, height, data).unwrap_or_else(|| ImageBuffer::new(0, 0))
-}
-
-fn gif_error(err: gif::DecodingError) -> PreprocessError {
-    match err {
-        gif::DecodingError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            PreprocessError::InvalidImage("GIF data is truncated".into())
-        }
-        other => PreprocessError::InvalidImage(format!("cannot decode GIF data: {other}")),
-    }
-}
-
-/// Whether Pillow keeps a GIF palette (`GifImageFile._is_palette_needed`):
-/// a palette mapping every index `i` to `(i, i, i)` makes the image mode `L`.
-fn gif_palette_needed(palette: &[u8]) -> bool {
-    palette
-        .chunks(3)
-        .enumerate()
-        .any(|(i, rgb)| !(rgb.len() == 3 && rgb.iter().all(|&c| usize::from(c) == i)))
-}
-
-/// Decodes the first frame of a GIF as Pillow does: the canvas is the logical
-/// screen (grown to hold the frame if it sticks out), filled with the
-/// transparent index if the frame has one and index 0 otherwise; the frame's
-/// indices are pasted at its offset; transparent pixels keep their palette
-/// colour. Mode `P`, or `L` when the palette is the identity grey ramp (or
-/// absent).
-fn decode_gif(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, PreprocessError> {
-    let mut options = gif::DecodeOptions::new();
-    options.set_color_output(gif::ColorOutput::Indexed);
-    if let Some(bytes_limit) = NonZeroU64::new(limits.max_alloc_bytes) {
-        options.set_memory_limit(gif::MemoryLimit::Bytes(bytes_limit));
-    }
-    let mut decoder = options.read_info(Cursor::new(bytes)).map_err(gif_error)?;
-    let screen = (u32::from(decoder.width()), u32::from(decoder.height()));
-    let global = decoder.global_palette().map(<[u8]>::to_vec);
-    let frame = decoder
-        .next_frame_info()
-        .map_err(gif_error)?
-        .ok_or_else(|| PreprocessError::InvalidImage("GIF file contains no image".into()))?;
-    let (left, top) = (u32::from(frame.left), u32::from(frame.top));
-    let (frame_w, frame_h) = (u32::from(frame.width), u32::from(frame.height));
-    let transparent = frame.transparent;
-    let local = frame.palette.clone();
-    let width = screen.0.max(left + frame_w);
-    let height = screen.1.max(top + frame_h);
-    check_size(width, height, limits)?;
-
-    let mut indices = vec![0u8; frame_w as usize * frame_h as usize];
-    if !indices.is_empty() {
-        decoder.read_into_buffer(&mut indices).map_err(gif_error)?;
-    }
-
-    let palette = match (&local, &global) {
-        (Some(p), _) => gif_palette_needed(p).then_some(p.as_slice()),
-        (None, Some(p)) => gif_palette_needed(p).then_some(p.as_slice()),
-        (None, None) => None,
-    };
-    let colour = |index: u8| -> [u8; 3] {
-        match palette {
-            Some(p) => {
-                let at = usize::from(index) * 3;
-                match p.get(at..at + 3) {
-                    Some(rgb) => [rgb[0], rgb[1], rgb[2]],
-                    None => [0, 0, 0],
-                }
-            }
-            None => [index, index, index],
-        }
-    };
-    let background = transparent.unwrap_or(0);
-    let (w, h) = (width as usize, height as usize);
-    let mut canvas = vec![background; w * h];
-    if frame_w > 0 {
-        for (row, src) in indices.chunks_exact(frame_w as usize).enumerate() {
-            let start = (top as usize + row) * w + left as usize;
-            canvas[start..start + src.len()].copy_from_slice(src);
-        }
-    }
-    let (mode, bands) = if palette.is_some() {
-        let mut rgb = Vec::with_capacity(w * h * 3);
-        for &index in &canvas {
-            rgb.extend_from_slice(&colour(index));
-        }
-        (
-            PilMode::P,
-            Bands::Rgb(from_raw_or_empty(width, height, rgb)),
-        )
-    } else {
-        (
-            PilMode::L,
-            Bands::Gray(from_raw_or_empty(width, height, canvas)),
-        )
-    };
-    Ok(DecodedImage {
-        format: ImageFormat::Gif,
-        mode,
-        bands,
-    })
-}
-
-/// Pillow's `MULDIV255`: `a * b / 255`, rounded.
-#[inline]
-fn muldiv255(a: u8, b: u8) -> u8 {
-    let t = u32::from(a) * u32::from(b) + 128;
-    (((t >> 8) + t) >> 8) as u8
-}
-
-/// Pillow's un-premultiplication of one sample (`rgba2rgbA`, `la2lA`).
-#[inline]
-fn unpremultiply(c: u8, alpha: u8) -> u8 {
-    if alpha == 0 || alpha == 255 {
-        c
-    } else {
-        ((255 * u32::from(c)) / u32::from(alpha)).min(255) as u8
-    }
 }
 
 impl DecodedImage {
@@ -752,93 +460,11 @@ impl DecodedImage {
     pub fn format(&self) -> ImageFormat {
         self.format
     }
-
-    /// Pillow's `convert("RGB")`: alpha dropped (not composited), grey
-    /// replicated, palette expanded, `I;16` clipped to 0..=255.
-    pub fn to_rgb8(&self) -> RgbImage {
-        match &self.bands {
-            Bands::Rgb(i) => i.clone(),
-            Bands::Rgba(i) => map_pixels(i, |p| [p[0], p[1], p[2]]),
-            Bands::Gray(i) => map_pixels(i, |p| [p[0], p[0], p[0]]),
-            Bands::GrayAlpha(i) => map_pixels(i, |p| [p[0], p[0], p[0]]),
-            Bands::Gray16(i) => map_pixels(i, |p| {
-                let v = p[0].min(255) as u8;
-                [v, v, v]
-            }),
-        }
-    }
-
-    /// Pillow's `Image.resize((width, height))` with its default filter, in
-    /// this image's mode: nearest neighbour for `P` and `1`, bicubic for the
-    /// rest, with `RGBA`/`LA` premultiplied by alpha around the resize (and
-    /// un-premultiplied after, as Pillow does). The mode is kept, so
-    /// `resize_like_pil(w, h).to_rgb8()` is `im.resize((w, h)).convert("RGB")`.
-    ///
-    /// A zero width or height gives an empty image (Pillow raises instead).
-    pub fn resize_like_pil(&self, width: u32, height: u32) -> DecodedImage {
-        if (width, height) == self.dimensions() {
-            return self.clone();
-        }
-        let filter = match self.mode {
-            PilMode::P | PilMode::Bilevel => Filter::Nearest,
-            _ => Filter::Bicubic,
-        };
-        let bands = match &self.bands {
-            Bands::Gray(i) => Bands::Gray(resize::resize(i, width, height, filter)),
-            Bands::Rgb(i) => Bands::Rgb(resize::resize(i, width, height, filter)),
-            Bands::GrayAlpha(i) if filter == Filter::Nearest => {
-                Bands::GrayAlpha(resize::resize(i, width, height, filter))
-            }
-            Bands::Rgba(i) if filter == Filter::Nearest => {
-                Bands::Rgba(resize::resize(i, width, height, filter))
-            }
-            Bands::GrayAlpha(i) => {
-                let pre: GrayAlphaImage = map_pixels(i, |p| [muldiv255(p[0], p[1]), p[1]]);
-                let out = resize::resize(&pre, width, height, filter);
-                Bands::GrayAlpha(map_pixels(&out, |p| [unpremultiply(p[0], p[1]), p[1]]))
-            }
-            Bands::Rgba(i) => {
-                let pre: RgbaImage = map_pixels(i, |p| {
-                    [
-                        muldiv255(p[0], p[3]),
-                        muldiv255(p[1], p[3]),
-                        muldiv255(p[2], p[3]),
-                        p[3],
-                    ]
-                });
-                let out = resize::resize(&pre, width, height, filter);
-                Bands::Rgba(map_pixels(&out, |p| {
-                    [
-                        unpremultiply(p[0], p[3]),
-                        unpremultiply(p[1], p[3]),
-                        unpremultiply(p[2], p[3]),
-                        p[3],
-                    ]
-                }))
-            }
-            Bands::Gray16(i) => {
-                let (w, h) = i.dimensions();
-                let data = resize::resize_i16(
-                    i.as_raw(),
-                    w as usize,
-                    h as usize,
-                    width as usize,
-                    height as usize,
-                    filter,
-                );
-                Bands::Gray16(from_raw_or_empty(width, height, data))
-            }
-        };
-        DecodedImage {
-            format: self.format,
-            mode: self.mode,
-            bands,
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::convert::{muldiv255, unpremultiply};
     use super::*;
 
     fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -1190,5 +816,307 @@ mod tests {
         let out = decoded.resize_like_pil(1, 1).to_rgb8();
         assert_eq!(out.get_pixel(0, 0).0[0], 0);
         assert_eq!(out.get_pixel(0, 0).0[2], 255);
+    }
+
+    const BASELINE_JPEG: &[u8] =
+        include_bytes!("../../../tests/fixtures/images/baseline_420_640x480.jpg");
+    const PROGRESSIVE_JPEG: &[u8] =
+        include_bytes!("../../../tests/fixtures/images/progressive_480x360.jpg");
+
+    fn noisy_rgb(width: u32, height: u32) -> RgbImage {
+        let data = noise((width * height * 3) as usize, width * 7 + height);
+        RgbImage::from_raw(width, height, data).unwrap()
+    }
+
+    fn is_invalid(r: Result<DecodedImage, PreprocessError>) -> bool {
+        matches!(r, Err(PreprocessError::InvalidImage(_)))
+    }
+
+    /// Files cut short are refused, as Pillow refuses them ("image file is
+    /// truncated"); the reference cannot embed them either.
+    #[test]
+    fn truncated_files_of_every_format_are_refused() {
+        let img = DynamicImage::ImageRgb8(noisy_rgb(64, 48));
+        for format in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+            ImageFormat::Tiff,
+        ] {
+            let bytes = encode(&img, format);
+            assert!(
+                decode_image(&bytes, &ImageLimits::default()).is_ok(),
+                "{format:?}"
+            );
+            let half = &bytes[..bytes.len() / 2];
+            assert!(
+                is_invalid(decode_image(half, &ImageLimits::default())),
+                "{format:?} cut in half"
+            );
+        }
+    }
+
+    /// A real photo cut in half (no end marker): libjpeg would paint the
+    /// rest grey; Pillow refuses it, so do we.
+    #[test]
+    fn real_jpeg_cut_in_half_is_truncated() {
+        let limits = ImageLimits::default();
+        for fixture in [BASELINE_JPEG, PROGRESSIVE_JPEG] {
+            assert!(decode_image(fixture, &limits).is_ok());
+            let err = decode_image(&fixture[..fixture.len() / 2], &limits).unwrap_err();
+            assert!(
+                matches!(&err, PreprocessError::InvalidImage(m) if m.contains("truncated")),
+                "{err:?}"
+            );
+        }
+    }
+
+    /// A JPEG frame header with its dimensions replaced, scan data removed
+    /// (the scan header is kept) and an end marker: 6324x6324 in a few
+    /// hundred bytes.
+    fn empty_scan_jpeg(width: u16, height: u16) -> Vec<u8> {
+        let small = encode(
+            &DynamicImage::ImageRgb8(noisy_rgb(16, 16)),
+            ImageFormat::Jpeg,
+        );
+        let mut out = Vec::new();
+        let mut at = 2;
+        out.extend_from_slice(&small[..2]);
+        loop {
+            assert_eq!(small[at], 0xff);
+            let marker = small[at + 1];
+            let len = usize::from(u16::from_be_bytes([small[at + 2], small[at + 3]]));
+            let mut segment = small[at..at + 2 + len].to_vec();
+            if marker == 0xc0 {
+                segment[5..7].copy_from_slice(&height.to_be_bytes());
+                segment[7..9].copy_from_slice(&width.to_be_bytes());
+            }
+            out.extend_from_slice(&segment);
+            at += 2 + len;
+            if marker == 0xda {
+                break;
+            }
+        }
+        out.extend_from_slice(&[0xff, 0xd9]);
+        out
+    }
+
+    #[test]
+    fn jpeg_with_an_empty_scan_is_refused_by_default() {
+        let bytes = empty_scan_jpeg(6324, 6324);
+        assert!(bytes.len() < 1000, "{}", bytes.len());
+        assert_eq!(header_size(&bytes).unwrap(), Size::new(6324, 6324));
+        let started = std::time::Instant::now();
+        let err = decode_image(&bytes, &ImageLimits::default()).unwrap_err();
+        assert!(
+            matches!(&err, PreprocessError::InvalidImage(m) if m.contains("premature end of data segment")),
+            "{err:?}"
+        );
+        // Refused at the first missing block, not after painting 40 MP grey.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // Pillow's behaviour, on request: the missing data is grey (but for
+        // the first MCU, decoded from the zero bits libjpeg pads with).
+        let lenient = ImageLimits {
+            allow_incomplete_jpeg: true,
+            ..ImageLimits::default()
+        };
+        let decoded = decode_image(&empty_scan_jpeg(40, 24), &lenient).unwrap();
+        assert_eq!(decoded.dimensions(), (40, 24));
+        let rgb = decoded.to_rgb8();
+        let grey = rgb.pixels().filter(|p| p.0 == [128, 128, 128]).count();
+        assert!(grey >= 40 * 24 - 16 * 16, "{grey}");
+    }
+
+    #[test]
+    fn jpeg_scans_and_working_memory_are_bounded_before_decoding() {
+        let info = sniff::jpeg_info(PROGRESSIVE_JPEG).unwrap();
+        assert!(info.progressive);
+        assert!(info.scans > 1 && info.scans < 20, "{}", info.scans);
+        assert_eq!((info.width, info.height), (480, 360));
+        let base = sniff::jpeg_info(BASELINE_JPEG).unwrap();
+        assert_eq!((base.progressive, base.scans), (false, 1));
+        assert_eq!(base.coefficient_bytes(), 0);
+        // 4:2:0 at 480x360: luma 60x45 blocks (rounded to 60x46), chroma
+        // 30x23 each; 128 bytes a block.
+        assert_eq!(info.sampling, vec![(2, 2), (1, 1), (1, 1)]);
+        assert_eq!(info.coefficient_bytes(), (60 * 46 + 2 * 30 * 23) * 128);
+
+        let few_scans = ImageLimits {
+            max_jpeg_scans: info.scans - 1,
+            ..ImageLimits::default()
+        };
+        let err = decode_image(PROGRESSIVE_JPEG, &few_scans).unwrap_err();
+        assert!(
+            matches!(&err, PreprocessError::InvalidImage(m) if m.contains("scans")),
+            "{err:?}"
+        );
+        // The output alone (480 * 360 * 3) fits, with the coefficients it does not.
+        let little_memory = ImageLimits {
+            max_alloc_bytes: 480 * 360 * 3 + 1000,
+            ..ImageLimits::default()
+        };
+        let err = decode_image(PROGRESSIVE_JPEG, &little_memory).unwrap_err();
+        assert!(
+            matches!(&err, PreprocessError::InvalidImage(m) if m.contains("bytes")),
+            "{err:?}"
+        );
+        assert!(decode_image(BASELINE_JPEG, &little_memory).is_err());
+        let enough = ImageLimits {
+            max_alloc_bytes: 640 * 480 * 3,
+            ..ImageLimits::default()
+        };
+        assert!(decode_image(BASELINE_JPEG, &enough).is_ok());
+
+        // Scans are counted from the markers: a stream repeating its scan.
+        let mut many = Vec::new();
+        let sos = BASELINE_JPEG
+            .windows(2)
+            .position(|w| w == [0xff, 0xda])
+            .unwrap();
+        let eoi = BASELINE_JPEG.len() - 2;
+        many.extend_from_slice(&BASELINE_JPEG[..sos]);
+        for _ in 0..150 {
+            many.extend_from_slice(&BASELINE_JPEG[sos..eoi]);
+        }
+        many.extend_from_slice(&[0xff, 0xd9]);
+        assert_eq!(sniff::jpeg_info(&many).unwrap().scans, 150);
+        let err = decode_image(&many, &ImageLimits::default()).unwrap_err();
+        assert!(
+            matches!(&err, PreprocessError::InvalidImage(m) if m.contains("150 scans")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn header_size_reads_every_format_without_decoding() {
+        let img = DynamicImage::ImageRgb8(noisy_rgb(37, 23));
+        for format in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+            ImageFormat::Tiff,
+            ImageFormat::Bmp,
+        ] {
+            let bytes = encode(&img, format);
+            assert_eq!(
+                header_size(&bytes).unwrap(),
+                Size::new(37, 23),
+                "{format:?}"
+            );
+        }
+        let gif = gif_bytes((2, 2), &PALETTE, None, (1, 1), (2, 2), &[1, 1, 1, 1]);
+        assert_eq!(header_size(&gif).unwrap(), Size::new(3, 3));
+        assert!(header_size(b"nonsense").is_err());
+    }
+
+    /// 256 images each claiming 40 MP are refused from their headers, at
+    /// the image that breaks the budget, before any is decoded; a bad image
+    /// stops the check at its index.
+    #[test]
+    fn request_budget_is_checked_from_headers() {
+        let big = empty_scan_jpeg(6324, 6324);
+        let limits = ImageLimits::default();
+        let started = std::time::Instant::now();
+        let images: Vec<(usize, &[u8])> = (0..256).map(|i| (i, big.as_slice())).collect();
+        match check_request_images(images.iter().copied(), &limits) {
+            Err(RequestImagesError::OverBudget {
+                images: 3,
+                pixels,
+                limit: 100_000_000,
+            }) => assert_eq!(pixels, 3 * 6324 * 6324),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let err = check_request_images(images.iter().copied(), &limits).unwrap_err();
+        assert!(
+            err.to_string().contains("max_request_image_pixels"),
+            "{err}"
+        );
+
+        let small = encode(
+            &DynamicImage::ImageRgb8(noisy_rgb(10, 10)),
+            ImageFormat::Png,
+        );
+        let two = [(0, small.as_slice()), (4, small.as_slice())];
+        assert_eq!(check_request_images(two, &limits).unwrap(), 200);
+        let bad = [
+            (0, small.as_slice()),
+            (7, b"junk".as_slice()),
+            (9, small.as_slice()),
+        ];
+        match check_request_images(bad, &limits) {
+            Err(RequestImagesError::Image {
+                index: 7,
+                source: PreprocessError::InvalidImage(_),
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // The per-image cap applies too.
+        let capped = ImageLimits {
+            max_pixels: 99,
+            ..limits
+        };
+        assert!(matches!(
+            check_request_images([(0, small.as_slice())], &capped),
+            Err(RequestImagesError::Image {
+                index: 0,
+                source: PreprocessError::ImageTooLarge { .. }
+            })
+        ));
+    }
+
+    /// Decodes every file in `$VLEMBED_IMAGE_DIR` with the default limits
+    /// (a check that real photos pass the stricter JPEG rules):
+    /// `VLEMBED_IMAGE_DIR=... cargo test --lib decodes_a_directory -- --ignored`.
+    #[test]
+    #[ignore = "needs VLEMBED_IMAGE_DIR"]
+    fn decodes_a_directory() {
+        let dir = std::env::var("VLEMBED_IMAGE_DIR").expect("VLEMBED_IMAGE_DIR");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            if image::guess_format(&bytes).is_err() {
+                continue;
+            }
+            let decoded = decode_image(&bytes, &ImageLimits::default());
+            assert!(decoded.is_ok(), "{}: {:?}", path.display(), decoded.err());
+            let size = header_size(&bytes).unwrap();
+            assert_eq!((size.width, size.height), decoded.unwrap().dimensions());
+            n += 1;
+        }
+        println!("{n} images decoded");
+    }
+
+    /// The JPEG marker walk is not behind the decoders' panic guard in every
+    /// caller: it must not panic on any cut or corrupted stream.
+    #[test]
+    fn jpeg_marker_walk_survives_corruption() {
+        let mut state = 0x2545_f491u32;
+        let mut rand = |n: usize| -> usize {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize % n.max(1)
+        };
+        for fixture in [BASELINE_JPEG, PROGRESSIVE_JPEG] {
+            for cut in (0..fixture.len()).step_by(97) {
+                let _ = sniff::jpeg_info(&fixture[..cut]);
+                let _ = header_size(&fixture[..cut]);
+            }
+            for _ in 0..300 {
+                let mut bytes = fixture.to_vec();
+                for _ in 0..1 + rand(8) {
+                    let at = rand(bytes.len());
+                    bytes[at] = [0x00, 0xff, 0xd9, 0xda, 0xc2, rand(256) as u8][rand(6)];
+                }
+                let _ = sniff::jpeg_info(&bytes);
+                let _ = decode_image(&bytes[..rand(bytes.len()) + 1], &ImageLimits::default());
+            }
+        }
     }
 }
