@@ -198,7 +198,8 @@ def main():
                            else os.path.join(FIXTURES, "clip-tiny"))
     jpg = photo()
     truncated = jpg[:len(jpg) // 2]
-    header = jpeg_header_only(jpg, 6324, 6324)
+    with open(os.path.join(FIXTURES, "images", "baseline_420_640x480.jpg"), "rb") as f:
+        header = jpeg_header_only(f.read(), 6324, 6324)  # 625 bytes
     empties = b'{"inputs": [' + b'"",' * ((16 << 20) // 3 - 10) + b'""]}'
     log = open(os.path.join("/tmp", "hostile-replay-server.log"), "w")
     print(f"model: {model}")
@@ -211,8 +212,8 @@ def main():
         run_row(server, "PNG 1x32768 grey", [{"inputs": [{"image": b64(png_grey(1, 32768))}]}])
         run_row(server, "JPEG header 6324x6324, empty scan", [{"inputs": [{"image": b64(header)}]}])
         run_row(server, "JPEG cut in half", [{"inputs": [{"image": b64(truncated)}]}])
-        run_row(server, "the cut JPEG x256 in one request",
-                [{"inputs": [{"image": b64(truncated)}] * 256}])
+        run_row(server, "the 6324x6324 header JPEG x256 in one request",
+                [{"inputs": [{"image": b64(header)}] * 256}])
         run_row(server, '{"inputs":["",...]} of 16 MiB', [empties])
         run_row(server, "the same, 4 at once", [empties] * 4)
         run_row(server, 'one text of 15 MB ("word " x 3,000,000)',
