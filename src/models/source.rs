@@ -167,7 +167,8 @@ impl ModelFiles {
                 if !files.iter().any(|f| f == name) {
                     return Ok(None);
                 }
-                match api.get(name) {
+                let progress = DownloadLog::new(&self.description, name);
+                match api.download_with_progress(name, progress) {
                     Ok(p) => Ok(Some(p)),
                     Err(e) => Err(ModelError::HubFetch {
                         file: name.to_string(),
@@ -279,8 +280,102 @@ fn env_flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Logs a Hub download's progress: its start (file and size), then at most
+/// every 10 % or every 5 seconds, and its end with the time it took. Model
+/// weights are gigabytes: without this an operator sees a silent start that
+/// may last minutes and cannot tell a slow network from a hang.
+struct DownloadLog {
+    model: String,
+    file: String,
+    total: usize,
+    done: usize,
+    /// `done` when a line was last logged, and when.
+    logged: (usize, std::time::Instant),
+    started: std::time::Instant,
+}
+
+impl DownloadLog {
+    fn new(model: &str, file: &str) -> Self {
+        let now = std::time::Instant::now();
+        DownloadLog {
+            model: model.to_string(),
+            file: file.to_string(),
+            total: 0,
+            done: 0,
+            logged: (0, now),
+            started: now,
+        }
+    }
+
+    /// Whether a progress line is due: 10 % more of the file, or 5 s since
+    /// the last line.
+    fn due(&self, now: std::time::Instant) -> bool {
+        let step = (self.total / 10).max(1);
+        self.done >= self.logged.0 + step
+            || now.duration_since(self.logged.1) >= std::time::Duration::from_secs(5)
+    }
+}
+
+impl hf_hub::api::Progress for DownloadLog {
+    fn init(&mut self, size: usize, _filename: &str) {
+        self.total = size;
+        tracing::info!(model = %self.model, file = %self.file, bytes = size, "downloading from the Hub");
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done = self.done.saturating_add(size);
+        let now = std::time::Instant::now();
+        if self.due(now) {
+            self.logged = (self.done, now);
+            let percent = if self.total == 0 {
+                100.0
+            } else {
+                self.done as f64 * 100.0 / self.total as f64
+            };
+            tracing::info!(
+                model = %self.model, file = %self.file, bytes = self.done, total = self.total,
+                percent = format!("{percent:.0}"), "download progress"
+            );
+        }
+    }
+
+    fn finish(&mut self) {
+        tracing::info!(
+            model = %self.model, file = %self.file, bytes = self.done,
+            seconds = format!("{:.1}", self.started.elapsed().as_secs_f64()), "downloaded"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn download_progress_is_logged_every_tenth_or_five_seconds() {
+        use hf_hub::api::Progress;
+        let mut log = super::DownloadLog::new("org/model", "model.safetensors");
+        log.init(1000, "model.safetensors");
+        let t0 = log.logged.1;
+        log.update(50);
+        assert_eq!(log.logged.0, 0, "5 % is not a step: nothing logged");
+        assert!(!log.due(t0));
+        log.update(60);
+        assert_eq!(
+            log.logged.0, 110,
+            "11 % is: logged, and the next step counts from there"
+        );
+        log.done = 200;
+        assert!(!log.due(log.logged.1), "9 % more is not a step yet");
+        assert!(
+            log.due(log.logged.1 + std::time::Duration::from_secs(5)),
+            "5 s since the last line is"
+        );
+        // A file of unknown (zero) size never divides by zero.
+        let mut empty = super::DownloadLog::new("m", "f");
+        empty.init(0, "f");
+        empty.update(1);
+        empty.finish();
+    }
+
     use super::*;
 
     #[test]
