@@ -348,3 +348,48 @@ async fn images_declaring_too_many_pixels_are_refused_before_decoding() {
     assert_eq!(image_jobs(&s).await - before, 0.0);
     s.stop().await;
 }
+
+/// `max_input_tokens` reaches the MLLM: the same long text fits the default
+/// prompt budget and is refused (or cut) under a smaller one.
+#[tokio::test]
+async fn the_mllm_prompt_budget_is_the_models_max_input_tokens() {
+    let _serial = SERIAL.lock().await;
+    let mllm = |tokens: Option<usize>| {
+        let mut c = config();
+        let mut m = vlembed::config::ModelConfig::with_defaults(
+            repo().join("tests/fixtures/mllm-tiny-a").to_str().unwrap(),
+        )
+        .unwrap();
+        m.name = "mllm".into();
+        m.max_input_tokens = tokens;
+        c.models = vec![m];
+        c.validate().unwrap();
+        c
+    };
+    let text = "word ".repeat(1500);
+    let s = TestServer::ready(mllm(None), Hooks::default()).await;
+    let r = s
+        .post_json("/embed", &json!({"inputs": [text], "truncate": false}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+
+    let s = TestServer::ready(mllm(Some(1000)), Hooks::default()).await;
+    let r = s
+        .post_json("/embed", &json!({"inputs": [text], "truncate": false}))
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message()
+            .contains("over the model's limit of 1000 tokens"),
+        "{}",
+        r.text
+    );
+    let r = s
+        .post_json("/embed", &json!({"inputs": [text], "truncate": true}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let used = r.body["usage"]["text_tokens"].as_u64().unwrap();
+    assert!((900..=1000).contains(&used), "{used} tokens");
+    s.stop().await;
+}
