@@ -71,6 +71,13 @@ pub enum EmbedError {
         /// The budget.
         limit: u64,
     },
+    /// The model failed on this input (alone, after its batch was split).
+    #[error("input {index}: {source}")]
+    Failed {
+        index: usize,
+        #[source]
+        source: ItemError,
+    },
     #[error("{0}")]
     Item(ItemError),
     #[error("the request did not finish within {0:?}")]
@@ -190,10 +197,13 @@ impl Batcher {
         // dropped (client gone, timeout), its queued inputs are withdrawn and
         // its capacity released at once.
         let mut embeddings = Vec::with_capacity(receivers.len());
-        for rx in receivers {
+        for (index, rx) in receivers.into_iter().enumerate() {
             let mut v = match rx.await {
                 Ok(Ok(v)) => v,
                 Ok(Err(ItemError::Expired)) => return Err(EmbedError::Timeout(budget)),
+                Ok(Err(source @ ItemError::BatchFailed(_))) => {
+                    return Err(EmbedError::Failed { index, source })
+                }
                 Ok(Err(e)) => return Err(EmbedError::Item(e)),
                 Err(_) => {
                     return Err(EmbedError::Item(ItemError::WorkerDied(

@@ -168,6 +168,9 @@ impl ApiError {
             EmbedError::Item(ItemError::ShuttingDown) => {
                 Self::unavailable("the server is shutting down", retry_after)
             }
+            EmbedError::Failed { index, source } => {
+                Self::internal(format!("{}: {source}", at(index)))
+            }
             EmbedError::Item(e @ (ItemError::BatchFailed(_) | ItemError::WorkerDied(_))) => {
                 Self::internal(format!("inference failed: {e}"))
             }
@@ -325,6 +328,19 @@ mod tests {
             1,
         );
         assert_eq!(b.status.as_u16(), 500);
+        let one = ApiError::embed(
+            EmbedError::Failed {
+                index: 3,
+                source: ItemError::BatchFailed("nan".into()),
+            },
+            &at,
+            1,
+        );
+        assert_eq!(one.status.as_u16(), 500);
+        assert_eq!(
+            one.message,
+            "inputs[3]: the model failed on this input: nan"
+        );
         let budget = ApiError::embed(
             EmbedError::ImageBudget {
                 images: 3,
