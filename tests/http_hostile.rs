@@ -325,6 +325,20 @@ async fn images_declaring_too_many_pixels_are_refused_before_decoding() {
         r.text
     );
     assert_eq!(image_jobs(&s).await - before, 0.0);
+    // Every fixture format passes the header check and embeds.
+    let mut names: Vec<_> = std::fs::read_dir(repo().join("tests/fixtures/images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "{names:?}");
+    let inputs: Vec<_> = names
+        .iter()
+        .map(|n| json!({"image": b64(&image(n))}))
+        .collect();
+    let r = s.post_json("/embed", &json!({"inputs": inputs})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["embeddings"].as_array().unwrap().len(), names.len());
     s.stop().await;
 
     // The budget is the model's setting: two images fit, three do not.
