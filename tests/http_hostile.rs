@@ -255,3 +255,155 @@ async fn a_request_stops_at_its_first_bad_image() {
     assert_eq!(r.status, 200, "{}", r.text);
     s.stop().await;
 }
+
+/// A JPEG of a few hundred bytes whose frame header claims `width` x
+/// `height`: a real 16x16 JPEG with its size rewritten and its scan data
+/// dropped (the header is all the request budget reads).
+fn claiming_jpeg(width: u16, height: u16) -> Vec<u8> {
+    let img = ::image::RgbImage::from_fn(16, 16, |x, y| {
+        ::image::Rgb([(x * 16) as u8, (y * 16) as u8, ((x + y) * 8) as u8])
+    });
+    let mut small = std::io::Cursor::new(Vec::new());
+    ::image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut small, ::image::ImageFormat::Jpeg)
+        .unwrap();
+    let small = small.into_inner();
+    let mut out = small[..2].to_vec();
+    let mut at = 2;
+    loop {
+        assert_eq!(small[at], 0xff);
+        let marker = small[at + 1];
+        let len = usize::from(u16::from_be_bytes([small[at + 2], small[at + 3]]));
+        let mut segment = small[at..at + 2 + len].to_vec();
+        if marker == 0xc0 {
+            segment[5..7].copy_from_slice(&height.to_be_bytes());
+            segment[7..9].copy_from_slice(&width.to_be_bytes());
+        }
+        out.extend_from_slice(&segment);
+        at += 2 + len;
+        if marker == 0xda {
+            break;
+        }
+    }
+    out.extend_from_slice(&[0xff, 0xd9]);
+    out
+}
+
+#[tokio::test]
+async fn images_declaring_too_many_pixels_are_refused_before_decoding() {
+    let _serial = SERIAL.lock().await;
+    let s = TestServer::ready(config(), Hooks::default()).await;
+    // 256 images of ~600 bytes, each claiming 6324x6324 (40 MP, under the
+    // per-image cap): 10 GP in all against the default 100 MP budget.
+    let big = claiming_jpeg(6324, 6324);
+    assert!(big.len() < 1000, "{}", big.len());
+    let inputs: Vec<_> = (0..256).map(|_| json!({"image": b64(&big)})).collect();
+    let before = image_jobs(&s).await;
+    let start = Instant::now();
+    let r = s.post_json("/embed", &json!({"inputs": inputs})).await;
+    let elapsed = start.elapsed();
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert_eq!(r.error_type(), "payload_too_large");
+    assert!(
+        r.error_message().contains(
+            "over the per-request budget of 100000000 pixels (model_defaults.max_request_image_pixels"
+        ),
+        "{}",
+        r.text
+    );
+    assert_eq!(image_jobs(&s).await - before, 0.0, "an image was decoded");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    // A bad header anywhere stops the request at its input, before decoding.
+    let good = b64(&image("rgb_225x223.png"));
+    let inputs = json!([{"image": good}, "a cat", {"image": b64(b"\x89PNG\r\n\x1a\n junk")}]);
+    let before = image_jobs(&s).await;
+    let r = s.post_json("/embed", &json!({"inputs": inputs})).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(
+        r.error_message().starts_with("inputs[2].image"),
+        "{}",
+        r.text
+    );
+    assert_eq!(image_jobs(&s).await - before, 0.0);
+    // Every fixture format passes the header check and embeds.
+    let mut names: Vec<_> = std::fs::read_dir(repo().join("tests/fixtures/images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "{names:?}");
+    let inputs: Vec<_> = names
+        .iter()
+        .map(|n| json!({"image": b64(&image(n))}))
+        .collect();
+    let r = s.post_json("/embed", &json!({"inputs": inputs})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["embeddings"].as_array().unwrap().len(), names.len());
+    s.stop().await;
+
+    // The budget is the model's setting: two images fit, three do not.
+    let mut c = config();
+    c.models[0].max_request_image_pixels = 2 * 225 * 223;
+    let s = TestServer::ready(c, Hooks::default()).await;
+    let two = json!({"inputs": [{"image": good}, "a cat", {"image": good}]});
+    let r = s.post_json("/embed", &two).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["embeddings"].as_array().unwrap().len(), 3);
+    let three = json!({"inputs": [{"image": good}, {"image": good}, {"image": good}]});
+    let before = image_jobs(&s).await;
+    let r = s.post_json("/embed", &three).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message()
+            .contains("at least 150525 pixels in all (the first 3 of them)"),
+        "{}",
+        r.text
+    );
+    assert_eq!(image_jobs(&s).await - before, 0.0);
+    s.stop().await;
+}
+
+/// `max_input_tokens` reaches the MLLM: the same long text fits the default
+/// prompt budget and is refused (or cut) under a smaller one.
+#[tokio::test]
+async fn the_mllm_prompt_budget_is_the_models_max_input_tokens() {
+    let _serial = SERIAL.lock().await;
+    let mllm = |tokens: Option<usize>| {
+        let mut c = config();
+        let mut m = vlembed::config::ModelConfig::with_defaults(
+            repo().join("tests/fixtures/mllm-tiny-a").to_str().unwrap(),
+        )
+        .unwrap();
+        m.name = "mllm".into();
+        m.max_input_tokens = tokens;
+        c.models = vec![m];
+        c.validate().unwrap();
+        c
+    };
+    let text = "word ".repeat(1500);
+    let s = TestServer::ready(mllm(None), Hooks::default()).await;
+    let r = s
+        .post_json("/embed", &json!({"inputs": [text], "truncate": false}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+
+    let s = TestServer::ready(mllm(Some(1000)), Hooks::default()).await;
+    let r = s
+        .post_json("/embed", &json!({"inputs": [text], "truncate": false}))
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(
+        r.error_message()
+            .contains("over the model's limit of 1000 tokens"),
+        "{}",
+        r.text
+    );
+    let r = s
+        .post_json("/embed", &json!({"inputs": [text], "truncate": true}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let used = r.body["usage"]["text_tokens"].as_u64().unwrap();
+    assert!((900..=1000).contains(&used), "{used} tokens");
+    s.stop().await;
+}

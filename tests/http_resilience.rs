@@ -261,7 +261,7 @@ async fn a_poisoned_input_fails_alone_in_a_shared_batch() {
     let s = TestServer::ready(c, hooks).await;
     let bodies = vec![
         json!({"inputs": ["one", "two"]}),
-        json!({"inputs": [{"image": b64(&image("tiny_5x3.bmp"))}]}),
+        json!({"inputs": ["seven", {"image": b64(&image("tiny_5x3.bmp"))}]}),
         json!({"inputs": "three"}),
         json!({"inputs": ["four", "five", "six"]}),
     ];
@@ -279,7 +279,14 @@ async fn a_poisoned_input_fails_alone_in_a_shared_batch() {
     for t in tasks {
         let r = t.await.unwrap();
         if r.status != 200 {
-            assert!(r.error_message().contains("poisoned"), "{}", r.text);
+            // Named by its index in its own request.
+            assert!(
+                r.error_message()
+                    .starts_with("inputs[1]: the model failed on this input: ")
+                    && r.error_message().contains("poisoned"),
+                "{}",
+                r.text
+            );
         }
         statuses.push(r.status);
     }

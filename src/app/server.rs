@@ -317,6 +317,7 @@ fn load_model(
     let source = cfg.model_source();
     let mut opts = LoadOptions {
         dtype: cfg.dtype,
+        max_input_tokens: cfg.max_input_tokens,
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;

@@ -1,7 +1,8 @@
 //! Dynamic batching: from a request's inputs to its embeddings, in order.
 //!
-//! Owns the per-model [`Batcher`]: admission into the bounded [`Queue`] (429
-//! instead of growing), preprocessing in a bounded blocking pool (it overlaps
+//! Owns the per-model [`Batcher`]: the request's image decode budget (checked
+//! from the images' headers before anything else), admission into the
+//! bounded [`Queue`] (429 instead of growing), preprocessing in a bounded blocking pool (it overlaps
 //! the workers' forward passes), turning each input into a queue [`Item`]
 //! with a deadline, re-assembling the workers' answers in order, and
 //! normalisation. Dropping a request's future cancels its items: they are
@@ -20,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::input::{Input, Modality};
 use crate::metrics::Metrics;
-use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
+use crate::preprocess::{Prepared, PreprocessError, Preprocessor, RequestImagesError};
 use crate::vector::l2_normalize;
 pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
 pub use trace::RequestTrace;
@@ -56,6 +57,26 @@ pub enum EmbedError {
         index: usize,
         #[source]
         source: PreprocessError,
+    },
+    /// The request's images declare more pixels in all than the model's
+    /// per-request decode budget; found from their headers, nothing decoded.
+    #[error(
+        "the request's images declare at least {pixels} pixels in all (the first {images} of them), over the per-request budget of {limit} pixels"
+    )]
+    ImageBudget {
+        /// Images counted when the budget ran out.
+        images: usize,
+        /// Pixels those images declare.
+        pixels: u64,
+        /// The budget.
+        limit: u64,
+    },
+    /// The model failed on this input (alone, after its batch was split).
+    #[error("input {index}: {source}")]
+    Failed {
+        index: usize,
+        #[source]
+        source: ItemError,
     },
     #[error("{0}")]
     Item(ItemError),
@@ -151,6 +172,7 @@ impl Batcher {
         deadline: Instant,
         budget: Duration,
     ) -> Result<Embedded, EmbedError> {
+        self.check_images(&inputs)?;
         let mut admission = self.queue.admit(inputs.len())?;
         let prep_start = Instant::now();
         let prepared = self.prepare_all(inputs, opts.truncate).await?;
@@ -175,10 +197,13 @@ impl Batcher {
         // dropped (client gone, timeout), its queued inputs are withdrawn and
         // its capacity released at once.
         let mut embeddings = Vec::with_capacity(receivers.len());
-        for rx in receivers {
+        for (index, rx) in receivers.into_iter().enumerate() {
             let mut v = match rx.await {
                 Ok(Ok(v)) => v,
                 Ok(Err(ItemError::Expired)) => return Err(EmbedError::Timeout(budget)),
+                Ok(Err(source @ ItemError::BatchFailed(_))) => {
+                    return Err(EmbedError::Failed { index, source })
+                }
                 Ok(Err(e)) => return Err(EmbedError::Item(e)),
                 Err(_) => {
                     return Err(EmbedError::Item(ItemError::WorkerDied(
@@ -202,6 +227,30 @@ impl Batcher {
             text_tokens,
             images,
         })
+    }
+
+    /// The request's decode budget, from the images' headers alone, before
+    /// any input is admitted or decoded: an unreadable header (or an image
+    /// over the per-image limits) stops the request at its input, and images
+    /// declaring more pixels in all than `max_request_image_pixels` stop it
+    /// whole. A header parse per image (at most the request's input count),
+    /// no pixel data: cheap enough to run here, on the request's task.
+    fn check_images(&self, inputs: &[Input]) -> Result<(), EmbedError> {
+        match self.preprocessor.check_request_inputs(inputs) {
+            Ok(_) => Ok(()),
+            Err(RequestImagesError::Image { index, source }) => {
+                Err(EmbedError::Input { index, source })
+            }
+            Err(RequestImagesError::OverBudget {
+                images,
+                pixels,
+                limit,
+            }) => Err(EmbedError::ImageBudget {
+                images,
+                pixels,
+                limit,
+            }),
+        }
     }
 
     /// Preprocesses every input on the blocking pool, at most the pool's

@@ -148,6 +148,10 @@ pub struct ModelConfig {
     pub max_image_pixels: u64,
     /// Most pixels the images of one request may declare in all.
     pub max_request_image_pixels: u64,
+    /// The longest prompt an MLLM takes, in tokens (image tokens included);
+    /// `None` (0 in the config): the model's default. CLIP models ignore it
+    /// (their limit is the text tower's).
+    pub max_input_tokens: Option<usize>,
 }
 
 impl ModelConfig {
@@ -288,6 +292,7 @@ struct RawModel {
     max_delay_ms: u64,
     max_image_pixels: u64,
     max_request_image_pixels: u64,
+    max_input_tokens: usize,
 }
 
 impl Config {
@@ -598,6 +603,7 @@ fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError>
         },
         max_image_pixels: raw.max_image_pixels,
         max_request_image_pixels: raw.max_request_image_pixels,
+        max_input_tokens: (raw.max_input_tokens > 0).then_some(raw.max_input_tokens),
     })
 }
 
@@ -968,6 +974,69 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("VLEMBED_NOPE__X"), "{err}");
+    }
+
+    #[test]
+    fn max_input_tokens_is_per_model_and_zero_means_the_models_default() {
+        let file = write_file(
+            "tokens.toml",
+            r#"
+            [model_defaults]
+            max_input_tokens = 3500
+            [[models]]
+            name = "a"
+            source = "org/a"
+            [[models]]
+            name = "b"
+            source = "org/b"
+            max_input_tokens = 8192
+            [[models]]
+            name = "c"
+            source = "org/c"
+            max_input_tokens = 0
+            "#,
+        );
+        let c = Config::load(&Layers {
+            file: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let tokens = |name: &str| c.model(name).unwrap().max_input_tokens;
+        assert_eq!(tokens("a"), Some(3500));
+        assert_eq!(tokens("b"), Some(8192));
+        assert_eq!(tokens("c"), None);
+        // Unset everywhere: the model's default.
+        assert_eq!(
+            ModelConfig::with_defaults("org/x")
+                .unwrap()
+                .max_input_tokens,
+            None
+        );
+        // The environment sets it like any model_defaults key.
+        let c = Config::load(&Layers {
+            env: env(&[("VLEMBED_MODEL_DEFAULTS__MAX_INPUT_TOKENS", "5000")]),
+            flags: Overrides {
+                model: Some("org/x".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.models[0].max_input_tokens, Some(5000));
+        let file = write_file(
+            "tokens-bad.toml",
+            "[[models]]\nsource = \"a/b\"\nmax_input_tokens = -1\n",
+        );
+        let err = Config::load(&Layers {
+            file: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("max_input_tokens") || err.contains("-1"),
+            "{err}"
+        );
     }
 
     #[test]

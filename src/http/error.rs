@@ -158,12 +158,18 @@ impl ApiError {
         match e {
             EmbedError::Admit(a) => Self::admit(a, retry_after),
             EmbedError::Input { index, source } => Self::preprocess(&at(index), &source),
+            e @ EmbedError::ImageBudget { .. } => Self::too_large(format!(
+                "inputs: {e} (model_defaults.max_request_image_pixels, or the model's own max_request_image_pixels); no image was decoded"
+            )),
             EmbedError::Item(ItemError::Expired) => Self::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the request timed out while its inputs waited for a batch",
             ),
             EmbedError::Item(ItemError::ShuttingDown) => {
                 Self::unavailable("the server is shutting down", retry_after)
+            }
+            EmbedError::Failed { index, source } => {
+                Self::internal(format!("{}: {source}", at(index)))
             }
             EmbedError::Item(e @ (ItemError::BatchFailed(_) | ItemError::WorkerDied(_))) => {
                 Self::internal(format!("inference failed: {e}"))
@@ -322,6 +328,37 @@ mod tests {
             1,
         );
         assert_eq!(b.status.as_u16(), 500);
+        let one = ApiError::embed(
+            EmbedError::Failed {
+                index: 3,
+                source: ItemError::BatchFailed("nan".into()),
+            },
+            &at,
+            1,
+        );
+        assert_eq!(one.status.as_u16(), 500);
+        assert_eq!(
+            one.message,
+            "inputs[3]: the model failed on this input: nan"
+        );
+        let budget = ApiError::embed(
+            EmbedError::ImageBudget {
+                images: 3,
+                pixels: 120,
+                limit: 100,
+            },
+            &at,
+            1,
+        );
+        assert_eq!(budget.status.as_u16(), 413);
+        assert!(
+            budget.message.contains("budget of 100 pixels")
+                && budget
+                    .message
+                    .contains("model_defaults.max_request_image_pixels"),
+            "{}",
+            budget.message
+        );
     }
 
     #[test]

@@ -191,7 +191,12 @@ pub fn router(registry: Arc<Registry>) -> Result<Router, String> {
 }
 
 /// Refuses embedding requests over `server.max_concurrent_requests` at once,
-/// before their bodies are read.
+/// before their bodies are parsed or any of their inputs is preprocessed.
+/// Bodies are already in memory here (the connection layer,
+/// `app::connections`, reads each one before the router sees the request,
+/// bounded by `server.max_buffered_body_bytes`), so a permit is only ever
+/// held by a request whose body has arrived: slow uploads cannot take them
+/// all.
 async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
     match Arc::clone(&st.in_flight).try_acquire_owned() {
         Ok(permit) => {
