@@ -1,6 +1,6 @@
 //! The HTTP API against a real server (ephemeral loopback port, the fixture
 //! model): every endpoint in JSON and multipart, every error status of
-//! API.md that does not need load (see http_batching.rs for 429/500/503/504),
+//! openapi.yaml and the README that does not need load (see http_batching.rs for 429/500/503/504),
 //! and every response checked against openapi.yaml.
 
 mod common;

@@ -2,7 +2,7 @@
 //! endpoints.
 //!
 //! Owns request-level checks (shutdown, model resolution, input counts,
-//! deadline) and the response shapes of API.md. Embedding goes through the
+//! deadline) and the response shapes of openapi.yaml. Embedding goes through the
 //! model's [`crate::batching::Batcher`]; handlers never see tensors.
 
 use std::sync::Arc;
