@@ -11,9 +11,10 @@ use crate::models::{
 use crate::preprocess::{Prepared, PreprocessError};
 pub use crate::vector::l2_normalize;
 
-/// Why a synchronous embedding failed.
+/// Why a synchronous embedding failed. Distinct from
+/// [`crate::batching::EmbedError`], which the server's queue returns.
 #[derive(Debug, thiserror::Error)]
-pub enum EmbedError {
+pub enum EmbedderError {
     #[error("input {index}: {source}")]
     Input {
         index: usize,
@@ -70,13 +71,13 @@ impl Embedder {
         inputs: &[Input],
         normalize: bool,
         truncate: bool,
-    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+    ) -> Result<Vec<Vec<f32>>, EmbedderError> {
         let prepared = inputs
             .iter()
             .enumerate()
             .map(|(index, i)| {
                 self.prepare(i, truncate)
-                    .map_err(|source| EmbedError::Input { index, source })
+                    .map_err(|source| EmbedderError::Input { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Prepared> = prepared.iter().collect();

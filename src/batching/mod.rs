@@ -11,6 +11,8 @@
 
 pub mod policy;
 pub mod queue;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod trace;
 
 use std::sync::atomic::{AtomicBool, Ordering};

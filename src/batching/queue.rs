@@ -550,7 +550,7 @@ impl Drop for Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::Modality;
+    use crate::batching::test_support::prepared;
 
     fn limits(size: usize, cost: usize, cap: usize, delay_ms: u64) -> BatchLimits {
         BatchLimits {
@@ -558,17 +558,6 @@ mod tests {
             max_batch_cost: cost,
             max_queue_inputs: cap,
             max_delay: Duration::from_millis(delay_ms),
-        }
-    }
-
-    fn prepared(cost: usize) -> Prepared {
-        Prepared {
-            modality: Modality::Text,
-            token_ids: Some(vec![1; cost]),
-            pixels: None,
-            image_size: None,
-            text_tokens: cost,
-            cost,
         }
     }
 

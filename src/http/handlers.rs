@@ -2,9 +2,10 @@
 //! endpoints.
 //!
 //! Owns request-level checks (shutdown, model resolution, input counts,
-//! deadline) and the response shapes of API.md. Embedding goes through the
+//! deadline) and the response shapes of openapi.yaml. Embedding goes through the
 //! model's [`crate::batching::Batcher`]; handlers never see tensors.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,12 +14,16 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use serde_json::json;
 
 use super::body::Payload;
 use super::error::{ApiError, ModelLabel};
 use super::inputs::{encode_embedding, Labeled};
 use super::requests::{EmbedRequest, EncodingFormat, OpenAiRequest, ScoreRequest};
+use super::responses::{
+    BatchingInfo, EmbedResponse, EmbedUsage, Embedding, Floats, HealthResponse, InfoLimits,
+    InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse, OpenAiUsage, Problem, Ranked,
+    ReadyResponse, ScoreResponse,
+};
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
 use crate::registry::{ModelStatus, ServedModel};
@@ -99,19 +104,11 @@ async fn run(
     Ok(out)
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Vectors {
-    Float(Vec<Vec<f32>>),
-    Base64(Vec<String>),
-}
-
-fn encode(embeddings: Vec<Vec<f32>>, format: EncodingFormat) -> Vectors {
+/// One embedding as the request's `encoding_format` asks.
+fn encode(v: Vec<f32>, format: EncodingFormat) -> Embedding {
     match format {
-        EncodingFormat::Float => Vectors::Float(embeddings),
-        EncodingFormat::Base64 => {
-            Vectors::Base64(embeddings.iter().map(|v| encode_embedding(v)).collect())
-        }
+        EncodingFormat::Float => Embedding::Float(Floats(v)),
+        EncodingFormat::Base64 => Embedding::Base64(encode_embedding(&v)),
     }
 }
 
@@ -134,19 +131,21 @@ pub async fn embed(
         trace: None,
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
-    let body = json!({
-        "model": t.name,
-        "dimensions": t.served.info.dimensions,
-        "embeddings": encode(out.embeddings, req.encoding_format),
-        "usage": {"inputs": n, "text_tokens": out.text_tokens, "images": out.images},
-    });
+    let body = EmbedResponse {
+        dimensions: t.served.info.dimensions,
+        embeddings: out
+            .embeddings
+            .into_iter()
+            .map(|v| encode(v, req.encoding_format))
+            .collect(),
+        model: t.name.clone(),
+        usage: EmbedUsage {
+            images: out.images,
+            inputs: n,
+            text_tokens: out.text_tokens,
+        },
+    };
     Ok(ok_json(&t.name, &body))
-}
-
-#[derive(Serialize)]
-struct Ranked {
-    index: usize,
-    score: f32,
 }
 
 /// `POST /score`.
@@ -185,8 +184,7 @@ pub async fn score(
     let scores: Vec<f32> = vectors
         .map(|c| c.iter().zip(&query).map(|(a, b)| a * b).sum())
         .collect();
-    let mut body = json!({"model": t.name, "scores": scores});
-    if let Some(k) = req.top_k {
+    let ranking = req.top_k.map(|k| {
         let mut ranking: Vec<Ranked> = scores
             .iter()
             .enumerate()
@@ -194,8 +192,13 @@ pub async fn score(
             .collect();
         ranking.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
         ranking.truncate(k);
-        body["ranking"] = json!(ranking);
-    }
+        ranking
+    });
+    let body = ScoreResponse {
+        model: t.name.clone(),
+        ranking,
+        scores: Floats(scores),
+    };
     Ok(ok_json(&t.name, &body))
 }
 
@@ -231,24 +234,25 @@ pub async fn openai_embeddings(
         trace: None,
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
-    let data: Vec<serde_json::Value> = out
+    let data = out
         .embeddings
         .into_iter()
         .enumerate()
-        .map(|(index, v)| {
-            let embedding = match req.encoding_format {
-                EncodingFormat::Float => json!(v),
-                EncodingFormat::Base64 => json!(encode_embedding(&v)),
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+        .map(|(index, v)| OpenAiEmbedding {
+            embedding: encode(v, req.encoding_format),
+            index,
+            object: "embedding",
         })
         .collect();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": t.name,
-        "usage": {"prompt_tokens": out.text_tokens, "total_tokens": out.text_tokens},
-    });
+    let body = OpenAiResponse {
+        data,
+        model: t.name.clone(),
+        object: "list",
+        usage: OpenAiUsage {
+            prompt_tokens: out.text_tokens,
+            total_tokens: out.text_tokens,
+        },
+    };
     Ok(ok_json(&t.name, &body))
 }
 
@@ -256,7 +260,11 @@ pub async fn openai_embeddings(
 pub async fn health(State(st): State<AppState>) -> Response {
     let failed = st.registry.unrecoverable();
     if failed.is_empty() {
-        return Json(json!({"status": "ok"})).into_response();
+        return Json(HealthResponse {
+            error: None,
+            status: "ok",
+        })
+        .into_response();
     }
     let message = format!(
         "unhealthy: the workers of {} failed for good; restart the process",
@@ -264,7 +272,13 @@ pub async fn health(State(st): State<AppState>) -> Response {
     );
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"status": "unhealthy", "error": {"type": "unavailable", "message": message}})),
+        Json(HealthResponse {
+            error: Some(Problem {
+                message,
+                kind: "unavailable",
+            }),
+            status: "unhealthy",
+        }),
     )
         .into_response()
 }
@@ -272,13 +286,18 @@ pub async fn health(State(st): State<AppState>) -> Response {
 /// `GET /ready`.
 pub async fn ready(State(st): State<AppState>) -> Response {
     let reg = &st.registry;
-    let models: serde_json::Map<String, serde_json::Value> = reg
+    let models: BTreeMap<String, &'static str> = reg
         .models()
         .iter()
-        .map(|m| (m.name().to_string(), json!(m.status().as_str())))
+        .map(|m| (m.name().to_string(), m.status().as_str()))
         .collect();
     if reg.is_ready() {
-        return Json(json!({"status": "ready", "models": models})).into_response();
+        return Json(ReadyResponse {
+            error: None,
+            models,
+            status: "ready",
+        })
+        .into_response();
     }
     let (status, message) = if reg.is_shutting_down() {
         ("shutting_down", "the server is shutting down".to_string())
@@ -304,11 +323,14 @@ pub async fn ready(State(st): State<AppState>) -> Response {
     };
     let mut res = (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({
-            "status": status,
-            "models": models,
-            "error": {"type": "unavailable", "message": message},
-        })),
+        Json(ReadyResponse {
+            error: Some(Problem {
+                message,
+                kind: "unavailable",
+            }),
+            models,
+            status,
+        }),
     )
         .into_response();
     res.headers_mut().insert(
@@ -321,46 +343,47 @@ pub async fn ready(State(st): State<AppState>) -> Response {
 /// `GET /info`.
 pub async fn info(State(st): State<AppState>) -> Response {
     let reg = &st.registry;
-    let models: Vec<serde_json::Value> = reg
+    let models = reg
         .models()
         .iter()
         .map(|m| {
             let c = &m.config;
             let loaded = m.loaded();
             let info = loaded.as_ref().map(|s| &s.info);
-            json!({
-                "name": c.name,
-                "source": c.model_source().describe(),
-                "status": m.status().as_str(),
-                "error": m.failure(),
-                "architecture": info.map(|i| i.architecture.as_str()),
-                "dimensions": info.map(|i| i.dimensions),
-                "dtype": c.dtype.as_str(),
-                "devices": c.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-                "live_workers": loaded.as_ref().map_or(0, |s| s.live_workers()),
-                "max_text_tokens": info.map(|i| i.max_text_tokens),
-                "uses_instructions": info.map(|i| i.uses_instructions),
-                "max_image_pixels": c.max_image_pixels,
-                "batching": {
-                    "max_batch_size": c.batching.max_batch_size,
-                    "max_batch_cost": c.batching.max_batch_cost,
-                    "max_queue_inputs": c.batching.max_queue_inputs,
-                    "max_delay_ms": u64::try_from(c.batching.max_delay.as_millis()).unwrap_or(u64::MAX),
+            ModelInfo {
+                architecture: info.map(|i| i.architecture.as_str()),
+                batching: BatchingInfo {
+                    max_batch_cost: c.batching.max_batch_cost,
+                    max_batch_size: c.batching.max_batch_size,
+                    max_delay_ms: u64::try_from(c.batching.max_delay.as_millis())
+                        .unwrap_or(u64::MAX),
+                    max_queue_inputs: c.batching.max_queue_inputs,
                 },
-            })
+                devices: c.devices.iter().map(|d| d.to_string()).collect(),
+                dimensions: info.map(|i| i.dimensions),
+                dtype: c.dtype.as_str(),
+                error: m.failure(),
+                live_workers: loaded.as_ref().map_or(0, |s| s.live_workers()),
+                max_image_pixels: c.max_image_pixels,
+                max_text_tokens: info.map(|i| i.max_text_tokens),
+                name: c.name.clone(),
+                source: c.model_source().describe(),
+                status: m.status().as_str(),
+                uses_instructions: info.map(|i| i.uses_instructions),
+            }
         })
         .collect();
     let s = &reg.server;
-    Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "models": models,
-        "limits": {
-            "max_body_bytes": s.max_body_bytes,
-            "max_inputs_per_request": s.max_inputs_per_request,
-            "request_timeout_ms": s.request_timeout_ms,
+    Json(InfoResponse {
+        auth: !s.api_keys.is_empty(),
+        limits: InfoLimits {
+            max_body_bytes: s.max_body_bytes,
+            max_inputs_per_request: s.max_inputs_per_request,
+            request_timeout_ms: s.request_timeout_ms,
         },
-        "auth": !s.api_keys.is_empty(),
-    }))
+        models,
+        version: env!("CARGO_PKG_VERSION"),
+    })
     .into_response()
 }
 

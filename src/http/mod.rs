@@ -15,6 +15,7 @@ pub mod handlers;
 pub mod inputs;
 pub mod request_id;
 pub mod requests;
+pub mod responses;
 pub mod ui;
 
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! multipart, validated into plain values ([`Input`]s with labels and
 //! options).
 //!
-//! Owns field names, defaults and the multipart pairing rule of API.md. JSON
+//! Owns field names, defaults and the multipart pairing rule (openapi.yaml
+//! `EmbedMultipart`, README "Endpoints"). JSON
 //! bodies are read by streaming visitors (see [`super::inputs`]) that check
 //! the [`BodyLimits`] as they go, so a body over a limit is refused without
 //! building what lies past it. It does not resolve models or embed anything
@@ -139,7 +140,8 @@ fn once(seen: &mut Vec<String>, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// API.md's pairing: m texts alone, k images alone, or k = m composed pairs.
+/// The multipart pairing of openapi.yaml and the README's `/embed` section:
+/// m texts alone, k images alone, or k = m composed pairs.
 fn pair(
     texts: Vec<String>,
     images: Vec<Vec<u8>>,

@@ -31,7 +31,10 @@ use image::RgbImage;
 use serde_json::Value;
 
 use super::resize::{self, Filter};
-use super::{Pixels, PreprocessError};
+use super::{config_error, Pixels, PreprocessError};
+
+/// The file whose keys this module reads.
+const CONFIG_FILE: &str = "preprocessor_config.json";
 
 /// transformers' `OPENAI_CLIP_MEAN`.
 const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -91,9 +94,10 @@ impl Default for ClipImageProcessor {
     }
 }
 
-/// A configuration error (the model's files are wrong, not the client).
-fn config_error(msg: impl std::fmt::Display) -> PreprocessError {
-    PreprocessError::Internal(format!("invalid preprocessor_config.json: {msg}"))
+/// A configuration error in `preprocessor_config.json` (the model's files
+/// are wrong, not the client).
+fn bad_config(msg: impl std::fmt::Display) -> PreprocessError {
+    PreprocessError::Internal(config_error(CONFIG_FILE, msg))
 }
 
 fn get_bool(
@@ -104,9 +108,7 @@ fn get_bool(
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(config_error(format!(
-            "{key} must be a boolean, got {other}"
-        ))),
+        Some(other) => Err(bad_config(format!("{key} must be a boolean, got {other}"))),
     }
 }
 
@@ -114,7 +116,7 @@ fn as_dim(v: &Value, what: &str) -> Result<u32, PreprocessError> {
     v.as_u64()
         .and_then(|n| u32::try_from(n).ok())
         .filter(|&n| n > 0)
-        .ok_or_else(|| config_error(format!("{what} must be a positive integer, got {v}")))
+        .ok_or_else(|| bad_config(format!("{what} must be a positive integer, got {v}")))
 }
 
 /// transformers' `get_size_dict`: an integer is a square when
@@ -143,7 +145,7 @@ fn parse_size(v: &Value, key: &str, default_to_square: bool) -> Result<ResizeTo,
                     .keys()
                     .any(|k| k != "shortest_edge" && k != "longest_edge");
                 if extra {
-                    return Err(config_error(format!("unexpected keys in {key}: {v}")));
+                    return Err(bad_config(format!("unexpected keys in {key}: {v}")));
                 }
                 Ok(ResizeTo::ShortestEdge(as_dim(edge, key)?))
             } else if let (Some(h), Some(w), 2) = (map.get("height"), map.get("width"), map.len()) {
@@ -152,12 +154,12 @@ fn parse_size(v: &Value, key: &str, default_to_square: bool) -> Result<ResizeTo,
                     width: as_dim(w, key)?,
                 })
             } else {
-                Err(config_error(format!(
+                Err(bad_config(format!(
                     "{key} must have \"shortest_edge\" or \"height\" and \"width\", got {v}"
                 )))
             }
         }
-        other => Err(config_error(format!("cannot read {key} from {other}"))),
+        other => Err(bad_config(format!("cannot read {key} from {other}"))),
     }
 }
 
@@ -165,7 +167,7 @@ fn parse_size(v: &Value, key: &str, default_to_square: bool) -> Result<ResizeTo,
 fn parse_triple(v: &Value, key: &str) -> Result<[f32; 3], PreprocessError> {
     let num = |x: &Value| {
         x.as_f64()
-            .ok_or_else(|| config_error(format!("{key} must hold numbers, got {x}")))
+            .ok_or_else(|| bad_config(format!("{key} must hold numbers, got {x}")))
     };
     match v {
         Value::Number(_) => {
@@ -177,7 +179,7 @@ fn parse_triple(v: &Value, key: &str) -> Result<[f32; 3], PreprocessError> {
             num(&items[1])? as f32,
             num(&items[2])? as f32,
         ]),
-        other => Err(config_error(format!(
+        other => Err(bad_config(format!(
             "{key} must be a number or a list of 3 numbers, got {other}"
         ))),
     }
@@ -231,7 +233,7 @@ impl ClipImageProcessor {
 
     /// Reads a Hub-layout `preprocessor_config.json` (the JSON text).
     pub fn from_json_str(json: &str) -> Result<Self, PreprocessError> {
-        let value: Value = serde_json::from_str(json).map_err(config_error)?;
+        let value: Value = serde_json::from_str(json).map_err(bad_config)?;
         Self::from_value(&value)
     }
 
@@ -250,7 +252,7 @@ impl ClipImageProcessor {
     pub fn from_value(config: &Value) -> Result<Self, PreprocessError> {
         let obj = config
             .as_object()
-            .ok_or_else(|| config_error("expected a JSON object"))?;
+            .ok_or_else(|| bad_config("expected a JSON object"))?;
         let do_resize = get_bool(obj, "do_resize", true)?;
         let mut size = match obj.get("size") {
             None | Some(Value::Null) => ResizeTo::ShortestEdge(224),
@@ -269,7 +271,7 @@ impl ClipImageProcessor {
             Some(v) => v
                 .as_i64()
                 .and_then(Filter::from_pil_code)
-                .ok_or_else(|| config_error(format!("unknown resample {v}")))?,
+                .ok_or_else(|| bad_config(format!("unknown resample {v}")))?,
         };
         let do_center_crop = get_bool(obj, "do_center_crop", true)?;
         let crop = match obj.get("crop_size") {
@@ -277,7 +279,7 @@ impl ClipImageProcessor {
             Some(v) => match parse_size(v, "crop_size", true)? {
                 ResizeTo::Exact { height, width } => (height, width),
                 ResizeTo::ShortestEdge(_) => {
-                    return Err(config_error(format!(
+                    return Err(bad_config(format!(
                         "crop_size must be a size or {{\"height\", \"width\"}}, got {v}"
                     )))
                 }
@@ -288,7 +290,7 @@ impl ClipImageProcessor {
             None | Some(Value::Null) => 1.0 / 255.0,
             Some(v) => v
                 .as_f64()
-                .ok_or_else(|| config_error(format!("rescale_factor must be a number, got {v}")))?,
+                .ok_or_else(|| bad_config(format!("rescale_factor must be a number, got {v}")))?,
         };
         let do_normalize = get_bool(obj, "do_normalize", true)?;
         let image_mean = match obj.get("image_mean") {

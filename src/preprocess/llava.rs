@@ -46,7 +46,7 @@ use super::clip_image::ClipImageProcessor;
 use super::image::{decode_image, ImageLimits};
 use super::resize::{self, Filter};
 use super::text::TextTokenizer;
-use super::{Pixels, Prepared, PreprocessError};
+use super::{config_error, Pixels, Prepared, PreprocessError};
 use crate::input::{Input, Role};
 
 /// Upstream BGE-VL-MLLM resizes every image to exactly this size first.
@@ -73,10 +73,6 @@ pub fn build_prompt(
         s = format!("{s} {IMAGE_TOKEN}");
     }
     format!("{s} [/INST]")
-}
-
-fn config_error(path: &Path, msg: impl std::fmt::Display) -> String {
-    format!("invalid {}: {msg}", path.display())
 }
 
 /// Tokenizer + any-resolution image processor of a LLaVA-NeXT model.
@@ -138,16 +134,15 @@ impl LlavaPreprocessor {
         let tok = TextTokenizer::from_file(tokenizer, facts.max_tokens)?;
         let text = std::fs::read_to_string(preprocessor_config)
             .map_err(|e| format!("cannot read {}: {e}", preprocessor_config.display()))?;
-        let pre: Value =
-            serde_json::from_str(&text).map_err(|e| config_error(preprocessor_config, e))?;
+        let pre: Value = serde_json::from_str(&text)
+            .map_err(|e| config_error(preprocessor_config.display(), e))?;
         let tiles = ClipImageProcessor::from_value(&pre)
-            .map_err(|e| config_error(preprocessor_config, e))?;
+            .map_err(|e| config_error(preprocessor_config.display(), e))?;
         let resample = match pre.get("resample") {
             None | Some(Value::Null) => Filter::Bicubic,
-            Some(v) => v
-                .as_i64()
-                .and_then(Filter::from_pil_code)
-                .ok_or_else(|| config_error(preprocessor_config, format!("resample {v}")))?,
+            Some(v) => v.as_i64().and_then(Filter::from_pil_code).ok_or_else(|| {
+                config_error(preprocessor_config.display(), format!("resample {v}"))
+            })?,
         };
         // `size` gives the base tile: shortest_edge, else min(height, width).
         let dim = |v: Option<&Value>| v.and_then(|x| x.as_u64()).map(|x| x as u32);
@@ -165,7 +160,7 @@ impl LlavaPreprocessor {
         let (ch, cw) = tiles.crop_size();
         if !tiles.center_crops() || ch != cw || ch as u32 != facts.tile || base_size == 0 {
             return Err(config_error(
-                preprocessor_config,
+                preprocessor_config.display(),
                 format!(
                     "tiles must be center-cropped to the vision tower's {t}x{t} (crop_size {cw}x{ch}, size {base_size})",
                     t = facts.tile
@@ -174,9 +169,8 @@ impl LlavaPreprocessor {
         }
         let pinpoints = match pre.get("image_grid_pinpoints") {
             None | Some(Value::Null) => anyres::DEFAULT_PINPOINTS.to_vec(),
-            Some(p) => {
-                anyres::parse_pinpoints(p).map_err(|e| config_error(preprocessor_config, e))?
-            }
+            Some(p) => anyres::parse_pinpoints(p)
+                .map_err(|e| config_error(preprocessor_config.display(), e))?,
         };
         // processor_config.json: patch size, strategy, image token.
         let mut patch = facts.patch;
@@ -184,7 +178,8 @@ impl LlavaPreprocessor {
         if let Some(path) = processor_config {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| config_error(path, e))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| config_error(path.display(), e))?;
             if let Some(p) = v.get("patch_size").and_then(|p| p.as_u64()) {
                 patch = p as u32;
             }
@@ -194,7 +189,7 @@ impl LlavaPreprocessor {
             {
                 if s != "default" {
                     return Err(config_error(
-                        path,
+                        path.display(),
                         format!("vision_feature_select_strategy {s:?} is not supported"),
                     ));
                 }

@@ -123,6 +123,14 @@ impl From<String> for ImageProblem {
     }
 }
 
+/// The message of a configuration error: `file` (a model file) is wrong, not
+/// the client's input. The one place the wording lives; the CLIP image
+/// processor wraps it in [`PreprocessError::Internal`], the LLaVA loader
+/// returns it as its load error.
+pub(crate) fn config_error(file: impl std::fmt::Display, msg: impl std::fmt::Display) -> String {
+    format!("invalid {file}: {msg}")
+}
+
 /// Pixel values for one image: `tiles` stacked `3 x height x width` planes
 /// (channel-first, normalised), as the vision tower expects them.
 #[derive(Debug, Clone, PartialEq)]

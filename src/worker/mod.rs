@@ -418,9 +418,9 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batching::test_support::prepared;
     use crate::batching::AdmitError;
     use crate::config::BatchLimits;
-    use crate::input::Modality;
     use std::sync::atomic::AtomicUsize;
 
     /// Embeds an item as [cost, batch length]; fails or panics on demand.
@@ -441,17 +441,6 @@ mod tests {
                 .iter()
                 .map(|p| vec![p.cost as f32, batch.len() as f32])
                 .collect())
-        }
-    }
-
-    fn prepared(cost: usize) -> Prepared {
-        Prepared {
-            modality: Modality::Text,
-            token_ids: Some(vec![1; cost]),
-            pixels: None,
-            image_size: None,
-            text_tokens: cost,
-            cost,
         }
     }
 

@@ -1,0 +1,327 @@
+//! The JSON bodies of the success responses of `/embed`, `/score`,
+//! `/v1/embeddings` and `/info`, and of `/health` and `/ready` (both their
+//! 200 and 503 forms), as typed structs: the shapes openapi.yaml's schemas
+//! describe, checked against them by `tests/http_api.rs`.
+//!
+//! Owns field names, their order and how numbers are written. It builds no
+//! response status or headers and computes nothing (that is
+//! [`super::handlers`]); error bodies of failed requests are
+//! [`super::error`]'s.
+//!
+//! The bytes are those the handlers wrote when they built these bodies with
+//! `serde_json::json!`: fields in alphabetical order (a `json!` object sorts
+//! its keys) and floats written as the f64 the f32 widens to (`json!` goes
+//! through `serde_json::Value`, whose numbers are f64), e.g. `0.1f32` as
+//! `0.10000000149011612`. Clients parsing either form get the same f32.
+
+use std::collections::BTreeMap;
+
+use serde::{Serialize, Serializer};
+
+/// A vector of floats written as f64s (see the module comment).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Floats(pub Vec<f32>);
+
+impl Serialize for Floats {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|&x| f64::from(x)))
+    }
+}
+
+/// One float written as an f64 (see the module comment).
+fn wide<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(f64::from(*x))
+}
+
+/// One embedding as `encoding_format` asks: floats, or base64 of the
+/// little-endian f32 bytes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Embedding {
+    Float(Floats),
+    Base64(String),
+}
+
+/// `POST /embed` (200).
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedResponse {
+    pub dimensions: usize,
+    pub embeddings: Vec<Embedding>,
+    pub model: String,
+    pub usage: EmbedUsage,
+}
+
+/// The `usage` of [`EmbedResponse`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedUsage {
+    pub images: usize,
+    pub inputs: usize,
+    pub text_tokens: usize,
+}
+
+/// `POST /score` (200).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreResponse {
+    pub model: String,
+    /// Present only when the request asked for `top_k`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<Vec<Ranked>>,
+    pub scores: Floats,
+}
+
+/// One entry of [`ScoreResponse::ranking`]: a candidate's index and score.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ranked {
+    pub index: usize,
+    #[serde(serialize_with = "wide")]
+    pub score: f32,
+}
+
+/// `POST /v1/embeddings` (200), OpenAI's shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenAiResponse {
+    pub data: Vec<OpenAiEmbedding>,
+    pub model: String,
+    /// Always `"list"`.
+    pub object: &'static str,
+    pub usage: OpenAiUsage,
+}
+
+/// One entry of [`OpenAiResponse::data`].
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenAiEmbedding {
+    pub embedding: Embedding,
+    pub index: usize,
+    /// Always `"embedding"`.
+    pub object: &'static str,
+}
+
+/// The `usage` of [`OpenAiResponse`].
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenAiUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// The `error` object of a 503 `/health` or `/ready` body.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+/// `GET /health`: `{"status": "ok"}`, or `"unhealthy"` with an error (503).
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Problem>,
+    pub status: &'static str,
+}
+
+/// `GET /ready`: every model's status by name; when not ready (503) also
+/// an error.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadyResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Problem>,
+    pub models: BTreeMap<String, &'static str>,
+    pub status: &'static str,
+}
+
+/// `GET /info` (200).
+#[derive(Debug, Clone, Serialize)]
+pub struct InfoResponse {
+    pub auth: bool,
+    pub limits: InfoLimits,
+    pub models: Vec<ModelInfo>,
+    pub version: &'static str,
+}
+
+/// The server-wide request limits of [`InfoResponse`].
+#[derive(Debug, Clone, Serialize)]
+pub struct InfoLimits {
+    pub max_body_bytes: usize,
+    pub max_inputs_per_request: usize,
+    pub request_timeout_ms: u64,
+}
+
+/// One configured model in [`InfoResponse`]; the fields the loaded model
+/// gives are `null` until it is loaded.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub architecture: Option<&'static str>,
+    pub batching: BatchingInfo,
+    pub devices: Vec<String>,
+    pub dimensions: Option<usize>,
+    pub dtype: &'static str,
+    pub error: Option<String>,
+    pub live_workers: usize,
+    pub max_image_pixels: u64,
+    pub max_text_tokens: Option<usize>,
+    pub name: String,
+    pub source: String,
+    pub status: &'static str,
+    pub uses_instructions: Option<bool>,
+}
+
+/// A model's batching limits in [`ModelInfo`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchingInfo {
+    pub max_batch_cost: usize,
+    pub max_batch_size: usize,
+    pub max_delay_ms: u64,
+    pub max_queue_inputs: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bytes_equal_those_of_json_macro() {
+        let v = vec![0.1f32, -1.0 / 3.0, f32::NAN, 2.5e-8];
+        let typed = EmbedResponse {
+            dimensions: 4,
+            embeddings: vec![
+                Embedding::Float(Floats(v.clone())),
+                Embedding::Base64("AAAA".into()),
+            ],
+            model: "m".into(),
+            usage: EmbedUsage {
+                images: 1,
+                inputs: 2,
+                text_tokens: 3,
+            },
+        };
+        let old = json!({
+            "model": "m",
+            "dimensions": 4,
+            "embeddings": [v, "AAAA"],
+            "usage": {"inputs": 2, "text_tokens": 3, "images": 1},
+        });
+        same(&typed, &old);
+        let typed = ScoreResponse {
+            model: "m".into(),
+            ranking: Some(vec![Ranked {
+                index: 1,
+                score: 0.31,
+            }]),
+            scores: Floats(vec![0.12, 0.31]),
+        };
+        let old = json!({"model": "m", "scores": [0.12f32, 0.31f32],
+            "ranking": [{"index": 1, "score": 0.31f32}]});
+        same(&typed, &old);
+        let typed = ScoreResponse {
+            ranking: None,
+            ..typed
+        };
+        same(&typed, &json!({"model": "m", "scores": [0.12f32, 0.31f32]}));
+        let typed = OpenAiResponse {
+            data: vec![OpenAiEmbedding {
+                embedding: Embedding::Float(Floats(vec![0.1])),
+                index: 0,
+                object: "embedding",
+            }],
+            model: "m".into(),
+            object: "list",
+            usage: OpenAiUsage {
+                prompt_tokens: 7,
+                total_tokens: 7,
+            },
+        };
+        let old = json!({
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1f32]}],
+            "model": "m",
+            "usage": {"prompt_tokens": 7, "total_tokens": 7},
+        });
+        same(&typed, &old);
+        let problem = || Problem {
+            message: "not ready: m is loading".into(),
+            kind: "unavailable",
+        };
+        same(
+            &HealthResponse {
+                error: None,
+                status: "ok",
+            },
+            &json!({"status": "ok"}),
+        );
+        same(
+            &HealthResponse {
+                error: Some(problem()),
+                status: "unhealthy",
+            },
+            &json!({"status": "unhealthy", "error": {"type": "unavailable",
+                "message": "not ready: m is loading"}}),
+        );
+        let models: BTreeMap<String, &'static str> = [
+            ("zeta".to_string(), "loading"),
+            ("alpha".to_string(), "ready"),
+        ]
+        .into();
+        same(
+            &ReadyResponse {
+                error: Some(problem()),
+                models: models.clone(),
+                status: "loading",
+            },
+            &json!({"status": "loading", "models": {"zeta": "loading", "alpha": "ready"},
+                "error": {"type": "unavailable", "message": "not ready: m is loading"}}),
+        );
+        let typed = InfoResponse {
+            auth: true,
+            limits: InfoLimits {
+                max_body_bytes: 1,
+                max_inputs_per_request: 2,
+                request_timeout_ms: 3,
+            },
+            models: vec![ModelInfo {
+                architecture: None,
+                batching: BatchingInfo {
+                    max_batch_cost: 4,
+                    max_batch_size: 5,
+                    max_delay_ms: 6,
+                    max_queue_inputs: 7,
+                },
+                devices: vec!["cpu".into()],
+                dimensions: Some(16),
+                dtype: "f32",
+                error: None,
+                live_workers: 1,
+                max_image_pixels: 8,
+                max_text_tokens: Some(77),
+                name: "m".into(),
+                source: "dir".into(),
+                status: "ready",
+                uses_instructions: Some(false),
+            }],
+            version: "0.1.0",
+        };
+        let old = json!({
+            "version": "0.1.0",
+            "models": [{
+                "name": "m", "source": "dir", "status": "ready", "error": null,
+                "architecture": null, "dimensions": 16, "dtype": "f32", "devices": ["cpu"],
+                "live_workers": 1, "max_text_tokens": 77, "uses_instructions": false,
+                "max_image_pixels": 8,
+                "batching": {"max_batch_size": 5, "max_batch_cost": 4,
+                    "max_queue_inputs": 7, "max_delay_ms": 6},
+            }],
+            "limits": {"max_body_bytes": 1, "max_inputs_per_request": 2,
+                "request_timeout_ms": 3},
+            "auth": true,
+        });
+        same(&typed, &old);
+    }
+
+    /// `typed` serialises to the bytes `old` (built with `json!`) does.
+    fn same<T: Serialize>(typed: &T, old: &serde_json::Value) {
+        assert_eq!(
+            serde_json::to_string(typed).unwrap(),
+            serde_json::to_string(old).unwrap()
+        );
+    }
+}
