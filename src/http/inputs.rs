@@ -148,9 +148,28 @@ pub fn type_name(v: &Value) -> &'static str {
 }
 
 /// Implements every `visit_*` of a [`Visitor`] that is not a string, a map or
-/// a sequence by calling `self.wrong_type(<type name>)`.
+/// a sequence by calling `self.wrong_type(<type name>)`; with `null is none`,
+/// a JSON `null` is `Ok(None)` instead (for optional fields).
 macro_rules! scalars_are_wrong {
     () => {
+        scalars_are_wrong!(@bools_and_numbers);
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err(self.wrong_type("null"))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Err(self.wrong_type("null"))
+        }
+    };
+    (null is none) => {
+        scalars_are_wrong!(@bools_and_numbers);
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    };
+    (@bools_and_numbers) => {
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
             Err(self.wrong_type("a boolean"))
         }
@@ -162,12 +181,6 @@ macro_rules! scalars_are_wrong {
         }
         fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
             Err(self.wrong_type("a number"))
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Err(self.wrong_type("null"))
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Err(self.wrong_type("null"))
         }
     };
 }
@@ -369,24 +382,7 @@ impl<'de> Visitor<'de> for TextSeed<'_, '_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a string")
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a boolean"))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    scalars_are_wrong!(null is none);
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         check_text(self.ctx.limits, v, self.at, self.field)
             .map(Some)
@@ -427,24 +423,7 @@ impl<'de> Visitor<'de> for RoleSeed<'_, '_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("\"query\" or \"candidate\"")
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a boolean"))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    scalars_are_wrong!(null is none);
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         parse_role(v, &format!("{}.role", self.at))
             .map(Some)
@@ -485,24 +464,7 @@ impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a base64 string, a data URL or {\"url\": ...}")
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a boolean"))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a number"))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    scalars_are_wrong!(null is none);
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         let at = format!("{}.image", self.at);
         decode_image_string(v, &at, self.ctx.limits.max_image_bytes)
