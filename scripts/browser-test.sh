@@ -22,18 +22,21 @@ CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 CHROMEDRIVER=${CHROMEDRIVER:-/usr/bin/chromedriver}
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "browser-test: $1 is required" >&2; exit 1; }; }
-need curl; need jq; need python3
-
-if [[ ! -x $CHROMIUM || ! -x $CHROMEDRIVER ]]; then
+# What a fresh machine may lack: Debian's packages, installed when running as root.
+missing=()
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+[[ -x $CHROMIUM && -x $CHROMEDRIVER ]] || missing+=(chromium chromium-driver)
+if (( ${#missing[@]} )); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    echo "== installing chromium and chromium-driver (Debian)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
-      || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }
+    echo "== installing ${missing[*]} (Debian)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
+      || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; }
   else
-    echo "browser-test: install Debian's chromium and chromium-driver first" >&2
+    echo "browser-test: install Debian's ${missing[*]} first" >&2
     exit 1
   fi
 fi
+need curl; need jq; need python3
 
 # VLEMBED_BIN: a server binary already built (e.g. by `cargo test`, which
 # builds target/debug/vlembed for the integration tests); else built here.
