@@ -407,3 +407,71 @@ async fn the_mllm_prompt_budget_is_the_models_max_input_tokens() {
     assert!((900..=1000).contains(&used), "{used} tokens");
     s.stop().await;
 }
+
+/// The process's peak resident memory (VmHWM), in bytes. The server runs in
+/// this process, so its allocations show here.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A grey 8-bit PNG of `width` x `height`, a gradient along the long side.
+fn grey_png(width: u32, height: u32) -> Vec<u8> {
+    let img =
+        ::image::GrayImage::from_fn(width, height, |x, y| ::image::Luma([((x + y) % 251) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    ::image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, ::image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+/// The image rows of issue 9's table: a small PNG of 32768x1 (and
+/// 1x32768) is embedded without materialising the 7,340,032 x 224 image the
+/// full resize would make (it took +5 GB before; the peak of this whole test
+/// process must stay under 1 GB); a JPEG whose header claims 6324x6324 over
+/// an empty scan, and a real JPEG cut in half, are refused (422) like Pillow
+/// refuses truncated files.
+#[tokio::test]
+async fn extreme_aspect_and_truncated_images_cost_little() {
+    let _serial = SERIAL.lock().await;
+    let s = TestServer::ready(config(), Hooks::default()).await;
+    for (w, h) in [(32768, 1), (1, 32768)] {
+        let png = grey_png(w, h);
+        assert!(png.len() < 64 << 10, "{w}x{h}: {} bytes", png.len());
+        let r = s
+            .post_json("/embed", &json!({"inputs": [{"image": b64(&png)}]}))
+            .await;
+        assert_eq!(r.status, 200, "{w}x{h}: {}", r.text);
+    }
+    let peak = peak_rss();
+    assert!(
+        peak < 1 << 30,
+        "peak RSS {} MB after the extreme-aspect PNGs",
+        peak >> 20
+    );
+    let r = s
+        .post_json(
+            "/embed",
+            &json!({"inputs": [{"image": b64(&claiming_jpeg(6324, 6324))}]}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(
+        r.error_message().starts_with("inputs[0].image"),
+        "{}",
+        r.text
+    );
+    let jpeg = image("baseline_420_640x480.jpg");
+    let half = b64(&jpeg[..jpeg.len() / 2]);
+    let r = s
+        .post_json("/embed", &json!({"inputs": [{"image": half}]}))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(r.text.contains("truncated"), "{}", r.text);
+    s.stop().await;
+}
