@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batching::trace::{self, RequestTrace};
-use crate::batching::{Item, ItemError, Queue};
+use crate::batching::{Item, ItemError, ItemResult, Queue};
 use crate::metrics::Metrics;
 use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
 use crate::preprocess::Prepared;
@@ -296,24 +296,28 @@ fn run_model(replica: &dyn EmbeddingModel, items: &[Item]) -> Run {
     }
 }
 
+/// Results of a batch, held back until the batch is recorded: a client
+/// answered before its request's trace holds the batch's timings would log
+/// (and export) a request with no forward pass in it.
+type Answers = Vec<(Item, ItemResult)>;
+
 /// Runs `items`; when the model refuses them, runs each half on its own, so
-/// that only the inputs at fault get the error. Returns `Err` (after
-/// answering every item) when the model panicked.
+/// that only the inputs at fault get the error. Every item's result is pushed
+/// to `out`. Returns `Err` when the model panicked.
 fn run_isolating(
     replica: &dyn EmbeddingModel,
     model: &str,
     items: Vec<Item>,
+    out: &mut Answers,
 ) -> Result<bool, String> {
     match run_model(replica, &items) {
         Run::Done(vectors) => {
-            for (item, v) in items.into_iter().zip(vectors) {
-                item.answer(Ok(v));
-            }
+            out.extend(items.into_iter().zip(vectors).map(|(i, v)| (i, Ok(v))));
             Ok(true)
         }
         Run::Failed(msg) if items.len() == 1 => {
             tracing::warn!(model = %model, error = %msg, "the model failed on one input");
-            answer_all(items, ItemError::BatchFailed(msg));
+            fail_all(items, ItemError::BatchFailed(msg), out);
             Ok(false)
         }
         Run::Failed(msg) => {
@@ -323,20 +327,19 @@ fn run_isolating(
             );
             let mut items = items;
             let second = items.split_off(items.len() / 2);
-            let a = run_isolating(replica, model, items);
-            let a_ok = match a {
+            let a_ok = match run_isolating(replica, model, items, out) {
                 Ok(ok) => ok,
                 Err(m) => {
-                    answer_all(second, ItemError::WorkerDied(m.clone()));
+                    fail_all(second, ItemError::WorkerDied(m.clone()), out);
                     return Err(m);
                 }
             };
-            let b_ok = run_isolating(replica, model, second)?;
+            let b_ok = run_isolating(replica, model, second, out)?;
             Ok(a_ok || b_ok)
         }
         Run::Panicked(msg) => {
             tracing::error!(model = %model, "{msg}; rebuilding this worker");
-            answer_all(items, ItemError::WorkerDied(msg.clone()));
+            fail_all(items, ItemError::WorkerDied(msg.clone()), out);
             Err(msg)
         }
     }
@@ -374,7 +377,8 @@ fn serve(
             })
             .collect();
         let size = batch.len();
-        let outcome = run_isolating(replica, &model, batch);
+        let mut answers = Answers::with_capacity(size);
+        let outcome = run_isolating(replica, &model, batch, &mut answers);
         let took = start.elapsed();
         inference.observe(took.as_secs_f64());
         let failed = !matches!(outcome, Ok(true));
@@ -392,6 +396,9 @@ fn serve(
                 "batch"
             );
         }
+        for (item, result) in answers {
+            item.answer(result);
+        }
         if outcome? {
             *in_a_row = 0;
         }
@@ -399,10 +406,8 @@ fn serve(
     Ok(())
 }
 
-fn answer_all(batch: Vec<Item>, error: ItemError) {
-    for item in batch {
-        item.answer(Err(error.clone()));
-    }
+fn fail_all(batch: Vec<Item>, error: ItemError, out: &mut Answers) {
+    out.extend(batch.into_iter().map(|i| (i, Err(error.clone()))));
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
