@@ -63,6 +63,8 @@ pub mod reason {
     pub const INVALID: &str = "invalid";
     pub const UNAUTHORIZED: &str = "unauthorized";
     pub const TOO_LARGE: &str = "too_large";
+    /// A request body that arrived too slowly (408 from the connection layer).
+    pub const BODY_TIMEOUT: &str = "body_timeout";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

@@ -90,6 +90,24 @@ async fn a_body_slower_than_the_minimum_rate_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_min_rate_bytes_per_s"), "{answer}");
     assert!(start.elapsed() < Duration::from_secs(3));
+    // Answered by the connection layer, yet counted like any other answer.
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "vlembed_requests_total{endpoint=\"/embed\",model=\"-\",status=\"408\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "vlembed_rejected_total{model=\"-\",reason=\"body_timeout\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     s.stop().await;
 }
 

@@ -151,10 +151,15 @@ impl Drop for InFlight {
 }
 
 /// Shared by every connection.
+/// Told of every request the connection layer answers itself (path, status),
+/// so the layer above can count it; this module knows nothing of metrics.
+pub type OnRefused = Arc<dyn Fn(&str, StatusCode) + Send + Sync>;
+
 struct Shared {
     router: Router,
     limits: ConnLimits,
     budget: BodyBudget,
+    on_refused: OnRefused,
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops
@@ -164,12 +169,14 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnLimits,
+    on_refused: OnRefused,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let shared = Arc::new(Shared {
         router,
         limits,
         budget: BodyBudget::default(),
+        on_refused,
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -288,8 +295,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
         return closing(
+            shared,
+            &parts,
             ApiError::too_large(too_large(limits.max_body_bytes)),
-            &parts.headers,
         )
         .await;
     }
@@ -299,7 +307,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     };
     let bytes = match read_body(body, limits, &mut reserved).await {
         Ok(b) => b,
-        Err(e) => return closing(e, &parts.headers).await,
+        Err(e) => return closing(shared, &parts, e).await,
     };
     let req = Request::from_parts(parts, Body::from(bytes));
     let res = match shared.router.clone().oneshot(req).await {
@@ -316,8 +324,14 @@ fn too_large(limit: usize) -> String {
 
 /// An error answer after which the connection closes (its body may be
 /// partly unread). It carries the request id like the router's answers.
-async fn closing(e: ApiError, headers: &header::HeaderMap) -> Response<Body> {
-    let mut res = crate::http::access_log::attach_id(e.into_response(), headers).await;
+async fn closing(
+    shared: &Shared,
+    parts: &axum::http::request::Parts,
+    e: ApiError,
+) -> Response<Body> {
+    let res = e.into_response();
+    (shared.on_refused)(parts.uri.path(), res.status());
+    let mut res = crate::http::access_log::attach_id(res, &parts.headers).await;
     res.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     res

@@ -184,9 +184,19 @@ async fn run(
     plan: ShutdownPlan,
 ) -> Result<(), ServeError> {
     let (accept_tx, accept_rx) = oneshot::channel::<()>();
-    let mut serving = tokio::spawn(connections::serve(listener, router, limits, async {
-        let _ = accept_rx.await;
-    }));
+    let counted = Arc::clone(&registry);
+    let on_refused: connections::OnRefused = Arc::new(move |path, status| {
+        crate::http::record_refused(&counted.metrics, path, status);
+    });
+    let mut serving = tokio::spawn(connections::serve(
+        listener,
+        router,
+        limits,
+        on_refused,
+        async {
+            let _ = accept_rx.await;
+        },
+    ));
 
     // 1. Wait for a reason to stop.
     let load_failure = async {

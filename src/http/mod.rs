@@ -296,6 +296,31 @@ fn rejection_reason(status: StatusCode) -> Option<&'static str> {
     }
 }
 
+/// Records a request the connection layer answered itself, before the router
+/// saw it (a body over the limit, too slow, or over the buffered-body budget):
+/// it counts in `vlembed_requests_total` and `vlembed_rejected_total` like an
+/// answer of the router, so a slow-upload or oversized-body flood is visible.
+/// `path` is labelled as its route when it is one, else `unmatched`.
+pub fn record_refused(metrics: &crate::metrics::Metrics, path: &str, status: StatusCode) {
+    let endpoint = Endpoint::ALL
+        .iter()
+        .map(|ep| ep.path())
+        .find(|p| *p == path)
+        .unwrap_or("unmatched");
+    metrics
+        .requests
+        .with_label_values(&[endpoint, NO_MODEL, status.as_str()])
+        .inc();
+    let reason = if status == StatusCode::REQUEST_TIMEOUT {
+        Some(reason::BODY_TIMEOUT)
+    } else {
+        rejection_reason(status)
+    };
+    if let Some(r) = reason {
+        metrics.rejected.with_label_values(&[NO_MODEL, r]).inc();
+    }
+}
+
 /// Label of requests that concern no (known) model.
 const NO_MODEL: &str = "-";
 
