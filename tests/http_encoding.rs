@@ -406,10 +406,11 @@ async fn quantised_retrieval_keeps_most_of_the_float_top_k() {
                 .sum::<u32>() as f64)
         }
     };
+    type Score = Box<dyn Fn(&[i64], &[i64]) -> f64>;
     let ks = [1usize, 5, 10];
     let mut table = Vec::new();
     for (format, q, c) in &forms {
-        let score: Box<dyn Fn(&[i64], &[i64]) -> f64> = match *format {
+        let score: Score = match *format {
             "int8" => Box::new(dot),
             "uint8" => Box::new(neg_l2),
             "binary" => Box::new(hamming_sim(-128)),
