@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::body::Payload;
 use super::error::{ApiError, ModelLabel};
-use super::inputs::{encode_embedding, Labeled};
-use super::requests::{EmbedRequest, EncodingFormat, OpenAiRequest, ScoreRequest};
+use super::inputs::Labeled;
+use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
 use super::responses::{
     BatchingInfo, EmbedResponse, EmbedUsage, Embedding, Floats, HealthResponse, InfoLimits,
     InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse, OpenAiUsage, Problem, Ranked,
@@ -104,14 +104,6 @@ async fn run(
     Ok(out)
 }
 
-/// One embedding as the request's `encoding_format` asks.
-fn encode(v: Vec<f32>, format: EncodingFormat) -> Embedding {
-    match format {
-        EncodingFormat::Float => Embedding::Float(Floats(v)),
-        EncodingFormat::Base64 => Embedding::Base64(encode_embedding(&v)),
-    }
-}
-
 /// `POST /embed`.
 pub async fn embed(
     State(st): State<AppState>,
@@ -136,7 +128,7 @@ pub async fn embed(
         embeddings: out
             .embeddings
             .into_iter()
-            .map(|v| encode(v, req.encoding_format))
+            .map(|v| Embedding::encode(v, req.encoding_format))
             .collect(),
         model: t.name.clone(),
         usage: EmbedUsage {
@@ -239,7 +231,7 @@ pub async fn openai_embeddings(
         .into_iter()
         .enumerate()
         .map(|(index, v)| OpenAiEmbedding {
-            embedding: encode(v, req.encoding_format),
+            embedding: Embedding::encode(v, req.encoding_format),
             index,
             object: "embedding",
         })

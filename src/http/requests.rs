@@ -22,13 +22,41 @@ use super::inputs::{
 };
 use crate::input::{Input, Role};
 
-/// How embeddings are written in responses.
+/// How embeddings are written in responses (README "Output encodings"):
+/// f32 as JSON numbers or base64, or quantised by [`crate::vector`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EncodingFormat {
     #[default]
     Float,
     Base64,
+    Int8,
+    Uint8,
+    Binary,
+    Ubinary,
+}
+
+impl EncodingFormat {
+    /// Every accepted value, as the messages list them.
+    pub const ALLOWED: &'static str =
+        "\"float\", \"base64\", \"int8\", \"uint8\", \"binary\" or \"ubinary\"";
+
+    /// Whether the encoding uses a fixed scale that needs unit vectors
+    /// (`int8`, `uint8`); the sign bits of `binary`/`ubinary` do not.
+    pub fn needs_normalized(self) -> bool {
+        matches!(self, EncodingFormat::Int8 | EncodingFormat::Uint8)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncodingFormat::Float => "float",
+            EncodingFormat::Base64 => "base64",
+            EncodingFormat::Int8 => "int8",
+            EncodingFormat::Uint8 => "uint8",
+            EncodingFormat::Binary => "binary",
+            EncodingFormat::Ubinary => "ubinary",
+        }
+    }
 }
 
 impl std::str::FromStr for EncodingFormat {
@@ -37,12 +65,32 @@ impl std::str::FromStr for EncodingFormat {
         match s.trim() {
             "float" => Ok(EncodingFormat::Float),
             "base64" => Ok(EncodingFormat::Base64),
-            other => Err(ApiError::bad_request(format!(
-                "encoding_format: expected \"float\" or \"base64\", found {}",
+            "int8" => Ok(EncodingFormat::Int8),
+            "uint8" => Ok(EncodingFormat::Uint8),
+            "binary" => Ok(EncodingFormat::Binary),
+            "ubinary" => Ok(EncodingFormat::Ubinary),
+            other => Err(ApiError::unprocessable(format!(
+                "encoding_format: expected {}, found {}",
+                EncodingFormat::ALLOWED,
                 quote(other)
             ))),
         }
     }
+}
+
+/// `int8`/`uint8` scale unit vectors by a fixed 127; with `normalize=false`
+/// there is no bound to scale by, so the pair is refused (README "Output
+/// encodings").
+fn check_encoding(normalize: bool, format: EncodingFormat) -> Result<(), ApiError> {
+    if !normalize && format.needs_normalized() {
+        return Err(ApiError::unprocessable(format!(
+            "encoding_format {:?} needs normalize=true: int8 values are the unit vector's \
+             components times 127; use \"float\", \"base64\", \"binary\" or \"ubinary\" \
+             for unnormalised vectors",
+            format.as_str()
+        )));
+    }
+    Ok(())
 }
 
 /// `POST /embed`.
@@ -93,6 +141,7 @@ impl EmbedRequest {
                 other => return Err(unknown_part(other, EMBED_PARTS)),
             }
         }
+        check_encoding(normalize, encoding_format)?;
         let mut inputs = Labeled::default();
         for (i, input) in pair(texts, images, "text", "image")?
             .into_iter()
@@ -391,7 +440,7 @@ impl ScalarSeed<'_, '_> {
         let expected = match self.kind {
             Scalar::OptString => "a string",
             Scalar::Bool => "true or false",
-            Scalar::Format => "\"float\" or \"base64\"",
+            Scalar::Format => EncodingFormat::ALLOWED,
             Scalar::OptUsize => "a non-negative integer",
         };
         self.ctx.fail(ApiError::bad_request(format!(
@@ -559,12 +608,15 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
         Ok(())
     }
     fn finish<E: de::Error>(self) -> Result<EmbedRequest, E> {
+        let normalize = self.normalize.unwrap_or(true);
+        let encoding_format = self.encoding_format.unwrap_or_default();
+        check_encoding(normalize, encoding_format).map_err(|e| self.ctx.fail(e))?;
         Ok(EmbedRequest {
             model: self.model,
             inputs: self.inputs.ok_or_else(|| missing(self.ctx, "inputs"))?,
-            normalize: self.normalize.unwrap_or(true),
+            normalize,
             truncate: self.truncate.unwrap_or(true),
-            encoding_format: self.encoding_format.unwrap_or_default(),
+            encoding_format,
         })
     }
 }
@@ -831,7 +883,13 @@ mod tests {
         for body in cases {
             let bytes = serde_json::to_vec(&body).unwrap();
             let e = embed(&bytes).unwrap_err();
-            assert_eq!(e.status.as_u16(), 400);
+            // A well-typed but unknown encoding_format is 422, the rest 400.
+            let status = if body.get("encoding_format").is_some() {
+                422
+            } else {
+                400
+            };
+            assert_eq!(e.status.as_u16(), status);
             assert!(e.message.len() < 400, "{} bytes", e.message.len());
             assert!(
                 e.message.contains("(cut, 4194304 bytes in all)"),
@@ -908,11 +966,75 @@ mod tests {
         assert_eq!(r.encoding_format, EncodingFormat::Float);
         assert_eq!(r.inputs.len(), 2);
         let e = embed(br#"{"inputs": "a", "encoding_format": "hex"}"#).unwrap_err();
-        assert!(e.message.contains("encoding_format"), "{}", e.message);
+        assert_eq!(e.status.as_u16(), 422, "{}", e.message);
+        assert!(
+            e.message.contains("encoding_format: expected \"float\", \"base64\", \"int8\", \"uint8\", \"binary\" or \"ubinary\", found \"hex\""),
+            "{}",
+            e.message
+        );
+        let e = embed(br#"{"inputs": "a", "encoding_format": 8}"#).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400, "{}", e.message);
+        assert!(
+            e.message
+                .contains("field encoding_format: expected \"float\""),
+            "{}",
+            e.message
+        );
         let e = embed(br#"{"inputs": "a", "normalize": "yes"}"#).unwrap_err();
         assert!(e.message.contains("field normalize"), "{}", e.message);
         let e = embed(br#"{"input": "a"}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
+    }
+
+    #[test]
+    fn quantised_encodings_parse_and_int8_needs_normalize() {
+        for (name, f) in [
+            ("int8", EncodingFormat::Int8),
+            ("uint8", EncodingFormat::Uint8),
+            ("binary", EncodingFormat::Binary),
+            ("ubinary", EncodingFormat::Ubinary),
+        ] {
+            let body = format!(r#"{{"inputs": "a", "encoding_format": "{name}"}}"#);
+            assert_eq!(embed(body.as_bytes()).unwrap().encoding_format, f);
+            let body = format!(r#"{{"input": "a", "encoding_format": "{name}"}}"#);
+            assert_eq!(openai(body.as_bytes()).unwrap().encoding_format, f);
+            let r = EmbedRequest::from_multipart(vec![
+                part("text", b"a"),
+                part("encoding_format", name.as_bytes()),
+            ]);
+            assert_eq!(r.unwrap().encoding_format, f);
+            // Without normalisation only the sign-bit encodings are allowed.
+            let body =
+                format!(r#"{{"inputs": "a", "normalize": false, "encoding_format": "{name}"}}"#);
+            let multipart = EmbedRequest::from_multipart(vec![
+                part("normalize", b"false"),
+                part("text", b"a"),
+                part("encoding_format", name.as_bytes()),
+            ]);
+            for r in [embed(body.as_bytes()), multipart] {
+                if f.needs_normalized() {
+                    let e = r.unwrap_err();
+                    assert_eq!(e.status.as_u16(), 422, "{}", e.message);
+                    assert!(
+                        e.message
+                            .contains(&format!("encoding_format \"{name}\" needs normalize=true")),
+                        "{}",
+                        e.message
+                    );
+                } else {
+                    assert!(!r.unwrap().normalize);
+                }
+            }
+        }
+        let e = EmbedRequest::from_multipart(vec![part("encoding_format", b"int4")]).unwrap_err();
+        assert_eq!(e.status.as_u16(), 422);
+        assert!(
+            e.message.contains("\"ubinary\", found \"int4\""),
+            "{}",
+            e.message
+        );
+        let e = openai(br#"{"input": "a", "encoding_format": "float16"}"#).unwrap_err();
+        assert_eq!(e.status.as_u16(), 422);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! 200 and 503 forms), as typed structs: the shapes openapi.yaml's schemas
 //! describe, checked against them by `tests/http_api.rs`.
 //!
-//! Owns field names, their order and how numbers are written. It builds no
-//! response status or headers and computes nothing (that is
-//! [`super::handlers`]); error bodies of failed requests are
-//! [`super::error`]'s.
+//! Owns field names, their order and how numbers are written, including how
+//! one embedding is written for each `encoding_format` ([`Embedding::encode`],
+//! with the quantisers of [`crate::vector`]). It builds no response status or
+//! headers and computes nothing else (that is [`super::handlers`]); error
+//! bodies of failed requests are [`super::error`]'s.
 //!
 //! The bytes are those the handlers wrote when they built these bodies with
 //! `serde_json::json!`: fields in alphabetical order (a `json!` object sorts
@@ -17,6 +18,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Serialize, Serializer};
+
+use super::inputs::encode_embedding;
+use super::requests::EncodingFormat;
+use crate::vector;
 
 /// A vector of floats written as f64s (see the module comment).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -33,13 +38,33 @@ fn wide<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(f64::from(*x))
 }
 
-/// One embedding as `encoding_format` asks: floats, or base64 of the
-/// little-endian f32 bytes.
+/// One embedding as `encoding_format` asks: floats, base64 of the
+/// little-endian f32 bytes, or quantised integers (README "Output
+/// encodings").
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Embedding {
     Float(Floats),
     Base64(String),
+    /// `int8` and `binary` (packed sign bits as `ubinary - 128`).
+    Int8(Vec<i8>),
+    /// `uint8` and `ubinary` (packed sign bits, first dimension in the
+    /// most significant bit).
+    Uint8(Vec<u8>),
+}
+
+impl Embedding {
+    /// Writes `v` as `format` asks.
+    pub fn encode(v: Vec<f32>, format: EncodingFormat) -> Embedding {
+        match format {
+            EncodingFormat::Float => Embedding::Float(Floats(v)),
+            EncodingFormat::Base64 => Embedding::Base64(encode_embedding(&v)),
+            EncodingFormat::Int8 => Embedding::Int8(vector::quantize_int8(&v)),
+            EncodingFormat::Uint8 => Embedding::Uint8(vector::quantize_uint8(&v)),
+            EncodingFormat::Binary => Embedding::Int8(vector::quantize_binary(&v)),
+            EncodingFormat::Ubinary => Embedding::Uint8(vector::quantize_ubinary(&v)),
+        }
+    }
 }
 
 /// `POST /embed` (200).
@@ -315,6 +340,26 @@ mod tests {
             "auth": true,
         });
         same(&typed, &old);
+    }
+
+    #[test]
+    fn each_encoding_writes_its_values() {
+        let v = vec![0.5f32, -0.25, 0.0, 1.0, -1.0, 0.1, 0.2, -0.3, 0.9];
+        let j =
+            |f: EncodingFormat| serde_json::to_string(&Embedding::encode(v.clone(), f)).unwrap();
+        assert_eq!(j(EncodingFormat::Int8), "[64,-32,0,127,-127,13,25,-38,114]");
+        assert_eq!(
+            j(EncodingFormat::Uint8),
+            "[192,96,128,255,1,141,153,90,242]"
+        );
+        // Signs 1 0 0 1 0 1 1 0 | 1 (+ 7 zero bits): 0x96, 0x80.
+        assert_eq!(j(EncodingFormat::Ubinary), "[150,128]");
+        assert_eq!(j(EncodingFormat::Binary), "[22,0]");
+        assert_eq!(
+            j(EncodingFormat::Base64),
+            format!("{:?}", encode_embedding(&v))
+        );
+        assert!(j(EncodingFormat::Float).starts_with("[0.5,-0.25,0.0,1.0,"));
     }
 
     /// `typed` serialises to the bytes `old` (built with `json!`) does.
