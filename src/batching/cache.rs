@@ -414,4 +414,24 @@ mod tests {
         off.insert(key(2), vec![1.0]);
         assert_eq!(off.get(&key(2)), None);
     }
+
+    /// The cost of one key over a CLIP image's tensor (3x224x224 f32), for
+    /// the README: `cargo test --lib -- --ignored key_cost --nocapture`.
+    #[test]
+    #[ignore]
+    fn key_cost_of_a_clip_image() {
+        let mut p = image(0.5);
+        if let Some(px) = p.pixels.as_mut() {
+            px.data = (0..3 * 224 * 224).map(|i| i as f32 * 1e-3).collect();
+            px.height = 224;
+            px.width = 224;
+        }
+        let n = 200;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(CacheKey::new("fp", &p, Role::Candidate, None));
+        }
+        let per = t.elapsed().as_secs_f64() / n as f64;
+        eprintln!("one key over 3x224x224 f32 (602 KB): {:.3} ms", per * 1e3);
+    }
 }
