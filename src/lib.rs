@@ -20,6 +20,7 @@
 //! - [`batching`]: per-model admission, preprocessing, fair queue, batch
 //!   selection, request re-assembly.
 //! - [`worker`]: one OS thread per device owning a model replica.
+//! - [`probe`]: startup probe inputs and golden-vector files.
 //! - [`registry`]: the served models, their state and readiness (below both
 //!   `http` and `app`).
 //! - [`http`]: the axum router, request parsing, errors, auth.
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod models;
 pub mod otlp;
 pub mod preprocess;
+pub mod probe;
 pub mod registry;
 mod simd;
 pub mod vector;

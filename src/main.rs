@@ -1,5 +1,6 @@
-//! The `vlembed` command line: `serve` (the HTTP server, the default) and
-//! `embed` (one input, printed as JSON).
+//! The `vlembed` command line: `serve` (the HTTP server, the default),
+//! `embed` (one input, printed as JSON) and `probe` (the startup probes,
+//! written as a golden-vectors file).
 //!
 //! Owns argument parsing, logging setup, the tokio runtime and OS signals;
 //! the server itself is [`vlembed::app`], configured by [`vlembed::config`].
@@ -40,6 +41,30 @@ enum Command {
     Serve(ServeArgs),
     /// Embed one input and print {"model", "dimensions", "embedding"} on stdout.
     Embed(EmbedArgs),
+    /// Embed the built-in startup probes and write them as a golden-vectors
+    /// file (the `golden_vectors` model setting reads it).
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// A Hub id (BAAI/BGE-VL-base) or a local directory in the Hub layout.
+    #[arg(long)]
+    model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    revision: Option<String>,
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Largest allowed difference of one component of a normalised probe
+    /// vector when the server compares its probes with this file.
+    #[arg(long, default_value_t = vlembed::probe::DEFAULT_TOLERANCE)]
+    tolerance: f32,
+    /// Where to write the golden file (JSON); `-` for stdout.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Default)]
@@ -169,6 +194,40 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    if !(args.tolerance.is_finite() && args.tolerance >= 0.0) {
+        anyhow::bail!("--tolerance must be a finite number >= 0");
+    }
+    let source = ModelSource::parse(&args.model, args.revision.as_deref());
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        ..Default::default()
+    };
+    let embedder = Embedder::load(&source, args.device, &opts)
+        .with_context(|| format!("cannot load model {}", source.describe()))?;
+    let info = embedder.info();
+    let prepared = vlembed::probe::prepare(&embedder.loaded.preprocessor, info.uses_instructions)?;
+    let results = vlembed::probe::embed(&prepared, |p| embedder.embed_prepared(&[p], false))?;
+    for r in &results {
+        tracing::info!(probe = r.name, digest = %r.digest, "probe embedded");
+    }
+    let golden = vlembed::probe::GoldenFile::new(
+        &source.describe(),
+        &info.fingerprint,
+        args.tolerance,
+        &results,
+    );
+    let json = serde_json::to_string_pretty(&golden)?;
+    if args.out.as_os_str() == "-" {
+        println!("{json}");
+    } else {
+        std::fs::write(&args.out, json + "\n")
+            .with_context(|| format!("cannot write {}", args.out.display()))?;
+        tracing::info!(out = %args.out.display(), fingerprint = %info.fingerprint, "golden vectors written");
+    }
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let flags = Overrides {
         host: args.host,
@@ -258,6 +317,7 @@ fn main() -> ExitCode {
     init_logging(cli.json_logs);
     let result = match cli.command {
         Some(Command::Embed(args)) => embed(args),
+        Some(Command::Probe(args)) => probe(args),
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     };

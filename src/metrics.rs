@@ -42,6 +42,14 @@ pub struct Metrics {
     pub worker_restarts: IntCounterVec,
     /// `vlembed_build_info{version, commit, features}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `vlembed_embedding_cache_hits_total{model}`: inputs answered from the cache.
+    pub embedding_cache_hits: IntCounterVec,
+    /// `vlembed_embedding_cache_misses_total{model}`: inputs looked up and not found.
+    pub embedding_cache_misses: IntCounterVec,
+    /// `vlembed_embedding_cache_evictions_total{model}`: entries evicted for room.
+    pub embedding_cache_evictions: IntCounterVec,
+    /// `vlembed_embedding_cache_bytes{model}`: bytes the cache holds.
+    pub embedding_cache_bytes: IntGaugeVec,
 }
 
 /// The source commit the binary was built from (see build.rs).
@@ -168,6 +176,26 @@ impl Metrics {
                     "vlembed_build_info",
                     "Build facts as labels; always 1",
                     &["version", "commit", "features"],
+                )?,
+                embedding_cache_hits: counter(
+                    "vlembed_embedding_cache_hits_total",
+                    "Inputs answered from the embedding cache (no forward pass)",
+                    &["model"],
+                )?,
+                embedding_cache_misses: counter(
+                    "vlembed_embedding_cache_misses_total",
+                    "Inputs looked up in the embedding cache and not found",
+                    &["model"],
+                )?,
+                embedding_cache_evictions: counter(
+                    "vlembed_embedding_cache_evictions_total",
+                    "Embedding cache entries evicted to make room",
+                    &["model"],
+                )?,
+                embedding_cache_bytes: gauge(
+                    "vlembed_embedding_cache_bytes",
+                    "Bytes held by the embedding cache (vectors plus a fixed overhead per entry)",
+                    &["model"],
                 )?,
                 registry: registry.clone(),
             })

@@ -24,9 +24,40 @@ pub struct ServedModel {
     pub info: ModelInfo,
     pub batcher: Batcher,
     pub workers: Vec<WorkerHandle>,
+    /// What the startup probes gave, and how they compare with the golden
+    /// vectors when configured.
+    pub probes: ProbeReport,
+}
+
+/// The startup probes of a model (see [`crate::probe`]).
+#[derive(Debug, Clone, Default)]
+pub struct ProbeReport {
+    /// Each probe's name and the digest of its normalised vector.
+    pub digests: Vec<(String, String)>,
+    /// The golden-vectors comparison, when `golden_vectors` is set.
+    pub golden: Option<GoldenReport>,
+}
+
+/// How the probes compare with the configured golden vectors.
+#[derive(Debug, Clone)]
+pub struct GoldenReport {
+    pub path: String,
+    pub tolerance: f32,
+    /// The fingerprint the golden file was written for.
+    pub fingerprint: String,
+    /// Each probe's largest component difference.
+    pub max_abs_diff: Vec<(String, f32)>,
+    /// Why the vectors drifted beyond the tolerance (the model is then not
+    /// ready).
+    pub drift: Option<String>,
 }
 
 impl ServedModel {
+    /// Why the probes drifted from the golden vectors, when they did.
+    pub fn drift(&self) -> Option<&str> {
+        self.probes.golden.as_ref()?.drift.as_deref()
+    }
+
     pub fn live_workers(&self) -> usize {
         self.workers.iter().filter(|w| w.is_alive()).count()
     }
@@ -53,6 +84,9 @@ pub enum ModelStatus {
     Ready,
     /// Loaded, but no worker is alive.
     NoWorker,
+    /// Loaded and serving, but its startup probes drifted from the golden
+    /// vectors: not ready (it still answers requests sent to it).
+    Drifted,
     Failed,
 }
 
@@ -62,6 +96,7 @@ impl ModelStatus {
             ModelStatus::Loading => "loading",
             ModelStatus::Ready => "ready",
             ModelStatus::NoWorker => "no_worker",
+            ModelStatus::Drifted => "drifted",
             ModelStatus::Failed => "failed",
         }
     }
@@ -124,8 +159,20 @@ impl ModelSlot {
         match self.state() {
             SlotState::Loading => ModelStatus::Loading,
             SlotState::Failed(_) => ModelStatus::Failed,
-            SlotState::Ready(s) if s.live_workers() > 0 => ModelStatus::Ready,
-            SlotState::Ready(_) => ModelStatus::NoWorker,
+            SlotState::Ready(s) if s.live_workers() == 0 => ModelStatus::NoWorker,
+            SlotState::Ready(s) if s.drift().is_some() => ModelStatus::Drifted,
+            SlotState::Ready(_) => ModelStatus::Ready,
+        }
+    }
+
+    /// Why the model is not ready, in words (for `/ready`), `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let name = self.name();
+        match self.state() {
+            SlotState::Ready(s) if s.live_workers() > 0 => s
+                .drift()
+                .map(|d| format!("{name}'s startup probes drifted from its golden vectors ({d})")),
+            _ => Some(format!("{name} is {}", self.status().as_str())),
         }
     }
 

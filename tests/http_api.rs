@@ -835,6 +835,13 @@ fn every_response_type_conforms_to_openapi() {
         source: "tests/fixtures/clip-tiny".into(),
         status: if loaded { "ready" } else { "failed" },
         uses_instructions: loaded.then_some(false),
+        fingerprint: None,
+        probes: None,
+        embedding_cache: vlembed::http::responses::EmbeddingCacheInfo {
+            capacity_bytes: 0,
+            bytes: 0,
+            entries: 0,
+        },
     };
     check(
         "GET",

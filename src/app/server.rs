@@ -16,11 +16,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::connections::{self, ConnLimits};
-use crate::batching::{Batcher, PreprocessPool, Queue};
+use crate::batching::{Batcher, EmbeddingCache, PreprocessPool, Queue};
 use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::models::{EmbeddingModel, LoadOptions, LoadedModel};
-use crate::registry::{ModelSlot, Registry, ServedModel};
+use crate::probe::{self, GoldenFile, ProbeResult};
+use crate::registry::{GoldenReport, ModelSlot, ProbeReport, Registry, ServedModel};
 use crate::worker::{self, ReplicaFactory, RestartPolicy};
 
 /// Called on the loading thread before a model (named by the argument) loads.
@@ -294,6 +295,7 @@ fn load_all(
                     model = %name,
                     architecture = served.info.architecture.as_str(),
                     dimensions = served.info.dimensions,
+                    fingerprint = %served.info.fingerprint,
                     workers = served.workers.len(),
                     seconds = start.elapsed().as_secs_f64(),
                     "model ready"
@@ -333,6 +335,21 @@ fn load_model(
     opts.image_limits.max_pixels = cfg.max_image_pixels;
     opts.image_limits.max_request_pixels = cfg.max_request_image_pixels;
     let loaded = Arc::new(LoadedModel::open(&source, &opts).map_err(|e| e.to_string())?);
+    // The golden file is read before any worker starts: a bad path or file
+    // is a configuration error, reported like any load failure.
+    let golden = match &cfg.golden_vectors {
+        Some(path) => Some((
+            path.display().to_string(),
+            GoldenFile::read(path).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let probe_inputs = probe::prepare(&loaded.preprocessor, loaded.info.uses_instructions)
+        .map_err(|e| e.to_string())?;
+    // The first worker runs the probes on its first replica, on its own
+    // thread (as CUDA wants), before the replica is wrapped or serves.
+    let probe_job = Arc::new(std::sync::Mutex::new(Some(probe_inputs)));
+    let probe_out: Arc<std::sync::Mutex<Option<Vec<ProbeResult>>>> = Arc::default();
     let queue = Queue::new(&cfg.name, cfg.batching, metrics.clone());
     let restart = RestartPolicy {
         limit: server.worker_restart_limit,
@@ -343,8 +360,16 @@ fn load_model(
         let model = Arc::clone(&loaded);
         let wrap = hooks.wrap_replica.clone();
         let name = cfg.name.clone();
+        let job = Arc::clone(&probe_job);
+        let out = Arc::clone(&probe_out);
         let factory: ReplicaFactory = Box::new(move || {
             let replica = model.replica(&device.open()?)?;
+            let inputs = job.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(inputs) = inputs {
+                let results = probe::embed(&inputs, |p| replica.embed(&[p]))
+                    .map_err(|e| crate::models::ModelError::Load(e.to_string()))?;
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(results);
+            }
             Ok(match &wrap {
                 Some(w) => w(&name, replica),
                 None => replica,
@@ -365,15 +390,78 @@ fn load_model(
             }
         }
     }
+    let results = probe_out
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let probes = check_probes(&cfg.name, &loaded.info.fingerprint, &results, golden);
+    let cache = (cfg.embedding_cache_bytes > 0).then(|| {
+        Arc::new(EmbeddingCache::new(
+            &cfg.name,
+            &loaded.info.fingerprint.sha256,
+            cfg.embedding_cache_bytes,
+            metrics,
+        ))
+    });
     let batcher = Batcher::new(
         queue,
         Arc::clone(&loaded.preprocessor),
         pool.clone(),
         metrics.clone(),
-    );
+    )
+    .with_cache(cache);
     Ok(ServedModel {
         info: loaded.info.clone(),
         batcher,
         workers,
+        probes,
     })
+}
+
+/// Logs the probes' digests and compares them with the golden vectors (when
+/// configured); a drift is logged as an error and makes the model not ready.
+fn check_probes(
+    model: &str,
+    fingerprint: &crate::models::Fingerprint,
+    results: &[ProbeResult],
+    golden: Option<(String, GoldenFile)>,
+) -> ProbeReport {
+    for r in results {
+        tracing::info!(
+            model, probe = r.name, digest = %r.digest, dimensions = r.embedding.len(),
+            first = ?&r.embedding[..r.embedding.len().min(3)], "startup probe"
+        );
+    }
+    let digests = results
+        .iter()
+        .map(|r| (r.name.to_string(), r.digest.clone()))
+        .collect();
+    let golden = golden.map(|(path, g)| {
+        if g.fingerprint_sha256 != fingerprint.sha256 {
+            tracing::warn!(
+                model, golden = %path, golden_fingerprint = %g.fingerprint, %fingerprint,
+                "the golden vectors were written for another model fingerprint; comparing the vectors anyway"
+            );
+        }
+        let c = g.compare(results);
+        match &c.drift {
+            Some(why) => tracing::error!(
+                model, golden = %path, reason = %why,
+                "the startup probes drifted from the golden vectors: the model is NOT READY (/ready 503)"
+            ),
+            None => tracing::info!(
+                model, golden = %path, tolerance = g.tolerance,
+                "the startup probes match the golden vectors"
+            ),
+        }
+        GoldenReport {
+            path,
+            tolerance: g.tolerance,
+            fingerprint: g.fingerprint,
+            max_abs_diff: c.max_abs_diff,
+            drift: c.drift,
+        }
+    });
+    ProbeReport { digests, golden }
 }

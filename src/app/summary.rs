@@ -1,7 +1,7 @@
 //! The one line an operator reads once the server is ready.
 //!
 //! Owns composing the startup summary (address, models with their
-//! architecture, devices and dtype, auth, UI routes) from the registry. It
+//! architecture, devices, dtype and fingerprint, auth, UI routes) from the registry. It
 //! changes nothing; [`super::server`] logs it when every model is loaded.
 
 use std::net::SocketAddr;
@@ -15,12 +15,16 @@ pub fn ready_line(registry: &Registry, addr: SocketAddr) -> String {
         .iter()
         .map(|slot| {
             let c = &slot.config;
-            let arch = slot
-                .loaded()
+            let loaded = slot.loaded();
+            let arch = loaded
+                .as_ref()
                 .map_or("not loaded", |s| s.info.architecture.as_str());
+            let fingerprint = loaded
+                .as_ref()
+                .map_or_else(String::new, |s| format!(", {}", s.info.fingerprint.id));
             let devices: Vec<String> = c.devices.iter().map(|d| d.to_string()).collect();
             format!(
-                "{} ({arch}, {} on {}, {})",
+                "{} ({arch}, {} on {}, {}{fingerprint})",
                 c.name,
                 c.dtype.as_str(),
                 devices.join("+"),

@@ -6,9 +6,12 @@
 //! the workers' forward passes), turning each input into a queue [`Item`]
 //! with a deadline, re-assembling the workers' answers in order, and
 //! normalisation. Dropping a request's future cancels its items: they are
-//! skipped before inference. It knows nothing of HTTP and never touches a
+//! skipped before inference. With the model's [`EmbeddingCache`] on, an input
+//! whose preprocessed form was embedded before is answered from the cache
+//! and never enqueued. It knows nothing of HTTP and never touches a
 //! tensor or a model replica (that is [`crate::worker`]).
 
+pub mod cache;
 pub mod policy;
 pub mod queue;
 #[cfg(test)]
@@ -19,12 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::input::{Input, Modality};
 use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor, RequestImagesError};
 use crate::vector::l2_normalize;
+pub use cache::{CacheKey, EmbeddingCache};
 pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
 pub use trace::RequestTrace;
 
@@ -119,6 +123,8 @@ pub struct Batcher {
     preprocessor: Arc<Preprocessor>,
     pool: PreprocessPool,
     metrics: Metrics,
+    /// The model's embedding cache, when on.
+    cache: Option<Arc<EmbeddingCache>>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -142,11 +148,23 @@ impl Batcher {
             preprocessor,
             pool,
             metrics,
+            cache: None,
         }
+    }
+
+    /// Answers inputs embedded before from `cache` (`None`: no cache).
+    pub fn with_cache(mut self, cache: Option<Arc<EmbeddingCache>>) -> Self {
+        self.cache = cache;
+        self
     }
 
     pub fn queue(&self) -> &Arc<Queue> {
         &self.queue
+    }
+
+    /// The model's embedding cache, when on.
+    pub fn cache(&self) -> Option<&Arc<EmbeddingCache>> {
+        self.cache.as_ref()
     }
 
     /// Embeds `inputs` (in order), giving up `timeout` after `started`
@@ -181,25 +199,57 @@ impl Batcher {
         if let Some(t) = &opts.trace {
             t.add_preprocess(prep_start.elapsed());
         }
-        let text_tokens = prepared.iter().map(|p| p.text_tokens).sum();
-        let images = prepared.iter().filter(|p| p.modality.has_image()).count();
-        let modalities: Vec<Modality> = prepared.iter().map(|p| p.modality).collect();
-        let mut receivers = Vec::with_capacity(prepared.len());
-        let items = prepared
-            .into_iter()
-            .map(|p| {
-                let (mut item, rx) = Item::new(p, deadline);
-                item.trace.clone_from(&opts.trace);
-                receivers.push(rx);
-                item
-            })
-            .collect();
-        admission.push(items)?;
+        let text_tokens = prepared.iter().map(|(p, _)| p.text_tokens).sum();
+        let images = prepared
+            .iter()
+            .filter(|(p, _)| p.modality.has_image())
+            .count();
+        let modalities: Vec<Modality> = prepared.iter().map(|(p, _)| p.modality).collect();
+        // Each input's answer: from the cache now, or from a worker later
+        // (then stored under its key).
+        enum Answer {
+            Cached(Vec<f32>),
+            Pending(oneshot::Receiver<ItemResult>, Option<CacheKey>),
+        }
+        let mut answers = Vec::with_capacity(prepared.len());
+        let mut items = Vec::with_capacity(prepared.len());
+        for (p, key) in prepared {
+            let hit = match (&self.cache, &key) {
+                (Some(cache), Some(k)) => cache.get(k),
+                _ => None,
+            };
+            match hit {
+                Some(v) => answers.push(Answer::Cached(v)),
+                None => {
+                    let (mut item, rx) = Item::new(p, deadline);
+                    item.trace.clone_from(&opts.trace);
+                    answers.push(Answer::Pending(rx, key));
+                    items.push(item);
+                }
+            }
+        }
+        let cached = answers.len() - items.len();
+        if let Some(t) = &opts.trace {
+            t.add_cached(cached);
+        }
+        if !items.is_empty() {
+            admission.push(items)?;
+        }
         // `admission` lives until the answers are in: if this future is
         // dropped (client gone, timeout), its queued inputs are withdrawn and
         // its capacity released at once.
-        let mut embeddings = Vec::with_capacity(receivers.len());
-        for (index, rx) in receivers.into_iter().enumerate() {
+        let mut embeddings = Vec::with_capacity(answers.len());
+        for (index, answer) in answers.into_iter().enumerate() {
+            let (rx, key) = match answer {
+                Answer::Cached(mut v) => {
+                    if opts.normalize {
+                        l2_normalize(&mut v);
+                    }
+                    embeddings.push(v);
+                    continue;
+                }
+                Answer::Pending(rx, key) => (rx, key),
+            };
             let mut v = match rx.await {
                 Ok(Ok(v)) => v,
                 Ok(Err(ItemError::Expired)) => return Err(EmbedError::Timeout(budget)),
@@ -213,6 +263,9 @@ impl Batcher {
                     )))
                 }
             };
+            if let (Some(cache), Some(k)) = (&self.cache, key) {
+                cache.insert(k, v.clone());
+            }
             if opts.normalize {
                 l2_normalize(&mut v);
             }
@@ -263,7 +316,7 @@ impl Batcher {
         &self,
         inputs: Vec<Input>,
         truncate: bool,
-    ) -> Result<Vec<Prepared>, EmbedError> {
+    ) -> Result<Vec<(Prepared, Option<CacheKey>)>, EmbedError> {
         // Set when the request goes away or one of its inputs fails.
         let cancelled = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(Arc::clone(&cancelled));
@@ -281,6 +334,7 @@ impl Batcher {
             let cancelled = Arc::clone(&cancelled);
             let hist = self.metrics.preprocess_duration.clone();
             let model = self.model.clone();
+            let cache = self.cache.clone();
             jobs.push(tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 if cancelled.load(Ordering::Relaxed) {
@@ -296,7 +350,14 @@ impl Batcher {
                 if result.is_err() {
                     cancelled.store(true, Ordering::Relaxed);
                 }
-                result.map_err(Some)
+                // The cache key is hashed here, on the pool, beside the
+                // preprocessing it follows.
+                result.map_err(Some).map(|p| {
+                    let key = cache
+                        .as_ref()
+                        .map(|c| c.key(&p, input.role, input.instruction.as_deref()));
+                    (p, key)
+                })
             }));
         }
         let mut out = Vec::with_capacity(jobs.len());

@@ -25,6 +25,8 @@ pub struct RequestTrace {
     queue_us: AtomicU64,
     inference_us: AtomicU64,
     batches: AtomicUsize,
+    /// Inputs answered from the embedding cache.
+    cached: AtomicUsize,
     /// The request's span, when its trace is exported.
     span: Option<SpanContext>,
 }
@@ -42,6 +44,9 @@ pub struct Timings {
     pub inference: Duration,
     /// How many batches held its inputs.
     pub batches: usize,
+    /// How many of its inputs were answered from the embedding cache (no
+    /// batch, no queue wait).
+    pub cached: usize,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -113,6 +118,11 @@ impl RequestTrace {
         self.batches.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records `n` inputs answered from the embedding cache.
+    pub fn add_cached(&self, n: usize) {
+        self.cached.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn timings(&self) -> Timings {
         Timings {
             inputs: self.inputs.load(Ordering::Relaxed),
@@ -120,6 +130,7 @@ impl RequestTrace {
             queue: Duration::from_micros(self.queue_us.load(Ordering::Relaxed)),
             inference: Duration::from_micros(self.inference_us.load(Ordering::Relaxed)),
             batches: self.batches.load(Ordering::Relaxed),
+            cached: self.cached.load(Ordering::Relaxed),
         }
     }
 }

@@ -152,6 +152,11 @@ pub struct ModelConfig {
     /// `None` (0 in the config): the model's default. CLIP models ignore it
     /// (their limit is the text tower's).
     pub max_input_tokens: Option<usize>,
+    /// Bytes of the model's embedding cache; 0: no cache.
+    pub embedding_cache_bytes: usize,
+    /// A golden-vectors file (`vlembed probe --out`): the startup probes
+    /// must match it within its tolerance, else the model is not ready.
+    pub golden_vectors: Option<PathBuf>,
 }
 
 impl ModelConfig {
@@ -293,6 +298,8 @@ struct RawModel {
     max_image_pixels: u64,
     max_request_image_pixels: u64,
     max_input_tokens: usize,
+    embedding_cache_bytes: usize,
+    golden_vectors: String,
 }
 
 impl Config {
@@ -604,6 +611,9 @@ fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError>
         max_image_pixels: raw.max_image_pixels,
         max_request_image_pixels: raw.max_request_image_pixels,
         max_input_tokens: (raw.max_input_tokens > 0).then_some(raw.max_input_tokens),
+        embedding_cache_bytes: raw.embedding_cache_bytes,
+        golden_vectors: (!raw.golden_vectors.trim().is_empty())
+            .then(|| PathBuf::from(raw.golden_vectors.trim())),
     })
 }
 

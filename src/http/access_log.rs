@@ -170,6 +170,7 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
             queue_ms = ms(t.queue),
             inference_ms = ms(t.inference),
             batches = t.batches,
+            cached = t.cached,
             total_ms = ms(start.elapsed()),
             request_id = %id,
             "request"

@@ -36,7 +36,11 @@ pub fn layer(origins: &[String]) -> Option<CorsLayer> {
             .collect();
         AllowOrigin::list(list)
     };
-    let exposed: [HeaderName; 2] = [request_id::HEADER, header::RETRY_AFTER];
+    let exposed: [HeaderName; 3] = [
+        request_id::HEADER,
+        header::RETRY_AFTER,
+        HeaderName::from_static(super::handlers::FINGERPRINT_HEADER),
+    ];
     Some(
         CorsLayer::new()
             .allow_origin(allow)

@@ -20,18 +20,26 @@ use super::error::{ApiError, ModelLabel};
 use super::inputs::Labeled;
 use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
 use super::responses::{
-    BatchingInfo, EmbedResponse, EmbedUsage, Embedding, Floats, HealthResponse, InfoLimits,
-    InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse, OpenAiUsage, Problem, Ranked,
-    ReadyResponse, ScoreResponse,
+    BatchingInfo, EmbedResponse, EmbedUsage, Embedding, EmbeddingCacheInfo, Floats, GoldenInfo,
+    HealthResponse, InfoLimits, InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse,
+    OpenAiUsage, ProbesInfo, Problem, Ranked, ReadyResponse, ScoreResponse,
 };
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
-use crate::registry::{ModelStatus, ServedModel};
+use crate::registry::{ModelStatus, ProbeReport, ServedModel};
 
-/// A JSON success response tagged with its model for the metrics.
-fn ok_json<T: Serialize>(model: &str, body: &T) -> Response {
+/// The response header naming the fingerprint of the model that computed
+/// the vectors (`sha256:` + 16 hex digits; the full value is in `/info`).
+pub const FINGERPRINT_HEADER: &str = "x-vlembed-model-fingerprint";
+
+/// A JSON success response tagged with its model for the metrics, carrying
+/// the model's fingerprint header.
+fn ok_json<T: Serialize>(t: &Target, body: &T) -> Response {
     let mut res = Json(body).into_response();
-    res.extensions_mut().insert(ModelLabel(model.to_string()));
+    res.extensions_mut().insert(ModelLabel(t.name.clone()));
+    if let Ok(v) = HeaderValue::from_str(&t.served.info.fingerprint.id) {
+        res.headers_mut().insert(FINGERPRINT_HEADER, v);
+    }
     res
 }
 
@@ -120,7 +128,7 @@ pub async fn embed(
     let opts = EmbedOptions {
         normalize: req.normalize,
         truncate: req.truncate,
-        trace: None,
+        ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let body = EmbedResponse {
@@ -137,7 +145,7 @@ pub async fn embed(
             text_tokens: out.text_tokens,
         },
     };
-    Ok(ok_json(&t.name, &body))
+    Ok(ok_json(&t, &body))
 }
 
 /// `POST /score`.
@@ -168,7 +176,7 @@ pub async fn score(
     let opts = EmbedOptions {
         normalize: true,
         truncate: true,
-        trace: None,
+        ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let mut vectors = out.embeddings.into_iter();
@@ -191,7 +199,7 @@ pub async fn score(
         ranking,
         scores: Floats(scores),
     };
-    Ok(ok_json(&t.name, &body))
+    Ok(ok_json(&t, &body))
 }
 
 /// `POST /v1/embeddings`.
@@ -223,7 +231,7 @@ pub async fn openai_embeddings(
     let opts = EmbedOptions {
         normalize: true,
         truncate: true,
-        trace: None,
+        ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let data = out
@@ -245,7 +253,7 @@ pub async fn openai_embeddings(
             total_tokens: out.text_tokens,
         },
     };
-    Ok(ok_json(&t.name, &body))
+    Ok(ok_json(&t, &body))
 }
 
 /// `GET /health`: 503 once a model cannot recover without a restart.
@@ -297,8 +305,7 @@ pub async fn ready(State(st): State<AppState>) -> Response {
         let waiting: Vec<String> = reg
             .models()
             .iter()
-            .filter(|m| m.status() != ModelStatus::Ready)
-            .map(|m| format!("{} is {}", m.name(), m.status().as_str()))
+            .filter_map(|m| m.not_ready_reason())
             .collect();
         let any_loading = reg
             .models()
@@ -354,7 +361,9 @@ pub async fn info(State(st): State<AppState>) -> Response {
                 devices: c.devices.iter().map(|d| d.to_string()).collect(),
                 dimensions: info.map(|i| i.dimensions),
                 dtype: c.dtype.as_str(),
-                error: m.failure(),
+                error: m
+                    .failure()
+                    .or_else(|| loaded.as_ref().and_then(|s| s.drift().map(str::to_string))),
                 live_workers: loaded.as_ref().map_or(0, |s| s.live_workers()),
                 max_image_pixels: c.max_image_pixels,
                 max_text_tokens: info.map(|i| i.max_text_tokens),
@@ -362,6 +371,19 @@ pub async fn info(State(st): State<AppState>) -> Response {
                 source: c.model_source().describe(),
                 status: m.status().as_str(),
                 uses_instructions: info.map(|i| i.uses_instructions),
+                fingerprint: info.map(|i| i.fingerprint.clone()),
+                probes: loaded.as_ref().map(|s| probes_info(&s.probes)),
+                embedding_cache: EmbeddingCacheInfo {
+                    capacity_bytes: c.embedding_cache_bytes,
+                    bytes: loaded
+                        .as_ref()
+                        .and_then(|s| s.batcher.cache())
+                        .map_or(0, |c| c.stats().bytes),
+                    entries: loaded
+                        .as_ref()
+                        .and_then(|s| s.batcher.cache())
+                        .map_or(0, |c| c.stats().entries),
+                },
             }
         })
         .collect();
@@ -377,6 +399,25 @@ pub async fn info(State(st): State<AppState>) -> Response {
         version: env!("CARGO_PKG_VERSION"),
     })
     .into_response()
+}
+
+/// A model's startup probes as `/info` shows them.
+fn probes_info(p: &ProbeReport) -> ProbesInfo {
+    ProbesInfo {
+        digests: p.digests.iter().cloned().collect(),
+        golden: p.golden.as_ref().map(|g| GoldenInfo {
+            drift: g.drift.clone(),
+            fingerprint: g.fingerprint.clone(),
+            max_abs_diff: g.max_abs_diff.iter().cloned().collect(),
+            path: g.path.clone(),
+            status: if g.drift.is_some() {
+                "drifted"
+            } else {
+                "match"
+            },
+            tolerance: g.tolerance,
+        }),
+    }
 }
 
 /// `GET /metrics`.

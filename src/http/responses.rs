@@ -180,14 +180,53 @@ pub struct ModelInfo {
     pub devices: Vec<String>,
     pub dimensions: Option<usize>,
     pub dtype: &'static str,
+    pub embedding_cache: EmbeddingCacheInfo,
     pub error: Option<String>,
+    /// What decides the model's vectors (`null` until loaded).
+    pub fingerprint: Option<crate::models::Fingerprint>,
     pub live_workers: usize,
     pub max_image_pixels: u64,
     pub max_text_tokens: Option<usize>,
     pub name: String,
+    /// The startup probes (`null` until loaded).
+    pub probes: Option<ProbesInfo>,
     pub source: String,
     pub status: &'static str,
     pub uses_instructions: Option<bool>,
+}
+
+/// A model's startup probes in [`ModelInfo`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbesInfo {
+    /// Probe name → digest of its normalised vector.
+    pub digests: BTreeMap<String, String>,
+    /// The golden-vectors comparison, when configured.
+    pub golden: Option<GoldenInfo>,
+}
+
+/// The golden-vectors comparison in [`ProbesInfo`].
+#[derive(Debug, Clone, Serialize)]
+pub struct GoldenInfo {
+    /// Why the probes drifted (`null` when they match).
+    pub drift: Option<String>,
+    /// The fingerprint the golden file was written for.
+    pub fingerprint: String,
+    /// Probe name → largest component difference.
+    pub max_abs_diff: BTreeMap<String, f32>,
+    pub path: String,
+    /// `match` or `drifted`.
+    pub status: &'static str,
+    pub tolerance: f32,
+}
+
+/// A model's embedding cache in [`ModelInfo`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingCacheInfo {
+    /// Bytes held now.
+    pub bytes: usize,
+    /// Configured size (`embedding_cache_bytes`); 0: off.
+    pub capacity_bytes: usize,
+    pub entries: usize,
 }
 
 /// A model's batching limits in [`ModelInfo`].
@@ -322,6 +361,13 @@ mod tests {
                 source: "dir".into(),
                 status: "ready",
                 uses_instructions: Some(false),
+                fingerprint: None,
+                probes: None,
+                embedding_cache: EmbeddingCacheInfo {
+                    capacity_bytes: 9,
+                    bytes: 0,
+                    entries: 0,
+                },
             }],
             version: "0.1.0",
         };
@@ -331,7 +377,8 @@ mod tests {
                 "name": "m", "source": "dir", "status": "ready", "error": null,
                 "architecture": null, "dimensions": 16, "dtype": "f32", "devices": ["cpu"],
                 "live_workers": 1, "max_text_tokens": 77, "uses_instructions": false,
-                "max_image_pixels": 8,
+                "max_image_pixels": 8, "fingerprint": null, "probes": null,
+                "embedding_cache": {"capacity_bytes": 9, "bytes": 0, "entries": 0},
                 "batching": {"max_batch_size": 5, "max_batch_cost": 4,
                     "max_queue_inputs": 7, "max_delay_ms": 6},
             }],

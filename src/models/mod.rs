@@ -14,6 +14,7 @@
 pub mod clip;
 mod error;
 mod family;
+pub mod fingerprint;
 pub mod llava;
 mod mask;
 pub mod mistral;
@@ -31,6 +32,7 @@ use serde::Serialize;
 use crate::preprocess::{self, Prepared, Preprocessor};
 pub use error::{ConfigError, ModelError};
 pub use family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder, FAMILIES};
+pub use fingerprint::Fingerprint;
 pub use source::{ModelFiles, ModelSource};
 
 /// The floating point type the weights are computed in.
@@ -138,6 +140,8 @@ pub struct ModelInfo {
     pub dtype: Precision,
     pub max_text_tokens: usize,
     pub uses_instructions: bool,
+    /// What decides the model's vectors, hashed (see [`fingerprint`]).
+    pub fingerprint: Fingerprint,
 }
 
 /// A model replica on one device: turns a batch of prepared inputs into one
@@ -194,6 +198,26 @@ impl LoadedModel {
             opts,
         })?;
         let weights = files.safetensors()?;
+        let tokenizer = files.required(source::TOKENIZER)?;
+        let preprocessing = [source::PREPROCESSOR_CONFIG, source::PROCESSOR_CONFIG]
+            .iter()
+            .filter_map(|name| files.optional(name).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt = model.preprocessor.prompt_template();
+        let fingerprint = Fingerprint::compute(&fingerprint::FingerprintSources {
+            weights: &weights,
+            hub_repo: match source {
+                ModelSource::Hub { id, .. } => Some(id.as_str()),
+                ModelSource::Local(_) => None,
+            },
+            config: &config_path,
+            tokenizer: &tokenizer,
+            preprocessing: &preprocessing,
+            max_text_tokens: model.max_text_tokens,
+            prompt_template: prompt.as_deref(),
+            architecture: architecture.as_str(),
+            dtype: opts.dtype.as_str(),
+        })?;
         Ok(LoadedModel {
             info: ModelInfo {
                 architecture,
@@ -201,6 +225,7 @@ impl LoadedModel {
                 dtype: opts.dtype,
                 max_text_tokens: model.max_text_tokens,
                 uses_instructions: model.uses_instructions,
+                fingerprint,
             },
             preprocessor: Arc::new(model.preprocessor),
             replicas: model.replicas,

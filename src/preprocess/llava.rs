@@ -75,6 +75,23 @@ pub fn build_prompt(
     format!("{s} [/INST]")
 }
 
+/// Every shape [`build_prompt`] gives, with `{instruction}` and `{text}`
+/// placeholders, one per line: a change of the template changes this text
+/// (and so the model fingerprint).
+pub fn prompt_template() -> String {
+    let mut lines = Vec::new();
+    for role in [Role::Query, Role::Candidate] {
+        for instruction in [Some("{instruction}"), None] {
+            for text in [Some("{text}"), None] {
+                for image in [true, false] {
+                    lines.push(build_prompt(role, instruction, text, image));
+                }
+            }
+        }
+    }
+    lines.join("\n")
+}
+
 /// Tokenizer + any-resolution image processor of a LLaVA-NeXT model.
 #[derive(Clone)]
 pub struct LlavaPreprocessor {

@@ -197,6 +197,15 @@ impl Preprocessor {
         )
     }
 
+    /// The prompt template the model's inputs are wrapped in (for the model
+    /// fingerprint), `None` when there is none (CLIP embeds texts as given).
+    pub fn prompt_template(&self) -> Option<String> {
+        match self {
+            Preprocessor::Clip(_) => None,
+            Preprocessor::Llava(_) => Some(llava::prompt_template()),
+        }
+    }
+
     /// Validates and converts one input. `truncate` decides what happens to a
     /// text longer than the model's limit.
     pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {

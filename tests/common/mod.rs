@@ -104,6 +104,10 @@ pub fn config() -> Config {
     c.server.shutdown_timeout_ms = 5_000;
     let mut m = ModelConfig::with_defaults(fixture_model().to_str().unwrap()).unwrap();
     m.name = "clip-tiny".into();
+    // The suites count batches and inject faults per forward pass: they test
+    // the model path, so the embedding cache (on by default) is off here;
+    // tests/http_cache.rs turns it on.
+    m.embedding_cache_bytes = 0;
     c.models = vec![m];
     c.validate().unwrap();
     c
