@@ -42,6 +42,10 @@ pub struct Metrics {
     pub worker_restarts: IntCounterVec,
     /// `vlembed_build_info{version, commit, features}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `vlembed_image_fetches_total{outcome}`: image URL fetches by outcome.
+    pub image_fetches: IntCounterVec,
+    /// `vlembed_image_fetch_duration_seconds{outcome}`: one image fetch.
+    pub image_fetch_duration: HistogramVec,
 }
 
 /// The source commit the binary was built from (see build.rs).
@@ -166,6 +170,19 @@ impl Metrics {
                     "vlembed_build_info",
                     "Build facts as labels; always 1",
                     &["version", "commit", "features"],
+                )?,
+                image_fetches: counter(
+                    "vlembed_image_fetches_total",
+                    "Image URL fetches by outcome (ok, refused_url, refused_address, \
+                     resolve_failed, connect_failed, timeout, http_status, redirects, too_large, \
+                     bad_content, busy)",
+                    &["outcome"],
+                )?,
+                image_fetch_duration: hist(
+                    "vlembed_image_fetch_duration_seconds",
+                    "Time of one image URL fetch, waiting for a slot included",
+                    &["outcome"],
+                    LATENCY_BUCKETS,
                 )?,
                 registry: registry.clone(),
             })
