@@ -238,7 +238,8 @@ pub async fn fetch(
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|l| l.to_str().ok())
-                .and_then(|l| url.join(l).ok())
+                .filter(|l| !l.trim().is_empty())
+                .and_then(|l| url.join(l.trim()).ok())
                 .ok_or(FetchError::BadRedirect(status.as_u16()))?;
             guard::check_url(&next, &settings.hosts)?;
             tracing::debug!(to = %shorten(next.as_str()), "image fetch redirected");
