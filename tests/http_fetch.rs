@@ -171,10 +171,7 @@ impl ImageServer {
                 };
                 let (routes, h, a, p) = (routes.clone(), h.clone(), a.clone(), p.clone());
                 tokio::spawn(async move {
-                    let now = a.fetch_add(1, Ordering::SeqCst) + 1;
-                    p.fetch_max(now, Ordering::SeqCst);
-                    let _ = serve(conn, &routes, &h).await;
-                    a.fetch_sub(1, Ordering::SeqCst);
+                    let _ = serve(conn, &routes, &h, (&a, &p)).await;
                 });
             }
         });
@@ -204,6 +201,7 @@ async fn serve(
     conn: TcpStream,
     routes: &HashMap<String, Route>,
     hits: &Mutex<Vec<String>>,
+    (active, peak): (&AtomicUsize, &AtomicUsize),
 ) -> io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -230,7 +228,12 @@ async fn serve(
             write_all(&conn, &body).await?;
         }
         Route::Slow(d, body) => {
+            // Requests being answered at once, counted while they wait (the
+            // count drops before the answer, so before the fetch can end).
+            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(d).await;
+            active.fetch_sub(1, Ordering::SeqCst);
             let h = format!(
                 "{}Content-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 status_line(200),
@@ -920,4 +923,27 @@ async fn fetches_run_concurrently_within_the_server_wide_bound() {
     if let Ok(s) = Arc::try_unwrap(s) {
         s.stop().await;
     }
+
+    // One request alone: fetch.max_fetches_per_request bounds it.
+    let routes: Vec<(&str, Route)> = (0..4)
+        .map(|i| {
+            (
+                &*Box::leak(format!("/slow/{i}").into_boxed_str()),
+                Route::Slow(Duration::from_millis(300), png.clone()),
+            )
+        })
+        .collect();
+    let img = ImageServer::start(routes).await;
+    let mut c = fetch_config(true);
+    c.fetch.max_fetches_per_request = 2;
+    c.fetch.max_concurrent_fetches = 16;
+    let s = TestServer::ready(c, net.hooks()).await;
+    let inputs: Vec<Value> = (0..4)
+        .map(|i| url_input(&img.url(&format!("/slow/{i}"))))
+        .collect();
+    let v = s.embed(json!(inputs)).await;
+    assert_eq!(v.len(), 4);
+    assert_eq!(img.peak.load(Ordering::SeqCst), 2);
+    net.assert_loopback_only();
+    s.stop().await;
 }
