@@ -31,6 +31,7 @@ pub mod app;
 pub mod batching;
 pub mod config;
 pub mod embedder;
+pub mod fetch;
 pub mod http;
 pub mod input;
 pub mod metrics;

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub embedding_cache_evictions: IntCounterVec,
     /// `vlembed_embedding_cache_bytes{model}`: bytes the cache holds.
     pub embedding_cache_bytes: IntGaugeVec,
+    /// `vlembed_image_fetches_total{outcome}`: image URL fetches by outcome.
+    pub image_fetches: IntCounterVec,
+    /// `vlembed_image_fetch_duration_seconds{outcome}`: one image fetch.
+    pub image_fetch_duration: HistogramVec,
 }
 
 /// The source commit the binary was built from (see build.rs).
@@ -196,6 +200,19 @@ impl Metrics {
                     "vlembed_embedding_cache_bytes",
                     "Bytes held by the embedding cache (vectors plus a fixed overhead per entry)",
                     &["model"],
+                )?,
+                image_fetches: counter(
+                    "vlembed_image_fetches_total",
+                    "Image URL fetches by outcome (ok, refused_url, refused_address, \
+                     resolve_failed, connect_failed, timeout, http_status, redirects, too_large, \
+                     bad_content, busy)",
+                    &["outcome"],
+                )?,
+                image_fetch_duration: hist(
+                    "vlembed_image_fetch_duration_seconds",
+                    "Time of one image URL fetch, waiting for a slot included",
+                    &["outcome"],
+                    LATENCY_BUCKETS,
                 )?,
                 registry: registry.clone(),
             })

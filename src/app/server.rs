@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use super::connections::{self, ConnLimits};
 use crate::batching::{Batcher, EmbeddingCache, PreprocessPool, Queue};
 use crate::config::{Config, ServerConfig};
+use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
 use crate::models::{EmbeddingModel, LoadOptions, LoadedModel};
 use crate::probe::{self, GoldenFile, ProbeResult};
@@ -37,6 +38,9 @@ pub type WrapReplicaHook =
 pub struct Hooks {
     pub before_load: Option<BeforeLoadHook>,
     pub wrap_replica: Option<WrapReplicaHook>,
+    /// The resolver and connector image URL fetches use (default: the
+    /// system's), so tests can keep every connection on loopback.
+    pub fetch_net: Option<crate::fetch::Net>,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -58,6 +62,8 @@ pub enum ServeError {
     LoadFailed { model: String, message: String },
     #[error("the server task failed: {0}")]
     Join(String),
+    #[error("cannot set up image URL fetching: {0}")]
+    Fetch(#[from] crate::fetch::SetupError),
 }
 
 /// A running server.
@@ -107,7 +113,27 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     }
     let metrics = Metrics::new();
     let registry = Arc::new(Registry::new(&config, metrics.clone()));
-    let router = crate::http::router(Arc::clone(&registry)).map_err(ServeError::OpenApi)?;
+    let fetcher = if config.server.fetch_image_urls {
+        let f = &config.fetch;
+        tracing::info!(
+            allowed_hosts = ?f.allowed_hosts,
+            allow_loopback = f.allow_loopback,
+            allow_private = f.allow_private,
+            allowed_cidrs = ?f.allowed_cidrs,
+            "image URL fetching is on (server.fetch_image_urls)"
+        );
+        let net = hooks.fetch_net.clone().unwrap_or_default();
+        Some(Arc::new(Fetcher::new(
+            f,
+            config.server.max_image_bytes,
+            net,
+            metrics.clone(),
+        )?))
+    } else {
+        None
+    };
+    let router =
+        crate::http::router(Arc::clone(&registry), fetcher).map_err(ServeError::OpenApi)?;
     let addr_text = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind((config.server.host.as_str(), config.server.port))
         .await

@@ -122,6 +122,58 @@ impl ServerConfig {
     }
 }
 
+/// The `[fetch]` section: how image URLs are fetched when
+/// `server.fetch_image_urls` is on (see `crate::fetch`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Hosts that may be fetched from (exact names, `*.example.com`,
+    /// `.example.com`); empty: any host whose addresses pass the checks.
+    pub allowed_hosts: Vec<String>,
+    /// Allow loopback addresses (127.0.0.0/8, ::1).
+    pub allow_loopback: bool,
+    /// Allow private addresses (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7).
+    pub allow_private: bool,
+    /// Networks allowed whatever range they fall in (e.g. "10.1.0.0/16").
+    pub allowed_cidrs: Vec<String>,
+    pub connect_timeout_ms: u64,
+    /// The whole fetch (resolution, connection, redirects, body).
+    pub timeout_ms: u64,
+    /// Largest fetched image in bytes (also capped by `server.max_image_bytes`).
+    pub max_bytes: usize,
+    pub max_redirects: usize,
+    /// Fetches in progress at once over the whole server.
+    pub max_concurrent_fetches: usize,
+    /// Fetches in progress at once for one request.
+    pub max_fetches_per_request: usize,
+    pub user_agent: String,
+}
+
+impl FetchConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Checks a `fetch.allowed_cidrs` entry: `ADDRESS[/PREFIX]`.
+fn check_cidr(s: &str) -> Result<(), String> {
+    let (addr, len) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
+    let addr: std::net::IpAddr = addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP network like \"10.1.0.0/16\""))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if !len.is_empty() && !matches!(len.parse::<u32>(), Ok(n) if n <= max) {
+        return Err(format!("{s:?}: the prefix length must be 0 to {max}"));
+    }
+    Ok(())
+}
+
 /// Batching limits of one model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
@@ -178,6 +230,8 @@ impl ModelConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    /// `[fetch]`: image URL fetching (used when `server.fetch_image_urls`).
+    pub fetch: FetchConfig,
     pub models: Vec<ModelConfig>,
     /// `[model_defaults]` as merged from every layer (for models added later).
     model_defaults: Table,
@@ -248,6 +302,7 @@ const ENV_NOT_CONFIG: &[&str] = &["VLEMBED_LOG", "VLEMBED_JSON_LOGS", "VLEMBED_C
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server: ServerConfig,
+    fetch: FetchConfig,
     model_defaults: Table,
     #[serde(default)]
     models: Vec<Table>,
@@ -351,6 +406,7 @@ impl Config {
         resolve_model(probe, &format!("{origin}, [model_defaults]"))?;
         Ok(Config {
             server: raw.server,
+            fetch: raw.fetch,
             models,
             model_defaults: raw.model_defaults,
         })
@@ -411,6 +467,48 @@ impl Config {
                 m.dtype = dtype;
                 m.dtype_auto = false;
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the `[fetch]` section (whether or not fetching is on).
+    fn validate_fetch(&self) -> Result<(), ConfigError> {
+        let f = &self.fetch;
+        for (key, value) in [
+            ("fetch.connect_timeout_ms", f.connect_timeout_ms),
+            ("fetch.timeout_ms", f.timeout_ms),
+            ("fetch.max_bytes", f.max_bytes as u64),
+            (
+                "fetch.max_concurrent_fetches",
+                f.max_concurrent_fetches as u64,
+            ),
+            (
+                "fetch.max_fetches_per_request",
+                f.max_fetches_per_request as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if f.max_redirects > 20 {
+            return Err(invalid("fetch.max_redirects", "must be at most 20"));
+        }
+        if f.allowed_hosts.iter().any(|h| h.trim().is_empty()) {
+            return Err(invalid("fetch.allowed_hosts", "entries must not be empty"));
+        }
+        for c in &f.allowed_cidrs {
+            check_cidr(c).map_err(|e| invalid("fetch.allowed_cidrs", e))?;
+        }
+        if f.user_agent.trim().is_empty()
+            || f.user_agent
+                .chars()
+                .any(|c| c.is_control() || !c.is_ascii())
+        {
+            return Err(invalid(
+                "fetch.user_agent",
+                "must be a non-empty line of printable ASCII",
+            ));
         }
         Ok(())
     }
@@ -499,13 +597,7 @@ impl Config {
                 format!("{otlp:?} is not an http:// or https:// URL (OTLP over HTTP, e.g. \"http://collector:4318\")"),
             ));
         }
-        if s.fetch_image_urls {
-            return Err(invalid(
-                "server.fetch_image_urls",
-                "fetching image URLs is not implemented in this version; set it to false \
-                 and send images inline (base64 or multipart)",
-            ));
-        }
+        self.validate_fetch()?;
         if self.models.is_empty() {
             return Err(invalid(
                 "models",
@@ -673,14 +765,18 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
         if let Some((section, key)) = rest.split_once("__") {
             let section = section.to_ascii_lowercase();
             let key = key.to_ascii_lowercase();
-            if !matches!(section.as_str(), "server" | "model_defaults") || key.is_empty() {
+            if !matches!(section.as_str(), "server" | "model_defaults" | "fetch") || key.is_empty()
+            {
                 return Err(invalid(
                     name.clone(),
-                    "expected VLEMBED_SERVER__<KEY> or VLEMBED_MODEL_DEFAULTS__<KEY>",
+                    "expected VLEMBED_SERVER__<KEY>, VLEMBED_MODEL_DEFAULTS__<KEY> or VLEMBED_FETCH__<KEY>",
                 ));
             }
             let mut v = env_value(value);
-            if key == "api_keys" || key == "devices" {
+            if matches!(
+                key.as_str(),
+                "api_keys" | "devices" | "allowed_hosts" | "allowed_cidrs"
+            ) {
                 if let Value::String(s) = &v {
                     v = Value::Array(comma_list(s).into_iter().map(Value::String).collect());
                 }
@@ -949,7 +1045,10 @@ mod tests {
                 "[[models]]\nname = \"x\"\nsource = \"a/b\"\n[[models]]\nname = \"x\"\nsource = \"a/c\"\n",
                 "distinct",
             ),
-            ("[server]\nfetch_image_urls = true\n[[models]]\nsource = \"a/b\"\n", "not implemented"),
+            ("[fetch]\ntimeout_ms = 0\n[[models]]\nsource = \"a/b\"\n", "fetch.timeout_ms"),
+            ("[fetch]\nallowed_cidrs = [\"10.0.0.0/40\"]\n[[models]]\nsource = \"a/b\"\n", "fetch.allowed_cidrs"),
+            ("[fetch]\nallowed_cidrs = [\"ten\"]\n[[models]]\nsource = \"a/b\"\n", "fetch.allowed_cidrs"),
+            ("[fetch]\nmax_redirect = 1\n[[models]]\nsource = \"a/b\"\n", "max_redirect"),
             ("[[models]]\nname = \"x\"\n", "source"),
             ("[server\n", "TOML"),
             ("[server]\notlp_endpoint = \"collector:4318\"\n[[models]]\nsource = \"a/b\"\n", "otlp_endpoint"),

@@ -16,8 +16,9 @@ use axum::Json;
 use serde::Serialize;
 
 use super::body::Payload;
+use super::error::quote;
 use super::error::{ApiError, ModelLabel};
-use super::inputs::Labeled;
+use super::inputs::{url_refused, Labeled};
 use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
 use super::responses::{
     BatchingInfo, EmbedResponse, EmbedUsage, Embedding, EmbeddingCacheInfo, Floats, GoldenInfo,
@@ -26,6 +27,7 @@ use super::responses::{
 };
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
+use crate::fetch::FetchError;
 use crate::registry::{ModelStatus, ProbeReport, ServedModel};
 
 /// The response header naming the fingerprint of the model that computed
@@ -91,6 +93,11 @@ async fn run(
     start: Instant,
     trace: Arc<RequestTrace>,
 ) -> Result<Embedded, ApiError> {
+    if !inputs.image_urls.is_empty() {
+        fetch_images(st, &mut inputs)
+            .await
+            .map_err(|e| e.for_model(&t.name))?;
+    }
     let batch = inputs.take_inputs();
     opts.trace = Some(trace);
     let out = t
@@ -110,6 +117,44 @@ async fn run(
         .with_label_values(&[&t.name])
         .inc_by(out.images as u64);
     Ok(out)
+}
+
+/// Replaces the inputs' image URLs by the fetched images (which then take the
+/// path of uploaded ones: decoding, pixel limits), or refuses the request:
+/// 422 naming the input when fetching is off or a fetch fails.
+async fn fetch_images(st: &AppState, inputs: &mut Labeled) -> Result<(), ApiError> {
+    let urls = std::mem::take(&mut inputs.image_urls);
+    let Some(fetcher) = &st.fetcher else {
+        let i = urls.first().map_or(0, |u| u.0);
+        return Err(url_refused(&format!("{}.image", inputs.label(i))));
+    };
+    let shown: Vec<(usize, String)> = urls.iter().map(|(i, u)| (*i, quote(u))).collect();
+    match fetcher.fetch_all(urls).await {
+        Ok(images) => {
+            for (i, bytes) in images {
+                if let Some(input) = inputs.inputs.get_mut(i) {
+                    input.image = Some(bytes);
+                }
+            }
+            Ok(())
+        }
+        Err((i, e)) => {
+            let url = shown
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map_or_else(String::new, |(_, u)| format!(" {u}"));
+            let message = format!(
+                "{}.image: cannot fetch the image URL{url}: {e}",
+                inputs.label(i)
+            );
+            Err(match e {
+                FetchError::Busy(_) => {
+                    ApiError::unavailable(message, st.registry.server.retry_after_s)
+                }
+                _ => ApiError::unprocessable(message),
+            })
+        }
+    }
 }
 
 /// `POST /embed`.

@@ -1,6 +1,7 @@
 //! Turning request JSON into [`Input`]s while it is parsed: the input
 //! shorthand (a bare string), input objects, lists of inputs, and inline
-//! images (base64, data URLs; URLs are refused).
+//! images (base64, data URLs), and image URLs (recorded, for the handlers
+//! to fetch or refuse: see [`Labeled::image_urls`]).
 //!
 //! Owns the streaming [`serde`] visitors that build inputs straight from the
 //! body, checking the [`BodyLimits`] (input count, text length in characters,
@@ -73,6 +74,8 @@ pub fn parsed_inputs() -> u64 {
 pub struct ParseCtx<'l> {
     pub limits: &'l BodyLimits,
     failure: RefCell<Option<ApiError>>,
+    /// Image URLs met so far: (the input's label, the URL).
+    urls: RefCell<Vec<(String, String)>>,
 }
 
 impl<'l> ParseCtx<'l> {
@@ -80,6 +83,24 @@ impl<'l> ParseCtx<'l> {
         ParseCtx {
             limits,
             failure: RefCell::new(None),
+            urls: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Records that the input labelled `at` gives its image as `url`.
+    fn record_url(&self, at: &str, url: &str) {
+        self.urls
+            .borrow_mut()
+            .push((at.to_string(), url.trim().to_string()));
+    }
+
+    /// Moves the image URLs met while parsing into `inputs`
+    /// ([`Labeled::image_urls`]), by the labels of their inputs.
+    pub fn attach_urls(&self, inputs: &mut Labeled) {
+        for (at, url) in self.urls.borrow_mut().drain(..) {
+            if let Some(i) = inputs.labels.iter().position(|l| *l == at) {
+                inputs.image_urls.push((i, url));
+            }
         }
     }
 
@@ -105,6 +126,9 @@ impl<'l> ParseCtx<'l> {
 pub struct Labeled {
     pub inputs: Vec<Input>,
     pub labels: Vec<String>,
+    /// Inputs whose image is a URL, by index: their `image` is empty until
+    /// the handler fetches it (or refuses: URL fetching is off by default).
+    pub image_urls: Vec<(usize, String)>,
 }
 
 impl Labeled {
@@ -459,6 +483,37 @@ impl ImageSeed<'_, '_> {
     }
 }
 
+impl ImageSeed<'_, '_> {
+    /// Records an image URL (fetched or refused by the handler) and gives
+    /// its input an empty image until then.
+    fn url<E: de::Error>(&self, url: &str, at: &str) -> Result<Option<Vec<u8>>, E> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Err(self
+                .ctx
+                .fail(ApiError::unprocessable(format!("{at}: the URL is empty"))));
+        }
+        if url.len() > MAX_URL_BYTES {
+            return Err(self.ctx.fail(ApiError::too_large(format!(
+                "{at}: the URL is {} bytes long, over the limit of {MAX_URL_BYTES} bytes",
+                url.len()
+            ))));
+        }
+        self.ctx.record_url(self.at, url);
+        Ok(Some(Vec::new()))
+    }
+}
+
+/// Longest image URL accepted, in bytes.
+pub const MAX_URL_BYTES: usize = 8192;
+
+/// Whether an image string is an `http://` or `https://` URL.
+pub fn is_http_url(s: &str) -> bool {
+    let s = s.trim_start();
+    let start = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    start.starts_with("http://") || start.starts_with("https:/")
+}
+
 impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
     type Value = Option<Vec<u8>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -467,6 +522,9 @@ impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
     scalars_are_wrong!(null is none);
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         let at = format!("{}.image", self.at);
+        if is_http_url(v) {
+            return self.url(v, &at);
+        }
         decode_image_string(v, &at, self.ctx.limits.max_image_bytes)
             .map(Some)
             .map_err(|e| self.ctx.fail(e))
@@ -476,7 +534,7 @@ impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let at = format!("{}.image", self.at);
-        let mut url: Option<Result<(), &'static str>> = None;
+        let mut url: Option<Result<String, &'static str>> = None;
         while let Some(key) = map.next_key_seed(KeySeed(&["url"]))? {
             match key {
                 Key::Known(_) if url.is_none() => url = Some(map.next_value_seed(UrlSeed)?),
@@ -493,7 +551,7 @@ impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
             }
         }
         let e = match url {
-            Some(Ok(())) => url_refused(&at),
+            Some(Ok(u)) => return self.url(&u, &format!("{at}.url")),
             Some(Err(found)) => {
                 ApiError::bad_request(format!("{at}.url: expected a string, found {found}"))
             }
@@ -503,19 +561,18 @@ impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
     }
 }
 
-/// An image object's `url`: whether it is a string (its value is not kept:
-/// URLs are not fetched), or the type found instead.
+/// An image object's `url`: the string, or the type found instead.
 struct UrlSeed;
 
 impl<'de> DeserializeSeed<'de> for UrlSeed {
-    type Value = Result<(), &'static str>;
+    type Value = Result<String, &'static str>;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for UrlSeed {
-    type Value = Result<(), &'static str>;
+    type Value = Result<String, &'static str>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a URL")
     }
@@ -537,8 +594,9 @@ impl<'de> Visitor<'de> for UrlSeed {
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
         Ok(Err("null"))
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Ok(()))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        // Bounded by the body size; checked against MAX_URL_BYTES by the caller.
+        Ok(Ok(v.to_string()))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
@@ -676,10 +734,16 @@ pub fn parse_input_list(v: Value, field: &str) -> Result<Labeled, ApiError> {
         max: usize::MAX,
         noun: "inputs",
     };
-    seed.deserialize(v).map_err(|e| value_error(&ctx, e))
+    let mut l = seed.deserialize(v).map_err(|e| value_error(&ctx, e))?;
+    ctx.attach_urls(&mut l);
+    match l.image_urls.first() {
+        Some((i, _)) => Err(url_refused(&format!("{}.image", l.label(*i)))),
+        None => Ok(l),
+    }
 }
 
-/// Parses one input given as a JSON value found at `at`, without limits.
+/// Parses one input given as a JSON value found at `at`, without limits
+/// (image URLs are refused: nothing here fetches them).
 pub fn parse_input(v: Value, at: &str) -> Result<Input, ApiError> {
     let ctx = ParseCtx::new(&BodyLimits::NONE);
     let seed = InputSeed {
@@ -687,7 +751,11 @@ pub fn parse_input(v: Value, at: &str) -> Result<Input, ApiError> {
         at,
         nested: Nested::Plain,
     };
-    seed.deserialize(v).map_err(|e| value_error(&ctx, e))
+    let input = seed.deserialize(v).map_err(|e| value_error(&ctx, e))?;
+    if !ctx.urls.borrow().is_empty() {
+        return Err(url_refused(&format!("{at}.image")));
+    }
+    Ok(input)
 }
 
 fn value_error(ctx: &ParseCtx, e: serde_json::Error) -> ApiError {
@@ -705,11 +773,11 @@ pub fn parse_role(s: &str, at: &str) -> Result<Role, ApiError> {
     })
 }
 
-/// The message for an image URL, which this server does not fetch.
+/// The message for an image URL when URL fetching is off.
 pub fn url_refused(at: &str) -> ApiError {
     ApiError::unprocessable(format!(
-        "{at}: image URLs are not fetched (URL fetching is disabled: server.fetch_image_urls); \
-         send the image inline as base64, a data URL, or a multipart file"
+        "{at}: image URLs are not fetched (URL fetching is disabled: server.fetch_image_urls \
+         is false); send the image inline as base64, a data URL, or a multipart file"
     ))
 }
 
@@ -717,10 +785,10 @@ pub fn url_refused(at: &str) -> ApiError {
 /// (413) one over `max_bytes` before decoding it.
 pub fn decode_image_string(s: &str, at: &str, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
     let s = s.trim();
-    let lower_start = s.get(..8).unwrap_or(s).to_ascii_lowercase();
-    if lower_start.starts_with("http://") || lower_start.starts_with("https:/") {
+    if is_http_url(s) {
         return Err(url_refused(at));
     }
+    let lower_start = s.get(..8).unwrap_or(s).to_ascii_lowercase();
     let payload = if lower_start.starts_with("data:") {
         let Some((meta, data)) = s.split_once(',') else {
             return Err(ApiError::unprocessable(format!(

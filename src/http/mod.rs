@@ -46,6 +46,8 @@ pub struct AppState {
     pub openapi: Bytes,
     /// Slots for embedding requests in progress (`server.max_concurrent_requests`).
     pub in_flight: Arc<Semaphore>,
+    /// Fetches image URLs; `None` when `server.fetch_image_urls` is off.
+    pub fetcher: Option<Arc<crate::fetch::Fetcher>>,
 }
 
 /// Every route the server serves.
@@ -145,8 +147,12 @@ pub fn openapi_json() -> Result<serde_json::Value, String> {
     serde_norway::from_str::<serde_json::Value>(OPENAPI_YAML).map_err(|e| e.to_string())
 }
 
-/// Builds the router over `registry`.
-pub fn router(registry: Arc<Registry>) -> Result<Router, String> {
+/// Builds the router over `registry`; image URLs are fetched with `fetcher`
+/// (refused when `None`).
+pub fn router(
+    registry: Arc<Registry>,
+    fetcher: Option<Arc<crate::fetch::Fetcher>>,
+) -> Result<Router, String> {
     let doc = openapi_json()?;
     let openapi = Bytes::from(serde_json::to_vec(&doc).map_err(|e| e.to_string())?);
     let body_limit = registry.server.max_body_bytes;
@@ -155,6 +161,7 @@ pub fn router(registry: Arc<Registry>) -> Result<Router, String> {
         registry,
         openapi,
         in_flight,
+        fetcher,
     };
     let cors = cors::layer(&state.registry.server.cors_allowed_origins);
     let mut router = Router::new();

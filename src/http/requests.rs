@@ -111,7 +111,9 @@ impl EmbedRequest {
 
     pub fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError> {
         let ctx = ParseCtx::new(limits);
-        decode_seed(bytes, &ctx, Top(EmbedFields::new(&ctx)))
+        let mut req = decode_seed(bytes, &ctx, Top(EmbedFields::new(&ctx)))?;
+        ctx.attach_urls(&mut req.inputs);
+        Ok(req)
     }
 
     pub fn from_multipart(parts: Vec<Part>) -> Result<Self, ApiError> {
@@ -237,7 +239,9 @@ impl ScoreRequest {
 
     pub fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError> {
         let ctx = ParseCtx::new(limits);
-        decode_seed(bytes, &ctx, Top(ScoreFields::new(&ctx)))
+        let mut req = decode_seed(bytes, &ctx, Top(ScoreFields::new(&ctx)))?;
+        ctx.attach_urls(&mut req.inputs);
+        Ok(req)
     }
 
     pub fn from_multipart(parts: Vec<Part>) -> Result<Self, ApiError> {
@@ -317,7 +321,9 @@ impl OpenAiRequest {
 
     pub fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError> {
         let ctx = ParseCtx::new(limits);
-        decode_seed(bytes, &ctx, Top(OpenAiFields::new(&ctx)))
+        let mut req = decode_seed(bytes, &ctx, Top(OpenAiFields::new(&ctx)))?;
+        ctx.attach_urls(&mut req.inputs);
+        Ok(req)
     }
 }
 
