@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::input::{Input, Role};
 use crate::models::ModelError;
+use crate::preprocess::image::ImageLimits;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
 use crate::vector::l2_normalize;
 
@@ -114,11 +115,14 @@ pub enum ProbeError {
     InvalidGolden { path: String, message: String },
 }
 
-/// The probes of a model, preprocessed.
+/// The probes of a model, preprocessed. The probe image is decoded under the
+/// default image limits, not the model's configured ones: an operator who
+/// limits clients' images below the probe's 64x48 must still get a model.
 pub fn prepare(
     pre: &Preprocessor,
     uses_instructions: bool,
 ) -> Result<Vec<(Probe, Prepared)>, ProbeError> {
+    let pre = pre.with_image_limits(ImageLimits::default());
     probes(uses_instructions)
         .into_iter()
         .map(|p| {

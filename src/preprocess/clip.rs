@@ -66,6 +66,11 @@ impl ClipPreprocessor {
         &self.limits
     }
 
+    /// Replaces the limits images are decoded under.
+    pub fn set_image_limits(&mut self, limits: ImageLimits) {
+        self.limits = limits;
+    }
+
     /// Turns one input into model-ready numbers.
     pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
         let modality = input.modality().ok_or(PreprocessError::EmptyInput)?;

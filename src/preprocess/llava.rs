@@ -425,6 +425,11 @@ impl LlavaPreprocessor {
         &self.limits
     }
 
+    /// Replaces the limits images are decoded under.
+    pub fn set_image_limits(&mut self, limits: ImageLimits) {
+        self.limits = limits;
+    }
+
     /// Turns one input into model-ready numbers: the prompt's ids (image
     /// tokens expanded) and all tiles of the image; `image_size` is the
     /// size the image processor saw (always 512x512).

@@ -175,6 +175,18 @@ impl Preprocessor {
         }
     }
 
+    /// A copy of this preprocessor that decodes images under `limits`: for
+    /// inputs the server makes itself (the startup probes), which must not
+    /// depend on how tightly the operator limits clients' images.
+    pub fn with_image_limits(&self, limits: ImageLimits) -> Self {
+        let mut p = self.clone();
+        match &mut p {
+            Preprocessor::Clip(c) => c.set_image_limits(limits),
+            Preprocessor::Llava(l) => l.set_image_limits(limits),
+        }
+        p
+    }
+
     /// The decode budget of one request, from the images' headers alone,
     /// before any is decoded (see [`image::check_request_images`]): call it
     /// with every `(input index, image bytes)` of the request before
