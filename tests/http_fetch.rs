@@ -211,6 +211,11 @@ async fn serve(
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
+        if head[0] == 0x16 {
+            // A TLS ClientHello: answer plain text, which fails the handshake.
+            write_all(&conn, b"HTTP/1.1 400 Not TLS\r\n\r\n").await?;
+            return Ok(());
+        }
     }
     let text = String::from_utf8_lossy(&head).to_string();
     let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
@@ -862,6 +867,12 @@ async fn statuses_content_types_schemes_and_the_allowlist() {
             vec!["credentials"],
         ),
         ("http://".into(), vec!["not a valid URL"]),
+        // https goes through TLS with the URL's name (a plain HTTP server
+        // fails the handshake).
+        (
+            format!("https://images.test:{p}/cat.png"),
+            vec!["TLS handshake with images.test failed"],
+        ),
     ];
     assert_refused(&s, &cases).await;
     // other.test was never resolved (the allowlist comes first).
@@ -871,6 +882,17 @@ async fn statuses_content_types_schemes_and_the_allowlist() {
     let (status, msg) = embed_err(&s, json!([url_input(&long)])).await;
     assert_eq!(status, 413, "{msg}");
     assert!(msg.len() < 400, "{}", msg.len());
+    let long_host = format!("http://{}.test:{p}/x.png", "h".repeat(5_000));
+    let (status, msg) = embed_err(&s, json!([url_input(&long_host)])).await;
+    assert_eq!(status, 422, "{msg}");
+    assert!(
+        msg.contains("not in fetch.allowed_hosts") && msg.len() < 600,
+        "{msg}"
+    );
+    let long_scheme = format!("{}://images.test/x.png", "x".repeat(5_000));
+    let (status, msg) = embed_err(&s, json!([url_input(&long_scheme)])).await;
+    assert_eq!(status, 422, "{msg}");
+    assert!(msg.contains("scheme") && msg.len() < 600, "{msg}");
     let long = format!("http://images.test:{p}/{}", "a".repeat(5_000));
     let (status, msg) = embed_err(&s, json!([url_input(&long)])).await;
     assert_eq!(status, 422, "{msg}");
