@@ -29,6 +29,8 @@ use vlembed::fetch::{BoxFuture, Connector, Net, Resolver};
 struct LoopbackOnly {
     violations: Mutex<Vec<SocketAddr>>,
     connects: AtomicUsize,
+    /// Connections to these loopback ports hang (a black-holed SYN).
+    hang_ports: Mutex<Vec<u16>>,
 }
 
 impl Connector for LoopbackOnly {
@@ -40,6 +42,9 @@ impl Connector for LoopbackOnly {
                     io::ErrorKind::PermissionDenied,
                     format!("TEST FAILURE: asked to connect to non-loopback {addr}"),
                 ));
+            }
+            if self.hang_ports.lock().unwrap().contains(&addr.port()) {
+                tokio::time::sleep(Duration::from_secs(60)).await;
             }
             self.connects.fetch_add(1, Ordering::SeqCst);
             TcpStream::connect(addr).await
@@ -732,10 +737,21 @@ async fn stalls_time_out_and_bodies_are_capped_while_streaming() {
     ])
     .await;
     let net = NetHooks::new(&[]);
+    net.connector.hang_ports.lock().unwrap().push(9);
     let mut c = fetch_config(true);
     c.fetch.timeout_ms = 1_000;
+    c.fetch.connect_timeout_ms = 200;
     c.fetch.max_bytes = 64 * 1024;
     let s = TestServer::ready(c, net.hooks()).await;
+
+    let (status, msg) = embed_err(&s, json!([url_input("http://127.0.0.1:9/x.png")])).await;
+    assert_eq!(status, 422, "{msg}");
+    assert!(
+        msg.contains(
+            "connecting to 127.0.0.1:9 took longer than 200 ms (fetch.connect_timeout_ms)"
+        ),
+        "{msg}"
+    );
 
     let t = Instant::now();
     let (status, msg) = embed_err(&s, json!([url_input(&img.url("/stall"))])).await;
@@ -778,7 +794,7 @@ async fn stalls_time_out_and_bodies_are_capped_while_streaming() {
     assert!(!msg.contains("max_bytes"), "{msg}");
     let text = s.metrics().await;
     assert!(
-        metric(&text, "vlembed_image_fetches_total{outcome=\"timeout\"}").unwrap_or(0.0) >= 1.0
+        metric(&text, "vlembed_image_fetches_total{outcome=\"timeout\"}").unwrap_or(0.0) >= 2.0
     );
     assert!(
         metric(&text, "vlembed_image_fetches_total{outcome=\"too_large\"}").unwrap_or(0.0) >= 3.0
