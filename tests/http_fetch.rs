@@ -985,3 +985,44 @@ async fn fetches_run_concurrently_within_the_server_wide_bound() {
     net.assert_loopback_only();
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_gets_no_slot_in_time_is_503() {
+    let img = ImageServer::start(vec![("/stall", Route::Stall)]).await;
+    let net = NetHooks::new(&[]);
+    let mut c = fetch_config(true);
+    c.fetch.max_concurrent_fetches = 1;
+    c.fetch.timeout_ms = 1_000;
+    let s = Arc::new(TestServer::ready(c, net.hooks()).await);
+    let body = json!({"inputs": [url_input(&img.url("/stall"))]});
+    // One holds the only slot until its fetch times out (1 s), the next
+    // takes it then and holds it for its own 1 s, so the third waits its
+    // whole 1 s for a slot in vain.
+    let (a, b, c) = tokio::join!(
+        s.post_json("/embed", &body),
+        s.post_json("/embed", &body),
+        s.post_json("/embed", &body)
+    );
+    let mut statuses = vec![a.status, b.status, c.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![422, 422, 503],
+        "{} {} {}",
+        a.text,
+        b.text,
+        c.text
+    );
+    let busy = [&a, &b, &c].into_iter().find(|r| r.status == 503).unwrap();
+    assert!(
+        busy.error_message()
+            .contains("fetch.max_concurrent_fetches"),
+        "{}",
+        busy.text
+    );
+    assert!(busy.headers.get("retry-after").is_some());
+    net.assert_loopback_only();
+    if let Ok(s) = Arc::try_unwrap(s) {
+        s.stop().await;
+    }
+}
