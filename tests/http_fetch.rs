@@ -29,6 +29,8 @@ use vlembed::fetch::{BoxFuture, Connector, Net, Resolver};
 struct LoopbackOnly {
     violations: Mutex<Vec<SocketAddr>>,
     connects: AtomicUsize,
+    /// Connections to these loopback ports hang (a black-holed SYN).
+    hang_ports: Mutex<Vec<u16>>,
 }
 
 impl Connector for LoopbackOnly {
@@ -40,6 +42,9 @@ impl Connector for LoopbackOnly {
                     io::ErrorKind::PermissionDenied,
                     format!("TEST FAILURE: asked to connect to non-loopback {addr}"),
                 ));
+            }
+            if self.hang_ports.lock().unwrap().contains(&addr.port()) {
+                tokio::time::sleep(Duration::from_secs(60)).await;
             }
             self.connects.fetch_add(1, Ordering::SeqCst);
             TcpStream::connect(addr).await
@@ -211,6 +216,11 @@ async fn serve(
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
+        if head[0] == 0x16 {
+            // A TLS ClientHello: answer plain text, which fails the handshake.
+            write_all(&conn, b"HTTP/1.1 400 Not TLS\r\n\r\n").await?;
+            return Ok(());
+        }
     }
     let text = String::from_utf8_lossy(&head).to_string();
     let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
@@ -727,10 +737,21 @@ async fn stalls_time_out_and_bodies_are_capped_while_streaming() {
     ])
     .await;
     let net = NetHooks::new(&[]);
+    net.connector.hang_ports.lock().unwrap().push(9);
     let mut c = fetch_config(true);
     c.fetch.timeout_ms = 1_000;
+    c.fetch.connect_timeout_ms = 200;
     c.fetch.max_bytes = 64 * 1024;
     let s = TestServer::ready(c, net.hooks()).await;
+
+    let (status, msg) = embed_err(&s, json!([url_input("http://127.0.0.1:9/x.png")])).await;
+    assert_eq!(status, 422, "{msg}");
+    assert!(
+        msg.contains(
+            "connecting to 127.0.0.1:9 took longer than 200 ms (fetch.connect_timeout_ms)"
+        ),
+        "{msg}"
+    );
 
     let t = Instant::now();
     let (status, msg) = embed_err(&s, json!([url_input(&img.url("/stall"))])).await;
@@ -773,7 +794,7 @@ async fn stalls_time_out_and_bodies_are_capped_while_streaming() {
     assert!(!msg.contains("max_bytes"), "{msg}");
     let text = s.metrics().await;
     assert!(
-        metric(&text, "vlembed_image_fetches_total{outcome=\"timeout\"}").unwrap_or(0.0) >= 1.0
+        metric(&text, "vlembed_image_fetches_total{outcome=\"timeout\"}").unwrap_or(0.0) >= 2.0
     );
     assert!(
         metric(&text, "vlembed_image_fetches_total{outcome=\"too_large\"}").unwrap_or(0.0) >= 3.0
@@ -862,6 +883,12 @@ async fn statuses_content_types_schemes_and_the_allowlist() {
             vec!["credentials"],
         ),
         ("http://".into(), vec!["not a valid URL"]),
+        // https goes through TLS with the URL's name (a plain HTTP server
+        // fails the handshake).
+        (
+            format!("https://images.test:{p}/cat.png"),
+            vec!["TLS handshake with images.test failed"],
+        ),
     ];
     assert_refused(&s, &cases).await;
     // other.test was never resolved (the allowlist comes first).
@@ -871,6 +898,17 @@ async fn statuses_content_types_schemes_and_the_allowlist() {
     let (status, msg) = embed_err(&s, json!([url_input(&long)])).await;
     assert_eq!(status, 413, "{msg}");
     assert!(msg.len() < 400, "{}", msg.len());
+    let long_host = format!("http://{}.test:{p}/x.png", "h".repeat(5_000));
+    let (status, msg) = embed_err(&s, json!([url_input(&long_host)])).await;
+    assert_eq!(status, 422, "{msg}");
+    assert!(
+        msg.contains("not in fetch.allowed_hosts") && msg.len() < 600,
+        "{msg}"
+    );
+    let long_scheme = format!("{}://images.test/x.png", "x".repeat(5_000));
+    let (status, msg) = embed_err(&s, json!([url_input(&long_scheme)])).await;
+    assert_eq!(status, 422, "{msg}");
+    assert!(msg.contains("scheme") && msg.len() < 600, "{msg}");
     let long = format!("http://images.test:{p}/{}", "a".repeat(5_000));
     let (status, msg) = embed_err(&s, json!([url_input(&long)])).await;
     assert_eq!(status, 422, "{msg}");
@@ -946,4 +984,45 @@ async fn fetches_run_concurrently_within_the_server_wide_bound() {
     assert_eq!(img.peak.load(Ordering::SeqCst), 2);
     net.assert_loopback_only();
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_gets_no_slot_in_time_is_503() {
+    let img = ImageServer::start(vec![("/stall", Route::Stall)]).await;
+    let net = NetHooks::new(&[]);
+    let mut c = fetch_config(true);
+    c.fetch.max_concurrent_fetches = 1;
+    c.fetch.timeout_ms = 1_000;
+    let s = Arc::new(TestServer::ready(c, net.hooks()).await);
+    let body = json!({"inputs": [url_input(&img.url("/stall"))]});
+    // One holds the only slot until its fetch times out (1 s), the next
+    // takes it then and holds it for its own 1 s, so the third waits its
+    // whole 1 s for a slot in vain.
+    let (a, b, c) = tokio::join!(
+        s.post_json("/embed", &body),
+        s.post_json("/embed", &body),
+        s.post_json("/embed", &body)
+    );
+    let mut statuses = vec![a.status, b.status, c.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![422, 422, 503],
+        "{} {} {}",
+        a.text,
+        b.text,
+        c.text
+    );
+    let busy = [&a, &b, &c].into_iter().find(|r| r.status == 503).unwrap();
+    assert!(
+        busy.error_message()
+            .contains("fetch.max_concurrent_fetches"),
+        "{}",
+        busy.text
+    );
+    assert!(busy.headers.get("retry-after").is_some());
+    net.assert_loopback_only();
+    if let Ok(s) = Arc::try_unwrap(s) {
+        s.stop().await;
+    }
 }

@@ -935,6 +935,40 @@ mod tests {
     }
 
     #[test]
+    fn fetch_keys_come_from_files_and_the_environment() {
+        let c = Config::builtin().unwrap();
+        assert!(!c.server.fetch_image_urls, "URL fetching is off by default");
+        assert!(!c.fetch.allow_loopback && !c.fetch.allow_private);
+        assert!(c.fetch.allowed_hosts.is_empty() && c.fetch.allowed_cidrs.is_empty());
+        assert_eq!(c.fetch.max_redirects, 3);
+        let file = write_file(
+            "fetch.toml",
+            "[server]\nfetch_image_urls = true\n[fetch]\nallow_private = true\n\
+             [[models]]\nsource = \"a/b\"\n",
+        );
+        let c = Config::load(&Layers {
+            file: Some(file),
+            env: env(&[
+                (
+                    "VLEMBED_FETCH__ALLOWED_HOSTS",
+                    "img.example.com, *.cdn.example.net",
+                ),
+                ("VLEMBED_FETCH__ALLOWED_CIDRS", "10.1.0.0/16"),
+                ("VLEMBED_FETCH__TIMEOUT_MS", "2500"),
+            ]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.server.fetch_image_urls && c.fetch.allow_private);
+        assert_eq!(
+            c.fetch.allowed_hosts,
+            vec!["img.example.com", "*.cdn.example.net"]
+        );
+        assert_eq!(c.fetch.allowed_cidrs, vec!["10.1.0.0/16"]);
+        assert_eq!(c.fetch.timeout(), Duration::from_millis(2500));
+    }
+
+    #[test]
     fn auto_dtype_follows_the_devices_and_explicit_wins() {
         let load = |file_text: &str, flags: Overrides| {
             let file = write_file("auto-dtype.toml", file_text);

@@ -337,12 +337,12 @@ async fn resolve(
             Target::Name(name) => {
                 let addrs = net.resolver.resolve(&name, port).await.map_err(|source| {
                     FetchError::Resolve {
-                        host: name.clone(),
+                        host: shorten(&name),
                         source,
                     }
                 })?;
                 if addrs.is_empty() {
-                    return Err(FetchError::NoAddress(name));
+                    return Err(FetchError::NoAddress(shorten(&name)));
                 }
                 addrs
             }
@@ -398,12 +398,12 @@ async fn connect(
                 .trim_end_matches('.')
                 .to_string();
             ServerName::try_from(host.clone()).map_err(|e| FetchError::Tls {
-                host,
+                host: shorten(&host),
                 source: io::Error::new(io::ErrorKind::InvalidInput, e),
             })?
         }
     };
-    let host = url.host_str().unwrap_or("").to_string();
+    let host = shorten(url.host_str().unwrap_or(""));
     let tls_stream = tls
         .connect(name, stream)
         .await

@@ -404,7 +404,7 @@ pub fn parse_url(s: &str, hosts: &HostAllowlist) -> Result<url::Url, UrlRefused>
 /// The checks of [`parse_url`] on a parsed URL (redirect targets).
 pub fn check_url(url: &url::Url, hosts: &HostAllowlist) -> Result<(), UrlRefused> {
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(UrlRefused::Scheme(url.scheme().to_string()));
+        return Err(UrlRefused::Scheme(super::shorten(url.scheme())));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(UrlRefused::Credentials);
@@ -414,7 +414,7 @@ pub fn check_url(url: &url::Url, hosts: &HostAllowlist) -> Result<(), UrlRefused
         return Err(UrlRefused::NoHost);
     }
     if !hosts.allows(host) {
-        return Err(UrlRefused::NotAllowed(host.to_string()));
+        return Err(UrlRefused::NotAllowed(super::shorten(host)));
     }
     Ok(())
 }

@@ -119,17 +119,17 @@ impl Fetcher {
         })
     }
 
-    /// Fetches one image: waits for a server-wide slot (at most the fetch
-    /// timeout), then fetches under the total timeout.
+    /// Fetches one image: waits for a server-wide slot (at most
+    /// `fetch.timeout_ms`, else [`FetchError::Busy`]), then fetches under
+    /// the total timeout (`fetch.timeout_ms` again, from the slot).
     pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, FetchError> {
         let start = Instant::now();
         let ms = self.timeout.as_millis() as u64;
         let result = match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
             Err(_) | Ok(Err(_)) => Err(FetchError::Busy(ms)),
             Ok(Ok(_permit)) => {
-                let left = self.timeout.saturating_sub(start.elapsed());
                 let fetch = client::fetch(&self.settings, &self.net, &self.tls, url);
-                match tokio::time::timeout(left, fetch).await {
+                match tokio::time::timeout(self.timeout, fetch).await {
                     Ok(r) => r,
                     Err(_) => Err(FetchError::Timeout(ms)),
                 }

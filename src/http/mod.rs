@@ -5,7 +5,8 @@
 //! request ids, the access log and CORS, request metrics, turning every error (axum's own rejections and panics
 //! included) into `{"error": {"type", "message"}}`, and serving the OpenAPI
 //! document. It knows nothing of tensors or devices: it turns requests into
-//! [`crate::input::Input`]s and hands them to a model's batcher.
+//! [`crate::input::Input`]s (image URLs fetched through [`crate::fetch`]
+//! when `server.fetch_image_urls` is on) and hands them to a model's batcher.
 
 pub mod access_log;
 pub mod body;
