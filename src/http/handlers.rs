@@ -20,9 +20,9 @@ use super::error::{ApiError, ModelLabel};
 use super::inputs::Labeled;
 use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
 use super::responses::{
-    BatchingInfo, EmbedResponse, EmbedUsage, Embedding, Floats, HealthResponse, InfoLimits,
-    InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse, OpenAiUsage, Problem, Ranked,
-    ReadyResponse, ScoreResponse,
+    BatchingInfo, EmbedByTypeResponse, EmbedResponse, EmbedUsage, Embedding, Floats,
+    HealthResponse, InfoLimits, InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse,
+    OpenAiUsage, Problem, Ranked, ReadyResponse, ScoreResponse,
 };
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
@@ -123,6 +123,30 @@ pub async fn embed(
         trace: None,
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
+    let usage = EmbedUsage {
+        images: out.images,
+        inputs: n,
+        text_tokens: out.text_tokens,
+    };
+    if let Some(types) = req.embedding_types {
+        let embeddings = types
+            .iter()
+            .map(|&f| {
+                let each = out
+                    .embeddings
+                    .iter()
+                    .map(|v| Embedding::encode(v.clone(), f));
+                (f.as_str(), each.collect())
+            })
+            .collect();
+        let body = EmbedByTypeResponse {
+            dimensions: t.served.info.dimensions,
+            embeddings,
+            model: t.name.clone(),
+            usage,
+        };
+        return Ok(ok_json(&t.name, &body));
+    }
     let body = EmbedResponse {
         dimensions: t.served.info.dimensions,
         embeddings: out
@@ -131,11 +155,7 @@ pub async fn embed(
             .map(|v| Embedding::encode(v, req.encoding_format))
             .collect(),
         model: t.name.clone(),
-        usage: EmbedUsage {
-            images: out.images,
-            inputs: n,
-            text_tokens: out.text_tokens,
-        },
+        usage,
     };
     Ok(ok_json(&t.name, &body))
 }
