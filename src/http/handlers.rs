@@ -19,10 +19,11 @@ use super::body::Payload;
 use super::error::{ApiError, ModelLabel};
 use super::inputs::Labeled;
 use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
+use super::responses::EmbedByTypeResponse;
 use super::responses::{
-    BatchingInfo, EmbedByTypeResponse, EmbedResponse, EmbedUsage, Embedding, Floats,
-    HealthResponse, InfoLimits, InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse,
-    OpenAiUsage, Problem, Ranked, ReadyResponse, ScoreResponse,
+    BatchingInfo, EmbedResponse, EmbedUsage, Embedding, Floats, HealthResponse, InfoLimits,
+    InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse, OpenAiUsage, Problem, Ranked,
+    ReadyResponse, ScoreResponse,
 };
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
