@@ -19,12 +19,12 @@ use super::body::Payload;
 use super::error::{ApiError, ModelLabel};
 use super::inputs::Labeled;
 use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
-use super::responses::EmbedByTypeResponse;
 use super::responses::{
     BatchingInfo, EmbedResponse, EmbedUsage, Embedding, Floats, HealthResponse, InfoLimits,
     InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse, OpenAiUsage, Problem, Ranked,
     ReadyResponse, ScoreResponse,
 };
+use super::responses::{EmbedBody, EmbedByTypeResponse};
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
 use crate::registry::{ModelStatus, ServedModel};
@@ -129,34 +129,32 @@ pub async fn embed(
         inputs: n,
         text_tokens: out.text_tokens,
     };
-    if let Some(types) = req.embedding_types {
-        let embeddings = types
-            .iter()
-            .map(|&f| {
-                let each = out
-                    .embeddings
-                    .iter()
-                    .map(|v| Embedding::encode(v.clone(), f));
-                (f.as_str(), each.collect())
-            })
-            .collect();
-        let body = EmbedByTypeResponse {
+    let body = match req.embedding_types {
+        Some(types) => EmbedBody::ByType(EmbedByTypeResponse {
             dimensions: t.served.info.dimensions,
-            embeddings,
+            embeddings: types
+                .iter()
+                .map(|&f| {
+                    let each = out.embeddings.iter();
+                    (
+                        f.as_str(),
+                        each.map(|v| Embedding::encode(v.clone(), f)).collect(),
+                    )
+                })
+                .collect(),
             model: t.name.clone(),
             usage,
-        };
-        return Ok(ok_json(&t.name, &body));
-    }
-    let body = EmbedResponse {
-        dimensions: t.served.info.dimensions,
-        embeddings: out
-            .embeddings
-            .into_iter()
-            .map(|v| Embedding::encode(v, req.encoding_format))
-            .collect(),
-        model: t.name.clone(),
-        usage,
+        }),
+        None => EmbedBody::List(EmbedResponse {
+            dimensions: t.served.info.dimensions,
+            embeddings: out
+                .embeddings
+                .into_iter()
+                .map(|v| Embedding::encode(v, req.encoding_format))
+                .collect(),
+            model: t.name.clone(),
+            usage,
+        }),
     };
     Ok(ok_json(&t.name, &body))
 }
