@@ -44,6 +44,8 @@ json "POST /embed (JSON)" /embed '{
 for f in base64 int8 uint8 binary ubinary; do
   json "POST /embed (encoding_format=$f)" /embed '{"inputs": ["a photo of a cat"], "encoding_format": "'$f'"}'
 done
+# Several encodings from one forward pass (Cohere-style): embeddings keyed by type.
+json "POST /embed (embedding_types)" /embed '{"inputs": ["a photo of a cat"], "embedding_types": ["binary", "int8"]}'
 # /embed, multipart: two composed inputs (texts and image files paired in order).
 call "POST /embed (multipart)" "$BASE/embed" -F text='a cat' -F image=@"$IMAGE" \
   -F text='a dog' -F image=@"$IMAGE2" -F role=query -F encoding_format=float

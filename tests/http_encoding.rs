@@ -184,6 +184,96 @@ async fn every_encoding_equals_quantising_the_floats() {
 }
 
 #[tokio::test]
+async fn embedding_types_returns_an_object_with_one_array_per_type() {
+    let s = TestServer::ready(config(), Hooks::default()).await;
+    let doc = openapi();
+    let floats_of = s.embed(inputs()).await;
+    let types = ["binary", "float", "int8", "base64"];
+    let r = s
+        .post_json(
+            "/embed",
+            &json!({"inputs": inputs(), "embedding_types": types}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_conforms(&doc, "POST", "/embed", 200, &r.body);
+    let by_type = r.body["embeddings"].as_object().expect("an object");
+    let mut keys: Vec<&str> = by_type.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["base64", "binary", "float", "int8"]);
+    for format in types {
+        let got = by_type[format].as_array().unwrap();
+        assert_eq!(got.len(), floats_of.len());
+        for (i, (g, f)) in got.iter().zip(&floats_of).enumerate() {
+            check_encoded(format, g, f, &format!("embedding_types {format} [{i}]"));
+        }
+    }
+    assert_eq!(r.body["usage"]["inputs"], 5);
+    // Multipart: repeated embedding_types fields.
+    let form = Form::new()
+        .text("text", "a photo of a cat")
+        .text("embedding_types", "ubinary")
+        .text("embedding_types", "uint8");
+    let r = s.post_form("/embed", form).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    check_encoded(
+        "ubinary",
+        &r.body["embeddings"]["ubinary"][0],
+        &floats_of[0],
+        "mp",
+    );
+    check_encoded(
+        "uint8",
+        &r.body["embeddings"]["uint8"][0],
+        &floats_of[0],
+        "mp",
+    );
+    // Refusals.
+    for (body, status, needle) in [
+        (
+            json!({"inputs": "a", "embedding_types": ["int8"], "encoding_format": "int8"}),
+            422,
+            "not both",
+        ),
+        (
+            json!({"inputs": "a", "embedding_types": []}),
+            422,
+            "embedding_types is empty",
+        ),
+        (
+            json!({"inputs": "a", "embedding_types": ["float", "float"]}),
+            422,
+            "given more than once",
+        ),
+        (
+            json!({"inputs": "a", "embedding_types": ["fp16"]}),
+            422,
+            r#"embedding_types: expected "float", "base64", "int8", "uint8", "binary" or "ubinary", found "fp16""#,
+        ),
+        (
+            json!({"inputs": "a", "normalize": false, "embedding_types": ["int8"]}),
+            422,
+            "embedding_types \"int8\" needs normalize=true",
+        ),
+    ] {
+        let r = s.post_json("/embed", &body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.text);
+        assert!(r.error_message().contains(needle), "{}", r.text);
+    }
+    let r = s
+        .post_json(
+            "/v1/embeddings",
+            &json!({"input": "a", "embedding_types": ["int8"]}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r
+        .error_message()
+        .contains("embedding_types is not supported"));
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn unnormalised_vectors_take_sign_bits_but_not_int8() {
     let s = TestServer::ready(config(), Hooks::default()).await;
     let raw = s

@@ -47,7 +47,7 @@ r = subprocess.run([str(ROOT / "examples/curl.sh")], env={**os.environ, "BASE": 
                    capture_output=True, text=True, timeout=120)
 assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 titles = [l for l in r.stdout.splitlines() if l.startswith("== ")]
-assert len(titles) == 18 and titles[-1] == "== all calls answered 2xx", titles
+assert len(titles) == 19 and titles[-1] == "== all calls answered 2xx", titles
 print(f"examples/curl.sh: {len(titles) - 1} calls answered 2xx")
 # Without the key the first call needing one fails, and the script says so.
 r = subprocess.run([str(ROOT / "examples/curl.sh")], env={**os.environ, "BASE": BASE, "API_KEY": ""},

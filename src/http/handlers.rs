@@ -25,6 +25,7 @@ use super::responses::{
     HealthResponse, InfoLimits, InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse,
     OpenAiUsage, ProbesInfo, Problem, Ranked, ReadyResponse, ScoreResponse,
 };
+use super::responses::{EmbedBody, EmbedByTypeResponse};
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
 use crate::fetch::FetchError;
@@ -176,19 +177,37 @@ pub async fn embed(
         ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
-    let body = EmbedResponse {
-        dimensions: t.served.info.dimensions,
-        embeddings: out
-            .embeddings
-            .into_iter()
-            .map(|v| Embedding::encode(v, req.encoding_format))
-            .collect(),
-        model: t.name.clone(),
-        usage: EmbedUsage {
-            images: out.images,
-            inputs: n,
-            text_tokens: out.text_tokens,
-        },
+    let usage = EmbedUsage {
+        images: out.images,
+        inputs: n,
+        text_tokens: out.text_tokens,
+    };
+    let body = match req.embedding_types {
+        Some(types) => EmbedBody::ByType(EmbedByTypeResponse {
+            dimensions: t.served.info.dimensions,
+            embeddings: types
+                .iter()
+                .map(|&f| {
+                    let each = out.embeddings.iter();
+                    (
+                        f.as_str(),
+                        each.map(|v| Embedding::encode(v.clone(), f)).collect(),
+                    )
+                })
+                .collect(),
+            model: t.name.clone(),
+            usage,
+        }),
+        None => EmbedBody::List(EmbedResponse {
+            dimensions: t.served.info.dimensions,
+            embeddings: out
+                .embeddings
+                .into_iter()
+                .map(|v| Embedding::encode(v, req.encoding_format))
+                .collect(),
+            model: t.name.clone(),
+            usage,
+        }),
     };
     Ok(ok_json(&t, &body))
 }

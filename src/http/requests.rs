@@ -59,9 +59,10 @@ impl EncodingFormat {
     }
 }
 
-impl std::str::FromStr for EncodingFormat {
-    type Err = ApiError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
+impl EncodingFormat {
+    /// Parses the value of `field` (`encoding_format`, `embedding_types`):
+    /// 422 naming the field and the allowed values.
+    pub fn parse_field(s: &str, field: &str) -> Result<Self, ApiError> {
         match s.trim() {
             "float" => Ok(EncodingFormat::Float),
             "base64" => Ok(EncodingFormat::Base64),
@@ -70,7 +71,7 @@ impl std::str::FromStr for EncodingFormat {
             "binary" => Ok(EncodingFormat::Binary),
             "ubinary" => Ok(EncodingFormat::Ubinary),
             other => Err(ApiError::unprocessable(format!(
-                "encoding_format: expected {}, found {}",
+                "{field}: expected {}, found {}",
                 EncodingFormat::ALLOWED,
                 quote(other)
             ))),
@@ -78,13 +79,61 @@ impl std::str::FromStr for EncodingFormat {
     }
 }
 
+impl std::str::FromStr for EncodingFormat {
+    type Err = ApiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EncodingFormat::parse_field(s, "encoding_format")
+    }
+}
+
+/// Checks a Cohere-style `embedding_types` list as it grows: no value twice
+/// (so it never holds more than the six encodings).
+fn add_type(types: &mut Vec<EncodingFormat>, f: EncodingFormat) -> Result<(), ApiError> {
+    if types.contains(&f) {
+        return Err(ApiError::unprocessable(format!(
+            "embedding_types: {:?} is given more than once",
+            f.as_str()
+        )));
+    }
+    types.push(f);
+    Ok(())
+}
+
+/// The encodings of an `/embed` request: `encoding_format` (one) or
+/// `embedding_types` (several, Cohere's field), not both; each checked
+/// against `normalize`.
+fn check_encodings(
+    normalize: bool,
+    format: Option<EncodingFormat>,
+    types: Option<Vec<EncodingFormat>>,
+) -> Result<(EncodingFormat, Option<Vec<EncodingFormat>>), ApiError> {
+    match (format, types) {
+        (Some(_), Some(_)) => Err(ApiError::unprocessable(
+            "give encoding_format (one encoding, embeddings as an array) or embedding_types \
+             (several, embeddings as an object keyed by type), not both",
+        )),
+        (_, Some(types)) if types.is_empty() => Err(ApiError::unprocessable(format!(
+            "embedding_types is empty: give at least one of {}",
+            EncodingFormat::ALLOWED
+        ))),
+        (format, types) => {
+            let format = format.unwrap_or_default();
+            check_encoding(normalize, format, "encoding_format")?;
+            for t in types.iter().flatten() {
+                check_encoding(normalize, *t, "embedding_types")?;
+            }
+            Ok((format, types))
+        }
+    }
+}
+
 /// `int8`/`uint8` scale unit vectors by a fixed 127; with `normalize=false`
 /// there is no bound to scale by, so the pair is refused (README "Output
 /// encodings").
-fn check_encoding(normalize: bool, format: EncodingFormat) -> Result<(), ApiError> {
+fn check_encoding(normalize: bool, format: EncodingFormat, field: &str) -> Result<(), ApiError> {
     if !normalize && format.needs_normalized() {
         return Err(ApiError::unprocessable(format!(
-            "encoding_format {:?} needs normalize=true: int8 values are the unit vector's \
+            "{field} {:?} needs normalize=true: int8 values are the unit vector's \
              components times 127; use \"float\", \"base64\", \"binary\" or \"ubinary\" \
              for unnormalised vectors",
             format.as_str()
@@ -101,6 +150,9 @@ pub struct EmbedRequest {
     pub normalize: bool,
     pub truncate: bool,
     pub encoding_format: EncodingFormat,
+    /// Cohere-style `embedding_types`: when given, the response's
+    /// `embeddings` is an object with one array per type.
+    pub embedding_types: Option<Vec<EncodingFormat>>,
 }
 
 impl EmbedRequest {
@@ -122,13 +174,14 @@ impl EmbedRequest {
         let mut instruction = None;
         let mut normalize = true;
         let mut truncate = true;
-        let mut encoding_format = EncodingFormat::Float;
+        let mut encoding_format = None;
+        let mut embedding_types: Option<Vec<EncodingFormat>> = None;
         let mut texts = Vec::new();
         let mut images = Vec::new();
         let mut seen = Vec::new();
         for part in parts {
             let name = part.name.clone();
-            if !matches!(name.as_str(), "text" | "image") {
+            if !matches!(name.as_str(), "text" | "image" | "embedding_types") {
                 once(&mut seen, &name)?;
             }
             match name.as_str() {
@@ -137,13 +190,18 @@ impl EmbedRequest {
                 "instruction" => instruction = Some(part_text(&part)?),
                 "normalize" => normalize = part_bool(&part)?,
                 "truncate" => truncate = part_bool(&part)?,
-                "encoding_format" => encoding_format = part_text(&part)?.parse()?,
+                "encoding_format" => encoding_format = Some(part_text(&part)?.parse()?),
+                "embedding_types" => add_type(
+                    embedding_types.get_or_insert_with(Vec::new),
+                    EncodingFormat::parse_field(&part_text(&part)?, "embedding_types")?,
+                )?,
                 "text" => texts.push(part_text(&part)?),
                 "image" => images.push(part.data.to_vec()),
                 other => return Err(unknown_part(other, EMBED_PARTS)),
             }
         }
-        check_encoding(normalize, encoding_format)?;
+        let (encoding_format, embedding_types) =
+            check_encodings(normalize, encoding_format, embedding_types)?;
         let mut inputs = Labeled::default();
         for (i, input) in pair(texts, images, "text", "image")?
             .into_iter()
@@ -164,12 +222,13 @@ impl EmbedRequest {
             normalize,
             truncate,
             encoding_format,
+            embedding_types,
         })
     }
 }
 
 const EMBED_PARTS: &str =
-    "model, role, instruction, normalize, truncate, encoding_format, text, image";
+    "model, role, instruction, normalize, truncate, encoding_format, embedding_types, text, image";
 const SCORE_PARTS: &str =
     "model, query_text, query_image, instruction, candidate_text, candidate_image, top_k";
 
@@ -491,8 +550,7 @@ impl<'de> Visitor<'de> for ScalarSeed<'_, '_> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarValue, E> {
         match self.kind {
             Scalar::OptString => Ok(ScalarValue::String(v.to_owned())),
-            Scalar::Format => v
-                .parse()
+            Scalar::Format => EncodingFormat::parse_field(v, self.name)
                 .map(ScalarValue::Format)
                 .map_err(|e| self.ctx.fail(e)),
             _ => Err(self.wrong_type(&format!("the string {}", quote(v)))),
@@ -559,6 +617,55 @@ fn opt_usize<'de, A: MapAccess<'de>>(
     })
 }
 
+/// Cohere's `embedding_types`: a JSON array of distinct encodings (see
+/// [`check_encodings`] for the rest of the rule).
+struct TypesSeed<'c, 'l> {
+    ctx: &'c ParseCtx<'l>,
+}
+
+impl<'de> DeserializeSeed<'de> for TypesSeed<'_, '_> {
+    type Value = Vec<EncodingFormat>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl TypesSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.ctx.fail(ApiError::bad_request(format!(
+            "field embedding_types: expected an array of {}, found {found}",
+            EncodingFormat::ALLOWED
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for TypesSeed<'_, '_> {
+    type Value = Vec<EncodingFormat>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of encodings")
+    }
+    scalars_are_wrong!();
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a string"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an object"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut types = Vec::new();
+        while let Some(v) = seq.next_element_seed(ScalarSeed {
+            ctx: self.ctx,
+            name: "embedding_types",
+            kind: Scalar::Format,
+        })? {
+            if let ScalarValue::Format(f) = v {
+                add_type(&mut types, f).map_err(|e| self.ctx.fail(e))?;
+            }
+        }
+        Ok(types)
+    }
+}
+
 /// `/embed`'s fields as they are read.
 struct EmbedFields<'c, 'l> {
     ctx: &'c ParseCtx<'l>,
@@ -567,6 +674,7 @@ struct EmbedFields<'c, 'l> {
     normalize: Option<bool>,
     truncate: Option<bool>,
     encoding_format: Option<EncodingFormat>,
+    embedding_types: Option<Vec<EncodingFormat>>,
 }
 
 impl<'c, 'l> EmbedFields<'c, 'l> {
@@ -578,6 +686,7 @@ impl<'c, 'l> EmbedFields<'c, 'l> {
             normalize: None,
             truncate: None,
             encoding_format: None,
+            embedding_types: None,
         }
     }
 }
@@ -590,6 +699,7 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
         "normalize",
         "truncate",
         "encoding_format",
+        "embedding_types",
     ];
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
@@ -609,20 +719,23 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
             }
             2 => self.normalize = Some(boolean(ctx, map, "normalize")?),
             3 => self.truncate = Some(boolean(ctx, map, "truncate")?),
-            _ => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
+            4 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
+            _ => self.embedding_types = Some(map.next_value_seed(TypesSeed { ctx })?),
         }
         Ok(())
     }
     fn finish<E: de::Error>(self) -> Result<EmbedRequest, E> {
         let normalize = self.normalize.unwrap_or(true);
-        let encoding_format = self.encoding_format.unwrap_or_default();
-        check_encoding(normalize, encoding_format).map_err(|e| self.ctx.fail(e))?;
+        let (encoding_format, embedding_types) =
+            check_encodings(normalize, self.encoding_format, self.embedding_types)
+                .map_err(|e| self.ctx.fail(e))?;
         Ok(EmbedRequest {
             model: self.model,
             inputs: self.inputs.ok_or_else(|| missing(self.ctx, "inputs"))?,
             normalize,
             truncate: self.truncate.unwrap_or(true),
             encoding_format,
+            embedding_types,
         })
     }
 }
@@ -724,7 +837,13 @@ impl<'c, 'l> OpenAiFields<'c, 'l> {
 
 impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
     type Out = OpenAiRequest;
-    const NAMES: &'static [&'static str] = &["model", "input", "encoding_format", "dimensions"];
+    const NAMES: &'static [&'static str] = &[
+        "model",
+        "input",
+        "encoding_format",
+        "dimensions",
+        "embedding_types",
+    ];
     const LENIENT: bool = true;
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
@@ -743,7 +862,13 @@ impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
                 })?)
             }
             2 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
-            _ => self.dimensions = opt_usize(ctx, map, "dimensions")?,
+            3 => self.dimensions = opt_usize(ctx, map, "dimensions")?,
+            _ => {
+                return Err(ctx.fail(ApiError::bad_request(
+                    "embedding_types is not supported by /v1/embeddings (one embedding per data \
+                     item): use encoding_format, or /embed for several types at once",
+                )))
+            }
         }
         Ok(())
     }
@@ -1041,6 +1166,71 @@ mod tests {
         );
         let e = openai(br#"{"input": "a", "encoding_format": "float16"}"#).unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
+    }
+
+    #[test]
+    fn embedding_types_is_a_list_of_distinct_encodings() {
+        let r =
+            embed(br#"{"inputs": "a", "embedding_types": ["int8", "float", "ubinary"]}"#).unwrap();
+        use EncodingFormat::*;
+        assert_eq!(r.embedding_types, Some(vec![Int8, Float, Ubinary]));
+        assert_eq!(embed(br#"{"inputs": "a"}"#).unwrap().embedding_types, None);
+        let cases: [(&[u8], u16, &str); 7] = [
+            (br#"{"inputs": "a", "embedding_types": []}"#, 422, "embedding_types is empty"),
+            (
+                br#"{"inputs": "a", "embedding_types": ["int8", "int8"]}"#,
+                422,
+                "embedding_types: \"int8\" is given more than once",
+            ),
+            (
+                br#"{"inputs": "a", "embedding_types": ["int4"]}"#,
+                422,
+                "embedding_types: expected \"float\", \"base64\", \"int8\", \"uint8\", \"binary\" or \"ubinary\", found \"int4\"",
+            ),
+            (
+                br#"{"inputs": "a", "embedding_types": "int8"}"#,
+                400,
+                "field embedding_types: expected an array of",
+            ),
+            (br#"{"inputs": "a", "embedding_types": [8]}"#, 400, "field embedding_types"),
+            (
+                br#"{"inputs": "a", "embedding_types": ["int8"], "encoding_format": "float"}"#,
+                422,
+                "not both",
+            ),
+            (
+                br#"{"inputs": "a", "normalize": false, "embedding_types": ["binary", "uint8"]}"#,
+                422,
+                "embedding_types \"uint8\" needs normalize=true",
+            ),
+        ];
+        for (body, status, needle) in cases {
+            let e = embed(body).unwrap_err();
+            assert_eq!(e.status.as_u16(), status, "{}", e.message);
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
+        // Multipart: repeated fields.
+        let r = EmbedRequest::from_multipart(vec![
+            part("text", b"a"),
+            part("embedding_types", b"binary"),
+            part("embedding_types", b"float"),
+        ])
+        .unwrap();
+        assert_eq!(r.embedding_types, Some(vec![Binary, Float]));
+        let e = EmbedRequest::from_multipart(vec![
+            part("embedding_types", b"binary"),
+            part("embedding_types", b"binary"),
+        ])
+        .unwrap_err();
+        assert!(e.message.contains("more than once"), "{}", e.message);
+        // /v1/embeddings has one embedding per item: refused, not ignored.
+        let e = openai(br#"{"input": "a", "embedding_types": ["int8"]}"#).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+        assert!(
+            e.message.contains("embedding_types is not supported"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -76,6 +76,26 @@ pub struct EmbedResponse {
     pub usage: EmbedUsage,
 }
 
+/// `POST /embed` (200): as [`EmbedResponse`], or as
+/// [`EmbedByTypeResponse`] when the request gave `embedding_types`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EmbedBody {
+    List(EmbedResponse),
+    ByType(EmbedByTypeResponse),
+}
+
+/// `POST /embed` (200) when the request gave Cohere-style
+/// `embedding_types`: `embeddings` holds one array per type, keyed by the
+/// type's name.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedByTypeResponse {
+    pub dimensions: usize,
+    pub embeddings: BTreeMap<&'static str, Vec<Embedding>>,
+    pub model: String,
+    pub usage: EmbedUsage,
+}
+
 /// The `usage` of [`EmbedResponse`].
 #[derive(Debug, Clone, Serialize)]
 pub struct EmbedUsage {
