@@ -292,9 +292,14 @@ fn copy_model(dir: &Path, edit: impl Fn(&str, Vec<u8>) -> Vec<u8>) {
 
 /// Runs `vlembed probe` on the fixture model; returns the golden file.
 fn write_golden(path: &Path) -> Value {
+    probe_model(&fixture_model(), path)
+}
+
+/// Runs `vlembed probe` on `model`, writing `path`; returns the file.
+fn probe_model(model: &Path, path: &Path) -> Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlembed"))
         .args(["probe", "--model"])
-        .arg(fixture_model())
+        .arg(model)
         .arg("--out")
         .arg(path)
         .env("VLEMBED_LOG", "warn")
@@ -322,6 +327,30 @@ async fn with_golden(golden: &Path) -> TestServer {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the model did not load in 10 s");
+}
+
+/// A model that reads instructions (the tiny BGE-VL-MLLM fixture) also
+/// probes a composed query with an instruction; its fingerprint covers the
+/// prompt template.
+#[test]
+fn an_mllm_probes_a_composed_query_too() {
+    let dir = temp_dir("mllm-probe");
+    let path = dir.join("golden.json");
+    let g = probe_model(&repo().join("tests/fixtures/mllm-tiny-b"), &path);
+    let names: Vec<&str> = g["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["text", "image", "composed_query"]);
+    let composed = vector(&g["probes"][2]["embedding"]);
+    let image = vector(&g["probes"][1]["embedding"]);
+    assert!(
+        max_abs_diff(&composed, &image) > 1e-3,
+        "the composed query is its own vector"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

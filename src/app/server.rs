@@ -1,6 +1,7 @@
 //! Starting, running and stopping the server.
 //!
-//! Owns the listener, the background loading of every configured model, the
+//! Owns the listener, the background loading of every configured model (its
+//! startup probes, golden-vector check and embedding cache included), the
 //! graceful shutdown (readiness goes 503, an optional `server.drain_delay_ms`
 //! while still serving, then accepting stops, in-flight requests drain, queues
 //! close and workers are joined, all within `server.shutdown_timeout_ms`),
