@@ -830,6 +830,8 @@ fn every_response_type_conforms_to_openapi() {
         error: (!loaded).then(|| "cannot read config.json".to_string()),
         live_workers: usize::from(loaded),
         max_image_pixels: 1 << 24,
+        max_input_tokens: None,
+        max_request_image_pixels: 100_000_000,
         max_text_tokens: loaded.then_some(77),
         name: "clip-tiny".into(),
         source: "tests/fixtures/clip-tiny".into(),
@@ -850,8 +852,11 @@ fn every_response_type_conforms_to_openapi() {
         &InfoResponse {
             auth: false,
             limits: InfoLimits {
+                image_urls: false,
                 max_body_bytes: 1 << 20,
+                max_image_bytes: 16_777_216,
                 max_inputs_per_request: 64,
+                max_text_chars: 65_536,
                 request_timeout_ms: 30_000,
             },
             models: vec![model(true), model(false)],

@@ -430,6 +430,8 @@ pub async fn info(State(st): State<AppState>) -> Response {
                     .or_else(|| loaded.as_ref().and_then(|s| s.drift().map(str::to_string))),
                 live_workers: loaded.as_ref().map_or(0, |s| s.live_workers()),
                 max_image_pixels: c.max_image_pixels,
+                max_input_tokens: c.max_input_tokens,
+                max_request_image_pixels: c.max_request_image_pixels,
                 max_text_tokens: info.map(|i| i.max_text_tokens),
                 name: c.name.clone(),
                 source: c.model_source().describe(),
@@ -455,8 +457,11 @@ pub async fn info(State(st): State<AppState>) -> Response {
     Json(InfoResponse {
         auth: !s.api_keys.is_empty(),
         limits: InfoLimits {
+            image_urls: s.fetch_image_urls,
             max_body_bytes: s.max_body_bytes,
+            max_image_bytes: s.max_image_bytes,
             max_inputs_per_request: s.max_inputs_per_request,
+            max_text_chars: s.max_text_chars,
             request_timeout_ms: s.request_timeout_ms,
         },
         models,

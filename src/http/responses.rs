@@ -186,8 +186,12 @@ pub struct InfoResponse {
 /// The server-wide request limits of [`InfoResponse`].
 #[derive(Debug, Clone, Serialize)]
 pub struct InfoLimits {
+    /// Whether image URLs are fetched (`server.fetch_image_urls`).
+    pub image_urls: bool,
     pub max_body_bytes: usize,
+    pub max_image_bytes: usize,
     pub max_inputs_per_request: usize,
+    pub max_text_chars: usize,
     pub request_timeout_ms: u64,
 }
 
@@ -206,6 +210,9 @@ pub struct ModelInfo {
     pub fingerprint: Option<crate::models::Fingerprint>,
     pub live_workers: usize,
     pub max_image_pixels: u64,
+    /// `max_input_tokens` as configured; `null`: the model's own limit.
+    pub max_input_tokens: Option<usize>,
+    pub max_request_image_pixels: u64,
     pub max_text_tokens: Option<usize>,
     pub name: String,
     /// The startup probes (`null` until loaded).
@@ -358,8 +365,11 @@ mod tests {
         let typed = InfoResponse {
             auth: true,
             limits: InfoLimits {
+                image_urls: false,
                 max_body_bytes: 1,
+                max_image_bytes: 10,
                 max_inputs_per_request: 2,
+                max_text_chars: 11,
                 request_timeout_ms: 3,
             },
             models: vec![ModelInfo {
@@ -376,6 +386,8 @@ mod tests {
                 error: None,
                 live_workers: 1,
                 max_image_pixels: 8,
+                max_input_tokens: None,
+                max_request_image_pixels: 12,
                 max_text_tokens: Some(77),
                 name: "m".into(),
                 source: "dir".into(),
@@ -398,12 +410,14 @@ mod tests {
                 "architecture": null, "dimensions": 16, "dtype": "f32", "devices": ["cpu"],
                 "live_workers": 1, "max_text_tokens": 77, "uses_instructions": false,
                 "max_image_pixels": 8, "fingerprint": null, "probes": null,
+                "max_input_tokens": null, "max_request_image_pixels": 12,
                 "embedding_cache": {"capacity_bytes": 9, "bytes": 0, "entries": 0},
                 "batching": {"max_batch_size": 5, "max_batch_cost": 4,
                     "max_queue_inputs": 7, "max_delay_ms": 6},
             }],
             "limits": {"max_body_bytes": 1, "max_inputs_per_request": 2,
-                "request_timeout_ms": 3},
+                "request_timeout_ms": 3, "max_image_bytes": 10, "max_text_chars": 11,
+                "image_urls": false},
             "auth": true,
         });
         same(&typed, &old);
