@@ -25,7 +25,7 @@ use crate::input::{Input, Modality};
 use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor, RequestImagesError};
 use crate::vector::l2_normalize;
-pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
+pub use queue::{Admission, AdmitError, Class, Item, ItemError, ItemResult, Queue, PRIORITY_BURST};
 pub use trace::RequestTrace;
 
 /// How a request wants its inputs handled.
@@ -37,6 +37,21 @@ pub struct EmbedOptions {
     pub truncate: bool,
     /// The request's id and timings, carried by its queue items (logs, access log).
     pub trace: Option<Arc<RequestTrace>>,
+    /// The request's scheduling class; `None`: [`Class::auto`] decides.
+    pub priority: Option<Class>,
+}
+
+impl Class {
+    /// The class of a request that does not say: `High` for a single input
+    /// that is a text alone or has the query role (a search query), else
+    /// `Normal`.
+    pub fn auto(inputs: &[Input]) -> Class {
+        match inputs {
+            [one] if one.role == crate::input::Role::Query => Class::High,
+            [one] if one.modality() == Some(Modality::Text) => Class::High,
+            _ => Class::Normal,
+        }
+    }
 }
 
 /// A request's embeddings, in input order, with what it used.
@@ -175,7 +190,9 @@ impl Batcher {
         budget: Duration,
     ) -> Result<Embedded, EmbedError> {
         self.check_images(&inputs)?;
+        let class = opts.priority.unwrap_or_else(|| Class::auto(&inputs));
         let mut admission = self.queue.admit(inputs.len())?;
+        admission.set_class(class);
         let prep_start = Instant::now();
         let prepared = self.prepare_all(inputs, opts.truncate).await?;
         if let Some(t) = &opts.trace {

@@ -129,6 +129,7 @@ pub async fn embed(
         normalize: req.normalize,
         truncate: req.truncate,
         trace: None,
+        priority: req.priority,
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let body = EmbedResponse {
@@ -177,6 +178,7 @@ pub async fn score(
         normalize: true,
         truncate: true,
         trace: None,
+        priority: req.priority,
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let mut vectors = out.embeddings.into_iter();
@@ -232,6 +234,7 @@ pub async fn openai_embeddings(
         normalize: true,
         truncate: true,
         trace: None,
+        priority: req.priority,
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let data = out

@@ -20,6 +20,7 @@ use super::inputs::{
     parse_role, scalars_are_wrong, BodyLimits, InputSeed, Key, KeySeed, Labeled, ListSeed,
     ListShape, Nested, ParseCtx,
 };
+use crate::batching::Class;
 use crate::input::{Input, Role};
 
 /// How embeddings are written in responses.
@@ -53,6 +54,8 @@ pub struct EmbedRequest {
     pub normalize: bool,
     pub truncate: bool,
     pub encoding_format: EncodingFormat,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
 }
 
 impl EmbedRequest {
@@ -73,6 +76,7 @@ impl EmbedRequest {
         let mut normalize = true;
         let mut truncate = true;
         let mut encoding_format = EncodingFormat::Float;
+        let mut priority = None;
         let mut texts = Vec::new();
         let mut images = Vec::new();
         let mut seen = Vec::new();
@@ -88,6 +92,7 @@ impl EmbedRequest {
                 "normalize" => normalize = part_bool(&part)?,
                 "truncate" => truncate = part_bool(&part)?,
                 "encoding_format" => encoding_format = part_text(&part)?.parse()?,
+                "priority" => priority = Some(parse_priority(&part_text(&part)?)?),
                 "text" => texts.push(part_text(&part)?),
                 "image" => images.push(part.data.to_vec()),
                 other => return Err(unknown_part(other, EMBED_PARTS)),
@@ -113,14 +118,34 @@ impl EmbedRequest {
             normalize,
             truncate,
             encoding_format,
+            priority,
         })
     }
 }
 
 const EMBED_PARTS: &str =
-    "model, role, instruction, normalize, truncate, encoding_format, text, image";
+    "model, role, instruction, normalize, truncate, encoding_format, priority, text, image";
 const SCORE_PARTS: &str =
-    "model, query_text, query_image, instruction, candidate_text, candidate_image, top_k";
+    "model, query_text, query_image, instruction, candidate_text, candidate_image, top_k, priority";
+
+/// The `priority` field's value: "high", "normal" or "low".
+fn parse_priority(v: &str) -> Result<Class, ApiError> {
+    v.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "priority: expected \"high\", \"normal\" or \"low\", found {}",
+            quote(v)
+        ))
+    })
+}
+
+fn opt_priority<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+) -> Result<Option<Class>, A::Error> {
+    opt_string(ctx, map, "priority")?
+        .map(|v| parse_priority(&v).map_err(|e| ctx.fail(e)))
+        .transpose()
+}
 
 fn unknown_part(name: &str, known: &str) -> ApiError {
     ApiError::bad_request(format!(
@@ -178,6 +203,8 @@ pub struct ScoreRequest {
     /// The query first, then the candidates.
     pub inputs: Labeled,
     pub top_k: Option<usize>,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
 }
 
 impl ScoreRequest {
@@ -197,6 +224,7 @@ impl ScoreRequest {
         let mut query_image = None;
         let mut instruction = None;
         let mut top_k = None;
+        let mut priority = None;
         let mut texts = Vec::new();
         let mut images = Vec::new();
         let mut seen = Vec::new();
@@ -219,6 +247,7 @@ impl ScoreRequest {
                         ))
                     })?)
                 }
+                "priority" => priority = Some(parse_priority(&part_text(&part)?)?),
                 "candidate_text" => texts.push(part_text(&part)?),
                 "candidate_image" => images.push(part.data.to_vec()),
                 other => return Err(unknown_part(other, SCORE_PARTS)),
@@ -247,6 +276,7 @@ impl ScoreRequest {
             model,
             inputs,
             top_k,
+            priority,
         })
     }
 }
@@ -258,6 +288,8 @@ pub struct OpenAiRequest {
     pub inputs: Labeled,
     pub encoding_format: EncodingFormat,
     pub dimensions: Option<usize>,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
 }
 
 impl OpenAiRequest {
@@ -512,6 +544,7 @@ struct EmbedFields<'c, 'l> {
     normalize: Option<bool>,
     truncate: Option<bool>,
     encoding_format: Option<EncodingFormat>,
+    priority: Option<Class>,
 }
 
 impl<'c, 'l> EmbedFields<'c, 'l> {
@@ -523,6 +556,7 @@ impl<'c, 'l> EmbedFields<'c, 'l> {
             normalize: None,
             truncate: None,
             encoding_format: None,
+            priority: None,
         }
     }
 }
@@ -535,6 +569,7 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
         "normalize",
         "truncate",
         "encoding_format",
+        "priority",
     ];
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
@@ -554,7 +589,8 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
             }
             2 => self.normalize = Some(boolean(ctx, map, "normalize")?),
             3 => self.truncate = Some(boolean(ctx, map, "truncate")?),
-            _ => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
+            4 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
+            _ => self.priority = opt_priority(ctx, map)?,
         }
         Ok(())
     }
@@ -565,6 +601,7 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
             normalize: self.normalize.unwrap_or(true),
             truncate: self.truncate.unwrap_or(true),
             encoding_format: self.encoding_format.unwrap_or_default(),
+            priority: self.priority,
         })
     }
 }
@@ -576,6 +613,7 @@ struct ScoreFields<'c, 'l> {
     query: Option<Input>,
     candidates: Option<Labeled>,
     top_k: Option<usize>,
+    priority: Option<Class>,
 }
 
 impl<'c, 'l> ScoreFields<'c, 'l> {
@@ -586,13 +624,14 @@ impl<'c, 'l> ScoreFields<'c, 'l> {
             query: None,
             candidates: None,
             top_k: None,
+            priority: None,
         }
     }
 }
 
 impl<'de> Fields<'de> for ScoreFields<'_, '_> {
     type Out = ScoreRequest;
-    const NAMES: &'static [&'static str] = &["model", "query", "candidates", "top_k"];
+    const NAMES: &'static [&'static str] = &["model", "query", "candidates", "top_k", "priority"];
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
     }
@@ -618,7 +657,8 @@ impl<'de> Fields<'de> for ScoreFields<'_, '_> {
                     noun: "candidates",
                 })?)
             }
-            _ => self.top_k = opt_usize(ctx, map, "top_k")?,
+            3 => self.top_k = opt_usize(ctx, map, "top_k")?,
+            _ => self.priority = opt_priority(ctx, map)?,
         }
         Ok(())
     }
@@ -638,6 +678,7 @@ impl<'de> Fields<'de> for ScoreFields<'_, '_> {
             model: self.model,
             inputs,
             top_k: self.top_k,
+            priority: self.priority,
         })
     }
 }
@@ -650,6 +691,7 @@ struct OpenAiFields<'c, 'l> {
     input: Option<Labeled>,
     encoding_format: Option<EncodingFormat>,
     dimensions: Option<usize>,
+    priority: Option<Class>,
 }
 
 impl<'c, 'l> OpenAiFields<'c, 'l> {
@@ -660,13 +702,20 @@ impl<'c, 'l> OpenAiFields<'c, 'l> {
             input: None,
             encoding_format: None,
             dimensions: None,
+            priority: None,
         }
     }
 }
 
 impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
     type Out = OpenAiRequest;
-    const NAMES: &'static [&'static str] = &["model", "input", "encoding_format", "dimensions"];
+    const NAMES: &'static [&'static str] = &[
+        "model",
+        "input",
+        "encoding_format",
+        "dimensions",
+        "priority",
+    ];
     const LENIENT: bool = true;
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
@@ -685,7 +734,8 @@ impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
                 })?)
             }
             2 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
-            _ => self.dimensions = opt_usize(ctx, map, "dimensions")?,
+            3 => self.dimensions = opt_usize(ctx, map, "dimensions")?,
+            _ => self.priority = opt_priority(ctx, map)?,
         }
         Ok(())
     }
@@ -695,6 +745,7 @@ impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
             inputs: self.input.ok_or_else(|| missing(self.ctx, "input"))?,
             encoding_format: self.encoding_format.unwrap_or_default(),
             dimensions: self.dimensions,
+            priority: self.priority,
         })
     }
 }
