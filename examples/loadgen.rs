@@ -20,6 +20,10 @@
 //! Only loopback targets are accepted unless `--allow-remote` is given. A
 //! client pauses 50 ms after a failed request (no tight loop against a server
 //! that refuses or is gone).
+//!
+//! It reports its own CPU use (`client_cpu`: user + system seconds from
+//! `getrusage`, and in cores over the run): on a small machine the client
+//! competes with the server, and a server/model ratio means little without it.
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -216,6 +220,22 @@ async fn send(client: &reqwest::Client, url: &str, body: &'static [u8]) -> Sampl
     }
 }
 
+/// CPU seconds (user + system) this process used so far, from `getrusage`.
+fn cpu_seconds() -> Option<f64> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is valid for writes of a `rusage`, and RUSAGE_SELF is a
+    // valid `who`; getrusage writes nothing else.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised (a valid `rusage`, all integers) and filled
+    // by the successful call above.
+    let ru = unsafe { ru.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(ru.ru_utime) + secs(ru.ru_stime))
+}
+
 fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
     if sorted_ms.is_empty() {
         return f64::NAN;
@@ -332,6 +352,7 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency + 2)
         .timeout(Duration::from_secs_f64(args.timeout))
         .build()?;
+    let cpu_start = cpu_seconds();
     let start = Instant::now();
     let stop_at = start + Duration::from_secs_f64(args.duration);
     let issued = Arc::new(AtomicUsize::new(0));
@@ -419,6 +440,15 @@ async fn main() -> anyhow::Result<()> {
         let r = report(&s, end - start);
         eprintln!("{}", human("text probe", &r));
         doc["probe"] = r;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+        let cpu = b - a;
+        eprintln!(
+            "load generator CPU: {cpu:.2} s over {wall:.1} s = {:.2} cores",
+            cpu / wall
+        );
+        doc["client_cpu"] = json!({"cpu_s": cpu, "wall_s": wall, "cores": cpu / wall});
     }
     let text = serde_json::to_string_pretty(&doc)?;
     match &args.json {

@@ -10,14 +10,19 @@
 #   --no-write      do not update BENCHMARKS.md (the report still goes to $WORK)
 #
 # Environment:
-#   VLEMBED_BENCH_PYTHON   python with torch 2.5.1 + transformers 4.45.2
-#                          (default /opt/fixenv/bin/python, else python3)
+#   VLEMBED_BENCH_PYTHON   python with torch 2.5.1 + transformers 4.45.2 (default:
+#                          a virtual environment $VLEMBED_BENCH_WORK/venv that the
+#                          script creates from scripts/requirements-fixtures.txt
+#                          with python3 -m venv + pip, once; re-made when that
+#                          file changes)
 #   VLEMBED_BENCH_MODEL    model directory (default /tmp/bge-vl-<kind>-random;
 #                          made with scripts/make_fixtures.py --full when absent)
 #   VLEMBED_BENCH_WORK     scratch folder (default /tmp/vlembed-bench)
 #   VLEMBED_BENCH_PORT     server port (default: a free loopback port)
 #   VLEMBED_BENCH_DTYPE    vlembed's dtype, model alone and server (default f32;
 #                          bf16 uses the AVX512-BF16 kernels where the CPU has them)
+#   VLEMBED_BENCH_QUERY_INTERVAL_MS  pause of the query client between two
+#                          single-text requests in the mixed scenario (default 200)
 #   RAYON_NUM_THREADS      passed through to the model and the server
 #
 # Everything runs on loopback; the server is stopped on exit, whatever happens.
@@ -37,7 +42,7 @@ for arg in "$@"; do
         --quick) QUICK=1 ;;
         --no-reference) REFERENCE=0 ;;
         --no-write) WRITE=0 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -45,11 +50,10 @@ done
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 COMMAND="scripts/bench.sh $*"
-PY=${VLEMBED_BENCH_PYTHON:-/opt/fixenv/bin/python}
-[[ -x "$PY" ]] || PY=$(command -v python3)
 MODEL=${VLEMBED_BENCH_MODEL:-/tmp/bge-vl-$KIND-random}
 DTYPE=${VLEMBED_BENCH_DTYPE:-f32}
 WORK=${VLEMBED_BENCH_WORK:-/tmp/vlembed-bench}
+QUERY_MS=${VLEMBED_BENCH_QUERY_INTERVAL_MS:-200}
 RUN="$WORK/run-$KIND"
 INPUTS="$WORK/inputs"
 HELPER="$REPO/scripts/bench_reference.py"
@@ -109,8 +113,28 @@ cpu_mark() {
     echo "$1 $busy $ours $(date +%s.%N) $(cut -d' ' -f1 /proc/loadavg)" >>"$RUN/cpu.txt"
 }
 
-# --- 0. model, inputs, build ---------------------------------------------------
+# --- 0. python, model, inputs, build -------------------------------------------
 mkdir -p "$WORK"
+# The Python side (random model, inputs, PyTorch reference, report): the given
+# interpreter, else a virtual environment of our own from the pinned
+# requirements, made once and re-made when the requirements change.
+if [[ -n "${VLEMBED_BENCH_PYTHON:-}" ]]; then
+    PY=$VLEMBED_BENCH_PYTHON
+else
+    VENV="$WORK/venv"
+    REQS="$REPO/scripts/requirements-fixtures.txt"
+    STAMP="$VENV/.requirements.sha256"
+    want=$(sha256sum "$REQS" | cut -d' ' -f1)
+    if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
+        command -v python3 >/dev/null || { echo "bench: python3 is needed (or set VLEMBED_BENCH_PYTHON)" >&2; exit 1; }
+        log "creating $VENV from $REQS (once; downloads torch, a few minutes)"
+        rm -rf "$VENV"
+        python3 -m venv "$VENV"
+        timeout 3600 "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
+        echo "$want" >"$STAMP"
+    fi
+    PY="$VENV/bin/python"
+fi
 rm -rf "$RUN"
 mkdir -p "$RUN"
 START_EPOCH=$(date +%s)
@@ -153,6 +177,7 @@ EX=$REPO/target/release/examples
     echo "reps=$REPS"
     echo "warmup=$WARMUP"
     echo "load_s=$LOAD_S"
+    echo "query_interval_ms=$QUERY_MS"
     echo "rustc=$(rustc --version)"
 } >"$RUN/meta.txt"
 
@@ -233,9 +258,9 @@ done
 "$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-after.json"
 
 for n in $MIXED_CLIENTS; do
-    log "server: mixed, $n image clients + a sequential text probe, $LOAD_S s"
+    log "server: mixed, $n image clients + a query client (one short text every $QUERY_MS ms), $LOAD_S s"
     timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --concurrency "$n" --mixed --duration "$LOAD_S" \
-        --probe-interval-ms 100 --label "mixed-c$n" --json "$RUN/mixed-c$n.json"
+        --probe-interval-ms "$QUERY_MS" --label "mixed-c$n" --json "$RUN/mixed-c$n.json"
     echo "mixed-c$n $(rss_all)" >>"$RUN/rss.txt"
     settle
 done

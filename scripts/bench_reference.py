@@ -518,8 +518,9 @@ def render(run):
     out.append(f"Closed loop: N clients each send one request at a time for {meta.get('load_s', '?')} s, "
                "then the requests in flight finish; the load generator runs on the same cores.")
     out.append("")
-    out.append("| clients | requests | ok | errors | images/s | p50 ms | p95 ms | p99 ms | max ms |")
-    out.append("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    out.append("| clients | requests | ok | errors | images/s | p50 ms | p95 ms | p99 ms | max ms "
+               "| load generator CPU, cores |")
+    out.append("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     levels = sorted(int(f[len("server-c"):-5]) for f in os.listdir(run)
                     if f.startswith("server-c") and f.endswith(".json"))
     server = {}
@@ -531,7 +532,8 @@ def render(run):
         errs = ", ".join(f"{k}: {v}" for k, v in (m.get("errors") or {}).items()) or "0"
         out.append(f"| {n} | {m.get('requests', '–')} | {m.get('ok', '–')} | {errs} "
                    f"| {_fmt(m.get('throughput_per_s'))} | {_fmt(lat.get('p50'))} "
-                   f"| {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | {_fmt(lat.get('max'))} |")
+                   f"| {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | {_fmt(lat.get('max'))} "
+                   f"| {_fmt(_get(r, 'client_cpu', 'cores'))} |")
     out.append("")
     if levels:
         top = max(levels)
@@ -558,21 +560,25 @@ def render(run):
                    if f.startswith("mixed-c") and f.endswith(".json"))
     out.append("#### Text latency while images are served (mixed)")
     out.append("")
-    out.append("One client sends single short texts one after the other (pausing 100 ms; 50 ms when "
-               "idle) while N image clients keep the server busy.")
+    out.append(f"A query client sends single short texts one after the other (pausing "
+               f"{meta.get('query_interval_ms', '100')} ms; 50 ms when idle; no `priority` given, so "
+               "they are `high` by default) while N image clients keep the server busy. "
+               "\"÷ alone\": images/s under the mix ÷ images/s of the same N clients alone.")
     out.append("")
-    out.append("| image clients | images/s | texts sent | text errors | text p50 ms | text p95 ms "
-               "| text p99 ms | text max ms |")
-    out.append("|---:|---:|---:|---|---:|---:|---:|---:|")
+    out.append("| image clients | images/s | ÷ alone | texts sent | text errors | text p50 ms "
+               "| text p95 ms | text p99 ms | text max ms | load generator CPU, cores |")
+    out.append("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     rows = [(0, idle)] + [(n, _read_json(os.path.join(run, f"mixed-c{n}.json")) or {}) for n in mixed]
     for n, r in rows:
         p = r.get("probe", {})
         lat = p.get("latency_ms", {})
         errs = ", ".join(f"{k}: {v}" for k, v in (p.get("errors") or {}).items()) or "0"
         ips = _get(r, "main", "throughput_per_s")
-        out.append(f"| {n} | {_fmt(ips) if n else '–'} | {p.get('requests', '–')} | {errs} "
+        alone = _get(server, n, "throughput_per_s") if n else None
+        out.append(f"| {n} | {_fmt(ips) if n else '–'} | {_fmt(_ratio(ips, alone)) if n else '–'} "
+                   f"| {p.get('requests', '–')} | {errs} "
                    f"| {_fmt(lat.get('p50'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} "
-                   f"| {_fmt(lat.get('max'))} |")
+                   f"| {_fmt(lat.get('max'))} | {_fmt(_get(r, 'client_cpu', 'cores'))} |")
     out.append("")
 
     # memory

@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor, RequestImagesError};
 use crate::vector::l2_normalize;
 pub use cache::{CacheKey, EmbeddingCache};
-pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue};
+pub use queue::{Admission, AdmitError, Class, Item, ItemError, ItemResult, Queue, PRIORITY_BURST};
 pub use trace::RequestTrace;
 
 /// How a request wants its inputs handled.
@@ -41,6 +41,21 @@ pub struct EmbedOptions {
     pub truncate: bool,
     /// The request's id and timings, carried by its queue items (logs, access log).
     pub trace: Option<Arc<RequestTrace>>,
+    /// The request's scheduling class; `None`: [`Class::auto`] decides.
+    pub priority: Option<Class>,
+}
+
+impl Class {
+    /// The class of a request that does not say: `High` for a single input
+    /// that is a text alone or has the query role (a search query), else
+    /// `Normal`.
+    pub fn auto(inputs: &[Input]) -> Class {
+        match inputs {
+            [one] if one.role == crate::input::Role::Query => Class::High,
+            [one] if one.modality() == Some(Modality::Text) => Class::High,
+            _ => Class::Normal,
+        }
+    }
 }
 
 /// A request's embeddings, in input order, with what it used.
@@ -90,6 +105,39 @@ pub enum EmbedError {
     Timeout(Duration),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Texts alone up to this many bytes (text and instruction) are tokenised
+/// on the request's own task: tens of microseconds, less than a hand-off to
+/// the blocking pool and back (two thread wake-ups) costs.
+pub const INLINE_TEXT_BYTES: usize = 1024;
+
+/// Whether `input` is tokenised inline (see [`INLINE_TEXT_BYTES`]).
+fn inline(input: &Input) -> bool {
+    input.image.is_none()
+        && input.text.as_ref().map_or(0, String::len)
+            + input.instruction.as_ref().map_or(0, String::len)
+            <= INLINE_TEXT_BYTES
+}
+
+/// A preprocessing job: done inline, or running on the blocking pool.
+enum Job {
+    Done(JobResult),
+    Spawned(tokio::task::JoinHandle<JobResult>),
+}
+
+/// A prepared input and its cache key (when the model has a cache), or the
+/// error (`None`: skipped because the request stopped).
+type JobResult = Result<(Prepared, Option<CacheKey>), Option<PreprocessError>>;
+
+/// `p` with its cache key, when there is a cache.
+fn with_key(
+    cache: Option<&EmbeddingCache>,
+    p: Prepared,
+    input: &Input,
+) -> (Prepared, Option<CacheKey>) {
+    let key = cache.map(|c| c.key(&p, input.role, input.instruction.as_deref()));
+    (p, key)
 }
 
 /// Bounds how many inputs are preprocessed at once, over every model.
@@ -193,7 +241,9 @@ impl Batcher {
         budget: Duration,
     ) -> Result<Embedded, EmbedError> {
         self.check_images(&inputs)?;
+        let class = opts.priority.unwrap_or_else(|| Class::auto(&inputs));
         let mut admission = self.queue.admit(inputs.len())?;
+        admission.set_class(class);
         let prep_start = Instant::now();
         let prepared = self.prepare_all(inputs, opts.truncate).await?;
         if let Some(t) = &opts.trace {
@@ -309,7 +359,8 @@ impl Batcher {
     }
 
     /// Preprocesses every input on the blocking pool, at most the pool's
-    /// concurrency at once, and returns them in order (or the first error).
+    /// concurrency at once (short texts inline: [`INLINE_TEXT_BYTES`]), and
+    /// returns them in order (or the first error).
     /// The first input that fails stops the request: inputs not started yet
     /// are skipped, not decoded.
     async fn prepare_all(
@@ -323,6 +374,28 @@ impl Batcher {
         let n = inputs.len();
         let mut jobs = Vec::with_capacity(n);
         for input in inputs {
+            if inline(&input) {
+                if cancelled.load(Ordering::Relaxed) {
+                    break;
+                }
+                let start = Instant::now();
+                let result = self.preprocessor.prepare(&input, truncate);
+                if let Some(m) = input.modality() {
+                    self.metrics
+                        .preprocess_duration
+                        .with_label_values(&[&self.model, m.as_str()])
+                        .observe(start.elapsed().as_secs_f64());
+                }
+                if result.is_err() {
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+                jobs.push(Job::Done(
+                    result
+                        .map_err(Some)
+                        .map(|p| with_key(self.cache.as_deref(), p, &input)),
+                ));
+                continue;
+            }
             let permit = Arc::clone(&self.pool.permits)
                 .acquire_owned()
                 .await
@@ -335,7 +408,7 @@ impl Batcher {
             let hist = self.metrics.preprocess_duration.clone();
             let model = self.model.clone();
             let cache = self.cache.clone();
-            jobs.push(tokio::task::spawn_blocking(move || {
+            jobs.push(Job::Spawned(tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 if cancelled.load(Ordering::Relaxed) {
                     // Skipped: the request was dropped or another input failed.
@@ -352,18 +425,19 @@ impl Batcher {
                 }
                 // The cache key is hashed here, on the pool, beside the
                 // preprocessing it follows.
-                result.map_err(Some).map(|p| {
-                    let key = cache
-                        .as_ref()
-                        .map(|c| c.key(&p, input.role, input.instruction.as_deref()));
-                    (p, key)
-                })
-            }));
+                result
+                    .map_err(Some)
+                    .map(|p| with_key(cache.as_deref(), p, &input))
+            })));
         }
         let mut out = Vec::with_capacity(jobs.len());
         let mut skipped = false;
         for (index, job) in jobs.into_iter().enumerate() {
-            match job.await {
+            let done = match job {
+                Job::Done(r) => Ok(r),
+                Job::Spawned(handle) => handle.await,
+            };
+            match done {
                 Ok(Ok(p)) => out.push(p),
                 Ok(Err(Some(source))) => return Err(EmbedError::Input { index, source }),
                 Ok(Err(None)) => skipped = true,

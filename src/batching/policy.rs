@@ -10,6 +10,40 @@
 //! that arrives behind a large one gets an input into the next batch (or,
 //! with more waiting requests than a batch holds, within a few batches),
 //! whatever either's size.
+//!
+//! Which requests a batch may serve at all is [`order`]'s choice: those of
+//! the highest class with queued inputs, unless a request was passed over by
+//! `burst` batches in a row: then the starved requests lead, whatever their
+//! class (so bulk work is served at least once every `burst + 1` batches
+//! while priority work keeps arriving).
+
+/// Which requests the next batch offers a place to, in the order it offers
+/// them, from each queued request's `(class, passed_over)` in queue order
+/// (`passed_over`: batches in a row that served none of its inputs).
+///
+/// - No request was passed over `burst` times: the requests of the highest
+///   class, in queue order; the others wait.
+/// - Else the starved ones (passed over `burst` times or more) first, in
+///   queue order, then the others whose class is not above the highest
+///   starved class, higher classes first.
+pub fn order<C: Ord + Copy>(groups: &[(C, u32)], burst: u32) -> Vec<usize> {
+    let starved: Vec<usize> = (0..groups.len())
+        .filter(|&g| groups[g].1 >= burst)
+        .collect();
+    let Some(cap) = starved.iter().map(|&g| groups[g].0).max() else {
+        let Some(top) = groups.iter().map(|g| g.0).max() else {
+            return Vec::new();
+        };
+        return (0..groups.len()).filter(|&g| groups[g].0 == top).collect();
+    };
+    let mut rest: Vec<usize> = (0..groups.len())
+        .filter(|&g| groups[g].1 < burst && groups[g].0 <= cap)
+        .collect();
+    rest.sort_by_key(|&g| std::cmp::Reverse(groups[g].0));
+    let mut out = starved;
+    out.extend(rest);
+    out
+}
 
 /// Limits one batch must respect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +112,48 @@ mod tests {
             max_items,
             max_cost,
         }
+    }
+
+    #[test]
+    fn the_highest_class_alone_is_offered() {
+        // (class, passed_over) in queue order; classes: 0 low, 1 normal, 2 high.
+        assert!(order::<u8>(&[], 4).is_empty());
+        assert_eq!(order(&[(1u8, 0), (2, 0), (1, 0), (2, 0)], 4), vec![1, 3]);
+        assert_eq!(order(&[(0u8, 3), (1, 0)], 4), vec![1]);
+        assert_eq!(order(&[(0u8, 0), (0, 0)], 4), vec![0, 1]);
+    }
+
+    #[test]
+    fn starved_requests_lead_whatever_their_class() {
+        // The normal request at 2 was passed over 4 times: it leads, then
+        // the other normal and low ones; the high ones wait this once.
+        assert_eq!(order(&[(2u8, 0), (0, 1), (1, 4), (1, 0)], 4), vec![2, 3, 1]);
+        // Two starved, in queue order, before the rest.
+        assert_eq!(order(&[(0u8, 5), (2, 0), (1, 4)], 4), vec![0, 2]);
+    }
+
+    #[test]
+    fn bulk_work_is_served_once_every_burst_plus_one_batches() {
+        // A bulk request always queued, and a new priority request before
+        // every batch: simulate the queue's counting over 50 batches.
+        let burst = 4;
+        let mut bulk_passed = 0u32;
+        let mut bulk_served = Vec::new();
+        for batch in 0..50 {
+            let groups = [(1u8, bulk_passed), (2u8, 0)];
+            let o = order(&groups, burst);
+            if o.first() == Some(&0) {
+                bulk_served.push(batch);
+                bulk_passed = 0;
+            } else {
+                assert!(!o.contains(&0));
+                bulk_passed += 1;
+            }
+        }
+        for w in bulk_served.windows(2) {
+            assert_eq!(w[1] - w[0], burst as usize + 1);
+        }
+        assert_eq!(bulk_served[0], burst as usize);
     }
 
     #[test]

@@ -9,8 +9,17 @@
 //! its [`Admission`] is dropped (the request finished, was cancelled or timed
 //! out), not when a worker next looks. It never runs a model and knows
 //! nothing of HTTP.
+//!
+//! Priority: each request has a [`Class`]. A batch is formed from the
+//! requests of the highest class that has queued inputs only (a `High` text
+//! is never batched with `Normal` images, whose forward pass it would wait
+//! for), except that a request passed over by [`PRIORITY_BURST`] batches in a
+//! row leads the next batch whatever its class (the starvation bound).
+//! Between the layers of a long batch, workers take `High` work with
+//! [`Queue::try_take_priority`] (see [`crate::worker`]).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +59,8 @@ pub struct Item {
     pub reply: oneshot::Sender<ItemResult>,
     /// The request it belongs to (id and timings), when the caller traces.
     pub trace: Option<Arc<super::RequestTrace>>,
+    /// Its request's scheduling class (set when it is queued).
+    pub class: Class,
 }
 
 impl Item {
@@ -63,6 +74,7 @@ impl Item {
                 deadline,
                 reply,
                 trace: None,
+                class: Class::Normal,
             },
             rx,
         )
@@ -79,15 +91,50 @@ impl Item {
     }
 }
 
-/// A request's scheduling class. Batches serve requests of a higher class
-/// first, then round-robin within a class. Every request is `Normal` today;
-/// a priority lane (e.g. short text queries) is one more variant, ordered
-/// before `Normal`, plus the rule that admits into it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+/// A request's scheduling class (ordered: `Low < Normal < High`). A batch
+/// holds the requests of the highest class with queued inputs, round-robin
+/// within the class; `High` work also runs between the layers of a batch in
+/// progress. The starvation bound: a request passed over by
+/// [`PRIORITY_BURST`] batches in a row leads the next one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
+    /// Served when nothing of a higher class waits (or when starved).
+    Low,
     #[default]
     Normal,
+    /// Served first, and between the layers of a long batch in progress.
+    High,
 }
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Low => "low",
+            Class::Normal => "normal",
+            Class::High => "high",
+        }
+    }
+}
+
+impl std::str::FromStr for Class {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "high" => Ok(Class::High),
+            "normal" => Ok(Class::Normal),
+            "low" => Ok(Class::Low),
+            other => Err(format!(
+                "unknown priority {other:?}: expected \"high\", \"normal\" or \"low\""
+            )),
+        }
+    }
+}
+
+/// The starvation bound: a request that this many batches in a row passed
+/// over (because requests of a higher class were served) leads the next
+/// batch. Workers also run at most this many `High` batches between two
+/// layers of a batch in progress, so bulk work always advances.
+pub const PRIORITY_BURST: u32 = 4;
 
 /// Why a request could not be admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +158,8 @@ struct Group {
     id: u64,
     class: Class,
     items: VecDeque<Item>,
+    /// Batches taken in a row that served none of its inputs.
+    passed_over: u32,
 }
 
 struct State {
@@ -162,6 +211,8 @@ pub struct Queue {
     state: Mutex<State>,
     wake: Condvar,
     metrics: Metrics,
+    /// `High` inputs queued: read without the lock by workers between layers.
+    high_queued: AtomicUsize,
 }
 
 impl std::fmt::Debug for Queue {
@@ -190,6 +241,7 @@ impl Queue {
             }),
             wake: Condvar::new(),
             metrics,
+            high_queued: AtomicUsize::new(0),
         })
     }
 
@@ -208,6 +260,13 @@ impl Queue {
     }
 
     fn set_depth(&self, st: &State) {
+        let high = st
+            .groups
+            .iter()
+            .filter(|g| g.class == Class::High)
+            .map(|g| g.items.len())
+            .sum();
+        self.high_queued.store(high, Ordering::Release);
         let depth = i64::try_from(st.queued).unwrap_or(i64::MAX);
         self.metrics
             .queue_depth
@@ -361,12 +420,17 @@ impl Queue {
             return Err((e, items));
         }
         st.queued += items.len();
+        let items = items.into_iter().map(|mut i| {
+            i.class = class;
+            i
+        });
         match st.groups.iter_mut().find(|g| g.id == id) {
             Some(g) => g.items.extend(items),
             None => st.groups.push_back(Group {
                 id,
                 class,
-                items: items.into(),
+                items: items.collect(),
+                passed_over: 0,
             }),
         }
         self.set_depth(&st);
@@ -452,10 +516,45 @@ impl Queue {
         }
     }
 
+    /// Whether `High` inputs wait (no lock: cheap enough to ask between
+    /// every two layers of a forward pass).
+    pub fn has_priority_work(&self) -> bool {
+        self.high_queued.load(Ordering::Acquire) > 0
+    }
+
+    /// A batch of `High` inputs only, at once (no `max_delay` wait), or
+    /// `None` when none waits. Workers call it between the layers of a
+    /// batch in progress; other requests' turns are not affected.
+    pub fn try_take_priority(&self) -> Option<Vec<Item>> {
+        if !self.has_priority_work() {
+            return None;
+        }
+        let mut st = self.lock();
+        self.purge(&mut st, Instant::now());
+        let order: Vec<usize> = (0..st.groups.len())
+            .filter(|&g| st.groups[g].class == Class::High)
+            .collect();
+        if order.is_empty() {
+            return None;
+        }
+        Some(self.take_from(&mut st, &order, false))
+    }
+
     fn take(&self, st: &mut State) -> Vec<Item> {
-        // Higher classes first, then the queue's round-robin order.
-        let mut order: Vec<usize> = (0..st.groups.len()).collect();
-        order.sort_by_key(|&g| std::cmp::Reverse(st.groups[g].class));
+        let order = policy::order(
+            &st.groups
+                .iter()
+                .map(|g| (g.class, g.passed_over))
+                .collect::<Vec<_>>(),
+            PRIORITY_BURST,
+        );
+        self.take_from(st, &order, true)
+    }
+
+    /// Takes a batch from the groups in `order` (indices into `st.groups`,
+    /// the one to serve first first); the others are not offered. With
+    /// `count`, groups the batch did not serve are counted as passed over.
+    fn take_from(&self, st: &mut State, order: &[usize], count: bool) -> Vec<Item> {
         let max_items = self.limits.max_batch_size.max(1);
         let costs: Vec<Vec<usize>> = order
             .iter()
@@ -486,8 +585,12 @@ impl Queue {
         for (mut g, n) in std::mem::take(&mut st.groups).into_iter().zip(taken) {
             batch.extend(g.items.drain(..n.min(g.items.len())));
             if n == 0 {
+                if count {
+                    g.passed_over = g.passed_over.saturating_add(1);
+                }
                 waiting.push_back(g);
             } else if !g.items.is_empty() {
+                g.passed_over = 0;
                 served.push(g);
             }
         }
@@ -521,6 +624,13 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// Sets the class the request's inputs are queued with (before the
+    /// first [`Self::push`]; later pushes of the same request keep the
+    /// class it was queued with).
+    pub fn set_class(&mut self, class: Class) {
+        self.class = class;
+    }
+
     /// Queues `items` (at most the reserved number).
     pub fn push(&mut self, items: Vec<Item>) -> Result<(), AdmitError> {
         let n = items.len().min(self.reserved);
@@ -722,6 +832,84 @@ mod tests {
             assert!(n < 4, "request {c} first served in batch {n}");
         }
         drop(reqs);
+    }
+
+    fn push_class(
+        q: &Arc<Queue>,
+        costs: &[usize],
+        class: Class,
+    ) -> (Admission, Vec<oneshot::Receiver<ItemResult>>) {
+        let mut a = q.admit(costs.len()).unwrap();
+        a.set_class(class);
+        let mut rxs = Vec::new();
+        let items = costs
+            .iter()
+            .map(|&c| {
+                let (item, rx) = Item::new(prepared(c), far());
+                rxs.push(rx);
+                item
+            })
+            .collect();
+        a.push(items).unwrap();
+        (a, rxs)
+    }
+
+    fn costs(batch: &[Item]) -> Vec<usize> {
+        batch.iter().map(|i| i.prepared.cost).collect()
+    }
+
+    #[test]
+    fn high_requests_are_batched_first_and_alone() {
+        let q = Queue::new("m", limits(8, 10_000, 100, 0), Metrics::new());
+        q.worker_started();
+        let _low = push_class(&q, &[1; 4], Class::Low);
+        let _bulk = push_class(&q, &[100; 8], Class::Normal);
+        let _query = push_class(&q, &[7], Class::High);
+        assert!(q.has_priority_work());
+        let b = q.next_batch().unwrap();
+        assert_eq!(costs(&b), vec![7]);
+        assert_eq!(b[0].class, Class::High);
+        assert!(!q.has_priority_work());
+        assert_eq!(costs(&q.next_batch().unwrap()), vec![100; 8]);
+        assert_eq!(costs(&q.next_batch().unwrap()), vec![1; 4]);
+    }
+
+    #[test]
+    fn try_take_priority_takes_high_inputs_only() {
+        let q = Queue::new("m", limits(8, 10_000, 100, 0), Metrics::new());
+        q.worker_started();
+        let _bulk = push_class(&q, &[100; 8], Class::Normal);
+        assert!(q.try_take_priority().is_none());
+        let _a = push_class(&q, &[7], Class::High);
+        let _b = push_class(&q, &[9, 9], Class::High);
+        assert_eq!(costs(&q.try_take_priority().unwrap()), vec![7, 9, 9]);
+        assert!(q.try_take_priority().is_none());
+        assert_eq!(q.depth(), 8);
+        assert_eq!(q.admitted(), 8);
+    }
+
+    #[test]
+    fn bulk_work_is_served_at_least_once_every_burst_plus_one_batches() {
+        // A new high request before every batch: the bulk request still
+        // gets a batch at least every PRIORITY_BURST + 1 batches.
+        let q = Queue::new("m", limits(4, 10_000, 1000, 0), Metrics::new());
+        q.worker_started();
+        let _bulk = push_class(&q, &[100; 40], Class::Normal);
+        let mut keep = Vec::new();
+        let mut since_bulk = 0;
+        let mut bulk_batches = 0;
+        for _ in 0..30 {
+            keep.push(push_class(&q, &[7], Class::High));
+            let b = q.next_batch().unwrap();
+            if costs(&b).contains(&100) {
+                bulk_batches += 1;
+                since_bulk = 0;
+            } else {
+                since_bulk += 1;
+                assert!(since_bulk <= PRIORITY_BURST, "bulk starved");
+            }
+        }
+        assert_eq!(bulk_batches, 30 / (PRIORITY_BURST as usize + 1));
     }
 
     #[test]

@@ -174,6 +174,7 @@ pub async fn embed(
     let opts = EmbedOptions {
         normalize: req.normalize,
         truncate: req.truncate,
+        priority: req.priority,
         ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
@@ -240,6 +241,7 @@ pub async fn score(
     let opts = EmbedOptions {
         normalize: true,
         truncate: true,
+        priority: req.priority,
         ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
@@ -295,6 +297,7 @@ pub async fn openai_embeddings(
     let opts = EmbedOptions {
         normalize: true,
         truncate: true,
+        priority: req.priority,
         ..Default::default()
     };
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;

@@ -20,6 +20,7 @@ use super::inputs::{
     parse_role, scalars_are_wrong, BodyLimits, InputSeed, Key, KeySeed, Labeled, ListSeed,
     ListShape, Nested, ParseCtx,
 };
+use crate::batching::Class;
 use crate::input::{Input, Role};
 
 /// How embeddings are written in responses (README "Output encodings"):
@@ -153,6 +154,8 @@ pub struct EmbedRequest {
     /// Cohere-style `embedding_types`: when given, the response's
     /// `embeddings` is an object with one array per type.
     pub embedding_types: Option<Vec<EncodingFormat>>,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
 }
 
 impl EmbedRequest {
@@ -176,6 +179,7 @@ impl EmbedRequest {
         let mut truncate = true;
         let mut encoding_format = None;
         let mut embedding_types: Option<Vec<EncodingFormat>> = None;
+        let mut priority = None;
         let mut texts = Vec::new();
         let mut images = Vec::new();
         let mut seen = Vec::new();
@@ -195,6 +199,7 @@ impl EmbedRequest {
                     embedding_types.get_or_insert_with(Vec::new),
                     EncodingFormat::parse_field(&part_text(&part)?, "embedding_types")?,
                 )?,
+                "priority" => priority = Some(parse_priority(&part_text(&part)?)?),
                 "text" => texts.push(part_text(&part)?),
                 "image" => images.push(part.data.to_vec()),
                 other => return Err(unknown_part(other, EMBED_PARTS)),
@@ -223,14 +228,35 @@ impl EmbedRequest {
             truncate,
             encoding_format,
             embedding_types,
+            priority,
         })
     }
 }
 
 const EMBED_PARTS: &str =
-    "model, role, instruction, normalize, truncate, encoding_format, embedding_types, text, image";
+    "model, role, instruction, normalize, truncate, encoding_format, embedding_types, priority, \
+     text, image";
 const SCORE_PARTS: &str =
-    "model, query_text, query_image, instruction, candidate_text, candidate_image, top_k";
+    "model, query_text, query_image, instruction, candidate_text, candidate_image, top_k, priority";
+
+/// The `priority` field's value: "high", "normal" or "low".
+fn parse_priority(v: &str) -> Result<Class, ApiError> {
+    v.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "priority: expected \"high\", \"normal\" or \"low\", found {}",
+            quote(v)
+        ))
+    })
+}
+
+fn opt_priority<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+) -> Result<Option<Class>, A::Error> {
+    opt_string(ctx, map, "priority")?
+        .map(|v| parse_priority(&v).map_err(|e| ctx.fail(e)))
+        .transpose()
+}
 
 fn unknown_part(name: &str, known: &str) -> ApiError {
     ApiError::bad_request(format!(
@@ -288,6 +314,8 @@ pub struct ScoreRequest {
     /// The query first, then the candidates.
     pub inputs: Labeled,
     pub top_k: Option<usize>,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
 }
 
 impl ScoreRequest {
@@ -309,6 +337,7 @@ impl ScoreRequest {
         let mut query_image = None;
         let mut instruction = None;
         let mut top_k = None;
+        let mut priority = None;
         let mut texts = Vec::new();
         let mut images = Vec::new();
         let mut seen = Vec::new();
@@ -331,6 +360,7 @@ impl ScoreRequest {
                         ))
                     })?)
                 }
+                "priority" => priority = Some(parse_priority(&part_text(&part)?)?),
                 "candidate_text" => texts.push(part_text(&part)?),
                 "candidate_image" => images.push(part.data.to_vec()),
                 other => return Err(unknown_part(other, SCORE_PARTS)),
@@ -359,6 +389,7 @@ impl ScoreRequest {
             model,
             inputs,
             top_k,
+            priority,
         })
     }
 }
@@ -370,6 +401,8 @@ pub struct OpenAiRequest {
     pub inputs: Labeled,
     pub encoding_format: EncodingFormat,
     pub dimensions: Option<usize>,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
 }
 
 impl OpenAiRequest {
@@ -675,6 +708,7 @@ struct EmbedFields<'c, 'l> {
     truncate: Option<bool>,
     encoding_format: Option<EncodingFormat>,
     embedding_types: Option<Vec<EncodingFormat>>,
+    priority: Option<Class>,
 }
 
 impl<'c, 'l> EmbedFields<'c, 'l> {
@@ -687,6 +721,7 @@ impl<'c, 'l> EmbedFields<'c, 'l> {
             truncate: None,
             encoding_format: None,
             embedding_types: None,
+            priority: None,
         }
     }
 }
@@ -700,6 +735,7 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
         "truncate",
         "encoding_format",
         "embedding_types",
+        "priority",
     ];
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
@@ -720,7 +756,8 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
             2 => self.normalize = Some(boolean(ctx, map, "normalize")?),
             3 => self.truncate = Some(boolean(ctx, map, "truncate")?),
             4 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
-            _ => self.embedding_types = Some(map.next_value_seed(TypesSeed { ctx })?),
+            5 => self.embedding_types = Some(map.next_value_seed(TypesSeed { ctx })?),
+            _ => self.priority = opt_priority(ctx, map)?,
         }
         Ok(())
     }
@@ -736,6 +773,7 @@ impl<'de> Fields<'de> for EmbedFields<'_, '_> {
             truncate: self.truncate.unwrap_or(true),
             encoding_format,
             embedding_types,
+            priority: self.priority,
         })
     }
 }
@@ -747,6 +785,7 @@ struct ScoreFields<'c, 'l> {
     query: Option<Input>,
     candidates: Option<Labeled>,
     top_k: Option<usize>,
+    priority: Option<Class>,
 }
 
 impl<'c, 'l> ScoreFields<'c, 'l> {
@@ -757,13 +796,14 @@ impl<'c, 'l> ScoreFields<'c, 'l> {
             query: None,
             candidates: None,
             top_k: None,
+            priority: None,
         }
     }
 }
 
 impl<'de> Fields<'de> for ScoreFields<'_, '_> {
     type Out = ScoreRequest;
-    const NAMES: &'static [&'static str] = &["model", "query", "candidates", "top_k"];
+    const NAMES: &'static [&'static str] = &["model", "query", "candidates", "top_k", "priority"];
     fn ctx(&self) -> &ParseCtx<'_> {
         self.ctx
     }
@@ -789,7 +829,8 @@ impl<'de> Fields<'de> for ScoreFields<'_, '_> {
                     noun: "candidates",
                 })?)
             }
-            _ => self.top_k = opt_usize(ctx, map, "top_k")?,
+            3 => self.top_k = opt_usize(ctx, map, "top_k")?,
+            _ => self.priority = opt_priority(ctx, map)?,
         }
         Ok(())
     }
@@ -809,6 +850,7 @@ impl<'de> Fields<'de> for ScoreFields<'_, '_> {
             model: self.model,
             inputs,
             top_k: self.top_k,
+            priority: self.priority,
         })
     }
 }
@@ -821,6 +863,7 @@ struct OpenAiFields<'c, 'l> {
     input: Option<Labeled>,
     encoding_format: Option<EncodingFormat>,
     dimensions: Option<usize>,
+    priority: Option<Class>,
 }
 
 impl<'c, 'l> OpenAiFields<'c, 'l> {
@@ -831,6 +874,7 @@ impl<'c, 'l> OpenAiFields<'c, 'l> {
             input: None,
             encoding_format: None,
             dimensions: None,
+            priority: None,
         }
     }
 }
@@ -843,6 +887,7 @@ impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
         "encoding_format",
         "dimensions",
         "embedding_types",
+        "priority",
     ];
     const LENIENT: bool = true;
     fn ctx(&self) -> &ParseCtx<'_> {
@@ -863,12 +908,13 @@ impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
             }
             2 => self.encoding_format = Some(format(ctx, map, "encoding_format")?),
             3 => self.dimensions = opt_usize(ctx, map, "dimensions")?,
-            _ => {
+            4 => {
                 return Err(ctx.fail(ApiError::bad_request(
                     "embedding_types is not supported by /v1/embeddings (one embedding per data \
                      item): use encoding_format, or /embed for several types at once",
                 )))
             }
+            _ => self.priority = opt_priority(ctx, map)?,
         }
         Ok(())
     }
@@ -878,6 +924,7 @@ impl<'de> Fields<'de> for OpenAiFields<'_, '_> {
             inputs: self.input.ok_or_else(|| missing(self.ctx, "input"))?,
             encoding_format: self.encoding_format.unwrap_or_default(),
             dimensions: self.dimensions,
+            priority: self.priority,
         })
     }
 }

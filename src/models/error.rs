@@ -70,6 +70,10 @@ pub enum ModelError {
     },
     #[error("invalid batch: {0}")]
     Batch(String),
+    /// The caller's step hook asked a stepped forward pass to stop
+    /// ([`super::EmbeddingModel::embed_stepped`]).
+    #[error("the forward pass was interrupted between two layers")]
+    Interrupted,
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -22,6 +22,7 @@ pub mod ops;
 pub mod source;
 pub mod weights;
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -150,6 +151,26 @@ pub struct ModelInfo {
 /// An item's result must not depend on its batch mates.
 pub trait EmbeddingModel: Send {
     fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError>;
+
+    /// [`Self::embed`], calling `between` between the steps of the forward
+    /// pass (for CLIP: between two encoder layers of the vision tower, the
+    /// pass's state, hidden states and next layer, kept meanwhile), so that
+    /// the caller can run other, short work on the same replica (through
+    /// `&self`: a model holds no state between calls) and resume. When
+    /// `between` answers `Break`, the pass stops with
+    /// [`ModelError::Interrupted`]. Results are those of `embed`, bit for
+    /// bit: the same steps run in the same order.
+    ///
+    /// The default (families whose passes are not stepped: LLaVA) calls
+    /// `embed` and never `between`: such a batch is only preempted at its end.
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let _ = between;
+        self.embed(batch)
+    }
 }
 
 /// A model whose configuration, tokenizer and preprocessing are loaded, and

@@ -15,9 +15,20 @@
 //!   between, it gives up: the handle reports [`WorkerHandle::gave_up`] and
 //!   the queue fails what waits once no worker is left.
 //!
+//! Preemption: a batch with no `High` input runs stepped
+//! ([`EmbeddingModel::embed_stepped`]): before each layer of its vision pass
+//! the worker takes `High` batches from the queue
+//! ([`Queue::try_take_priority`]), at most [`PRIORITY_BURST`] in a row, and
+//! runs them to the end on the same replica, then resumes the pass. A short
+//! query thus waits for one layer of the batch in progress, not for the
+//! batch. Isolation holds for those batches too: each is retried in halves
+//! on its own, and a panic in one answers it, stops the interrupted batch
+//! (answered `WorkerDied`) and rebuilds the replica as above.
+//!
 //! It never sees HTTP or requests, only queue items; it does not normalise
 //! (the batcher does).
 
+use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batching::trace::{self, RequestTrace};
-use crate::batching::{Item, ItemError, ItemResult, Queue};
+use crate::batching::{Class, Item, ItemError, ItemResult, Queue, PRIORITY_BURST};
 use crate::metrics::Metrics;
 use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
 use crate::preprocess::Prepared;
@@ -279,15 +290,23 @@ enum Run {
     Panicked(String),
 }
 
-fn run_model(replica: &dyn EmbeddingModel, items: &[Item]) -> Run {
+/// Calls a stepped pass between its steps; see [`EmbeddingModel::embed_stepped`].
+type Between<'a> = &'a mut dyn FnMut() -> ControlFlow<()>;
+
+fn run_model(replica: &dyn EmbeddingModel, items: &[Item], between: Between<'_>) -> Run {
     let refs: Vec<&Prepared> = items.iter().map(|i| &i.prepared).collect();
-    match catch_unwind(AssertUnwindSafe(|| replica.embed(&refs))) {
+    match catch_unwind(AssertUnwindSafe(|| replica.embed_stepped(&refs, between))) {
         Ok(Ok(vectors)) if vectors.len() == items.len() => Run::Done(vectors),
         Ok(Ok(vectors)) => Run::Failed(format!(
             "the model returned {} embeddings for a batch of {}",
             vectors.len(),
             items.len()
         )),
+        // A priority batch run between two layers panicked: the replica is
+        // rebuilt, so this batch is not retried on it.
+        Ok(Err(ModelError::Interrupted)) => Run::Panicked(
+            "a batch run between two layers of this one made the model panic".to_string(),
+        ),
         Ok(Err(e)) => Run::Failed(e.to_string()),
         Err(panic) => Run::Panicked(format!(
             "the model panicked: {}",
@@ -309,8 +328,9 @@ fn run_isolating(
     model: &str,
     items: Vec<Item>,
     out: &mut Answers,
+    between: Between<'_>,
 ) -> Result<bool, String> {
-    match run_model(replica, &items) {
+    match run_model(replica, &items, between) {
         Run::Done(vectors) => {
             out.extend(items.into_iter().zip(vectors).map(|(i, v)| (i, Ok(v))));
             Ok(true)
@@ -327,14 +347,14 @@ fn run_isolating(
             );
             let mut items = items;
             let second = items.split_off(items.len() / 2);
-            let a_ok = match run_isolating(replica, model, items, out) {
+            let a_ok = match run_isolating(replica, model, items, out, between) {
                 Ok(ok) => ok,
                 Err(m) => {
                     fail_all(second, ItemError::WorkerDied(m.clone()), out);
                     return Err(m);
                 }
             };
-            let b_ok = run_isolating(replica, model, second, out)?;
+            let b_ok = run_isolating(replica, model, second, out, between)?;
             Ok(a_ok || b_ok)
         }
         Run::Panicked(msg) => {
@@ -343,6 +363,15 @@ fn run_isolating(
             Err(msg)
         }
     }
+}
+
+/// What the worker loop needs to run a batch.
+struct Ctx<'a> {
+    queue: &'a Queue,
+    replica: &'a dyn EmbeddingModel,
+    model: String,
+    batch_size: prometheus::Histogram,
+    inference: prometheus::Histogram,
 }
 
 /// The worker loop. Returns `Ok` when the queue is closed and drained, or
@@ -355,55 +384,105 @@ fn serve(
     in_a_row: &mut u32,
 ) -> Result<(), String> {
     let model = queue.model().to_string();
-    let batch_size = metrics.batch_size.with_label_values(&[&model]);
-    let inference = metrics.inference_duration.with_label_values(&[&model]);
+    let cx = Ctx {
+        queue,
+        replica,
+        batch_size: metrics.batch_size.with_label_values(&[&model]),
+        inference: metrics.inference_duration.with_label_values(&[&model]),
+        model,
+    };
     while let Some(batch) = queue.next_batch() {
-        // Items whose client left while the batch was formed are not run.
-        let batch: Vec<Item> = batch.into_iter().filter(|i| !i.abandoned()).collect();
-        if batch.is_empty() {
-            continue;
-        }
-        batch_size.observe(batch.len() as f64);
-        let start = Instant::now();
-        // Who was in this batch, and how long each waited in the queue: read
-        // before the batch is consumed, recorded once it has run.
-        let traces: Vec<(Arc<RequestTrace>, Duration)> = batch
-            .iter()
-            .filter_map(|i| {
-                Some((
-                    Arc::clone(i.trace.as_ref()?),
-                    start.saturating_duration_since(i.enqueued),
-                ))
-            })
-            .collect();
-        let size = batch.len();
-        let mut answers = Answers::with_capacity(size);
-        let outcome = run_isolating(replica, &model, batch, &mut answers);
-        let took = start.elapsed();
-        inference.observe(took.as_secs_f64());
-        let failed = !matches!(outcome, Ok(true));
-        let waits: Vec<(&Arc<RequestTrace>, Duration)> =
-            traces.iter().map(|(t, w)| (t, *w)).collect();
-        let request_ids = trace::record_batch(&model, &waits, took, size, failed);
-        if failed {
-            tracing::warn!(model = %model, size, request_ids = ?request_ids, "batch had failures");
-        } else {
-            tracing::debug!(
-                model = %model,
-                size,
-                ms = took.as_secs_f64() * 1e3,
-                request_ids = ?request_ids,
-                "batch"
-            );
-        }
-        for (item, result) in answers {
-            item.answer(result);
-        }
-        if outcome? {
+        if run_batch(&cx, batch, true)? {
             *in_a_row = 0;
         }
     }
     Ok(())
+}
+
+/// Runs one batch, answers its items and records it. With `preemptible`
+/// (and no `High` input in it) the pass is stepped and `High` batches run
+/// between its layers (see the module doc). Returns whether the model
+/// served some of it, or `Err(reason)` when it panicked (in this batch or
+/// in one run between its layers).
+fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, String> {
+    // Items whose client left while the batch was formed are not run.
+    let batch: Vec<Item> = batch.into_iter().filter(|i| !i.abandoned()).collect();
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    let model = cx.model.as_str();
+    cx.batch_size.observe(batch.len() as f64);
+    let start = Instant::now();
+    // Who was in this batch, and how long each waited in the queue: read
+    // before the batch is consumed, recorded once it has run.
+    let traces: Vec<(Arc<RequestTrace>, Duration)> = batch
+        .iter()
+        .filter_map(|i| {
+            Some((
+                Arc::clone(i.trace.as_ref()?),
+                start.saturating_duration_since(i.enqueued),
+            ))
+        })
+        .collect();
+    let size = batch.len();
+    let preempt = preemptible && batch.iter().all(|i| i.class < Class::High);
+    // Set when a batch run between two layers panicked.
+    let mut poisoned: Option<String> = None;
+    // Time spent in those batches (not this batch's inference time).
+    let mut lent = Duration::ZERO;
+    let mut preempted = 0usize;
+    let mut between = || {
+        if poisoned.is_some() {
+            return ControlFlow::Break(());
+        }
+        if !preempt || !cx.queue.has_priority_work() {
+            return ControlFlow::Continue(());
+        }
+        let t = Instant::now();
+        for _ in 0..PRIORITY_BURST {
+            let Some(high) = cx.queue.try_take_priority() else {
+                break;
+            };
+            preempted += 1;
+            if let Err(reason) = run_batch(cx, high, false) {
+                poisoned = Some(reason);
+                break;
+            }
+        }
+        lent += t.elapsed();
+        if poisoned.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let mut answers = Answers::with_capacity(size);
+    let outcome = run_isolating(cx.replica, model, batch, &mut answers, &mut between);
+    let took = start.elapsed().saturating_sub(lent);
+    cx.inference.observe(took.as_secs_f64());
+    let outcome = match (outcome, poisoned) {
+        (_, Some(reason)) => Err(reason),
+        (o, None) => o,
+    };
+    let failed = !matches!(outcome, Ok(true));
+    let waits: Vec<(&Arc<RequestTrace>, Duration)> = traces.iter().map(|(t, w)| (t, *w)).collect();
+    let request_ids = trace::record_batch(model, &waits, took, size, failed);
+    if failed {
+        tracing::warn!(model = %model, size, request_ids = ?request_ids, "batch had failures");
+    } else {
+        tracing::debug!(
+            model = %model,
+            size,
+            ms = took.as_secs_f64() * 1e3,
+            preempted,
+            request_ids = ?request_ids,
+            "batch"
+        );
+    }
+    for (item, result) in answers {
+        item.answer(result);
+    }
+    outcome
 }
 
 fn fail_all(batch: Vec<Item>, error: ItemError, out: &mut Answers) {
@@ -588,6 +667,164 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("vlembed_model_ready{model=\"fake\"} 0"));
         assert!(text.contains("vlembed_worker_restarts_total{model=\"fake\"} 2"));
+    }
+
+    /// What the stepped fake saw, shared with the test.
+    #[derive(Default)]
+    struct Steps {
+        /// Costs of the items, in the order their embeddings were made.
+        log: Mutex<Vec<usize>>,
+        /// The slow batch is in its stepped pass.
+        started: AtomicBool,
+        /// Lets the slow batch finish.
+        release: AtomicBool,
+    }
+
+    /// An item of cost 500 is a long stepped pass: it calls `between` every
+    /// millisecond until released (by the test, or by the model serving an
+    /// item of cost 7), at most 5 s. Cost 66 panics.
+    struct Stepped(Arc<Steps>);
+
+    impl EmbeddingModel for Stepped {
+        fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+            self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
+        }
+
+        fn embed_stepped(
+            &self,
+            batch: &[&Prepared],
+            between: &mut dyn FnMut() -> ControlFlow<()>,
+        ) -> Result<Vec<Vec<f32>>, ModelError> {
+            let st = &self.0;
+            if batch.iter().any(|p| p.cost == 66) {
+                panic!("stepped fake exploded");
+            }
+            if batch.iter().any(|p| p.cost == 500) {
+                st.started.store(true, Ordering::SeqCst);
+                for _ in 0..5000 {
+                    if between().is_break() {
+                        return Err(ModelError::Interrupted);
+                    }
+                    if st.release.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let mut log = st.log_guard();
+            for p in batch {
+                log.push(p.cost);
+                if p.cost == 7 {
+                    st.release.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok(batch.iter().map(|p| vec![p.cost as f32]).collect())
+        }
+    }
+
+    impl Steps {
+        fn log_guard(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+            self.log.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    fn stepped_worker() -> (Arc<Queue>, WorkerHandle, Arc<Steps>) {
+        let steps = Arc::new(Steps::default());
+        let queue = Queue::new("stepped", limits(), Metrics::new());
+        let shared = Arc::clone(&steps);
+        let factory: ReplicaFactory =
+            Box::new(move || Ok(Box::new(Stepped(Arc::clone(&shared))) as Box<dyn EmbeddingModel>));
+        let w = spawn(
+            Arc::clone(&queue),
+            DeviceSpec::Cpu,
+            0,
+            factory,
+            Metrics::new(),
+            fast(),
+        )
+        .unwrap();
+        (queue, w, steps)
+    }
+
+    type Pending = (
+        crate::batching::Admission,
+        Vec<tokio::sync::oneshot::Receiver<ItemResult>>,
+    );
+
+    fn submit(queue: &Arc<Queue>, costs: &[usize], class: Class) -> Pending {
+        let mut a = queue.admit(costs.len()).unwrap();
+        a.set_class(class);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut rxs = Vec::new();
+        let items = costs
+            .iter()
+            .map(|&c| {
+                let (i, rx) = Item::new(prepared(c), deadline);
+                rxs.push(rx);
+                i
+            })
+            .collect();
+        a.push(items).unwrap();
+        (a, rxs)
+    }
+
+    fn answer(p: Pending) -> Vec<ItemResult> {
+        let (_admission, rxs) = p;
+        rxs.into_iter()
+            .map(|rx| rx.blocking_recv().unwrap_or(Err(ItemError::ShuttingDown)))
+            .collect()
+    }
+
+    #[test]
+    fn high_priority_work_runs_between_the_steps_of_a_long_batch() {
+        let (queue, worker, steps) = stepped_worker();
+        let slow = submit(&queue, &[500], Class::Normal);
+        wait_for("the slow pass", || steps.started.load(Ordering::SeqCst));
+        // Served between two steps: its answer comes while the slow batch
+        // is still in its pass (the fake ends the pass only once 7 is done).
+        let out = answer(submit(&queue, &[7], Class::High));
+        assert_eq!(out[0].as_ref().unwrap(), &vec![7.0]);
+        let out = answer(slow);
+        assert_eq!(out[0].as_ref().unwrap(), &vec![500.0]);
+        assert_eq!(*steps.log_guard(), vec![7, 500]);
+        queue.close();
+        assert!(worker.join_timeout(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn normal_work_waits_for_the_batch_in_progress() {
+        let (queue, _worker, steps) = stepped_worker();
+        let slow = submit(&queue, &[500], Class::Normal);
+        wait_for("the slow pass", || steps.started.load(Ordering::SeqCst));
+        let normal = submit(&queue, &[8], Class::Normal);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(steps.log_guard().is_empty());
+        steps.release.store(true, Ordering::SeqCst);
+        assert!(answer(normal)[0].is_ok());
+        assert!(answer(slow)[0].is_ok());
+        assert_eq!(*steps.log_guard(), vec![500, 8]);
+    }
+
+    #[test]
+    fn a_panic_between_steps_stops_the_pass_and_rebuilds_the_replica() {
+        let (queue, worker, steps) = stepped_worker();
+        let slow = submit(&queue, &[500], Class::Normal);
+        wait_for("the slow pass", || steps.started.load(Ordering::SeqCst));
+        let bad = answer(submit(&queue, &[66], Class::High));
+        assert!(matches!(&bad[0], Err(ItemError::WorkerDied(m)) if m.contains("exploded")));
+        let slow = answer(slow);
+        assert!(
+            matches!(&slow[0], Err(ItemError::WorkerDied(m)) if m.contains("between two layers")),
+            "{slow:?}"
+        );
+        wait_for("the rebuild", || {
+            worker.is_alive() && queue.live_workers() == 1
+        });
+        steps.release.store(true, Ordering::SeqCst);
+        let again = answer(submit(&queue, &[4], Class::Normal));
+        assert_eq!(again[0].as_ref().unwrap(), &vec![4.0]);
+        queue.close();
+        assert!(worker.join_timeout(Duration::from_secs(5)));
     }
 
     #[test]

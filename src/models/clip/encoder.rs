@@ -2,11 +2,14 @@
 //! candle modules or, on the CPU in f32 with quick-GELU, as the same weights
 //! for the kernels of [`ops`] ([`Encoder`] says which).
 
+use std::ops::ControlFlow;
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use super::config::{Activation, ClipTextConfig, ClipVisionConfig};
 use crate::models::ops::{self, Queries, Span};
+use crate::models::ModelError;
 
 /// The shape of one encoder and how its linears are stored.
 #[derive(Debug, Clone, Copy)]
@@ -289,7 +292,10 @@ impl FastEncoder {
     }
 
     /// The first `layers` layers over packed rows; with `pool`, only
-    /// those rows (one per sequence) come out of the last one.
+    /// those rows (one per sequence) come out of the last one. `between`
+    /// is called between two layers (see
+    /// [`crate::models::EmbeddingModel::embed_stepped`]); `Break` stops
+    /// the pass with [`ModelError::Interrupted`].
     ///
     /// Sequences go through all layers a group at a time (about
     /// [`GROUP_ROWS`] rows): every op but attention is per row and attention
@@ -302,7 +308,8 @@ impl FastEncoder {
         causal: bool,
         layers: usize,
         pool: Option<&[usize]>,
-    ) -> candle_core::Result<Vec<f32>> {
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Vec<f32>, ModelError> {
         let rows: usize = spans.iter().map(|s| s.len).sum();
         let contiguous = spans
             .iter()
@@ -313,7 +320,7 @@ impl FastEncoder {
             })
             .all(|ok| ok);
         if rows == 0 || !contiguous || x.len() != rows * (x.len() / rows) {
-            return self.forward_group(x, spans, causal, layers, pool);
+            return self.forward_group(x, spans, causal, layers, pool, between);
         }
         let c = x.len() / rows;
         let mut out = Vec::with_capacity(pool.map_or(x.len(), |p| p.len() * c));
@@ -339,7 +346,14 @@ impl FastEncoder {
                 })
                 .map(|p| p.unwrap_or_default());
             let xs = x[start * c..(start + n) * c].to_vec();
-            out.extend(self.forward_group(xs, &local, causal, layers, local_pool.as_deref())?);
+            out.extend(self.forward_group(
+                xs,
+                &local,
+                causal,
+                layers,
+                local_pool.as_deref(),
+                between,
+            )?);
             i = j;
         }
         Ok(out)
@@ -352,9 +366,13 @@ impl FastEncoder {
         causal: bool,
         layers: usize,
         pool: Option<&[usize]>,
-    ) -> candle_core::Result<Vec<f32>> {
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Vec<f32>, ModelError> {
         let layers = &self.layers[..layers.min(self.layers.len())];
         for (i, l) in layers.iter().enumerate() {
+            if between().is_break() {
+                return Err(ModelError::Interrupted);
+            }
             let last = i + 1 == layers.len();
             x = l.forward(x, spans, causal, if last { pool } else { None })?;
         }

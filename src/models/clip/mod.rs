@@ -17,6 +17,12 @@
 //! through the last layer's attention output and MLP). Set
 //! `VLEMBED_CLIP_KERNELS=candle` to run the plain candle path instead.
 //!
+//! Stepping: [`EmbeddingModel::embed_stepped`] calls its hook before each
+//! vision encoder layer (on both paths), so the worker can run priority
+//! batches between layers of a long image batch; the pass's state (hidden
+//! states, next layer) waits on the stack meanwhile, and the same layers run
+//! in the same order, so the results are exactly `embed`'s.
+//!
 //! Layout: [`config`] (`config.json`), `encoder` (candle and fast layers),
 //! `text` and `vision` (the towers), this module (the family's loader and
 //! the model).
@@ -25,6 +31,8 @@ mod config;
 mod encoder;
 mod text;
 mod vision;
+
+use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -127,6 +135,16 @@ impl ClipModel {
 
     /// Unnormalised image embeddings from channel-first pixel planes, [n, proj] in f32.
     pub fn embed_pixels(&self, images: &[&[f32]]) -> Result<Tensor, ModelError> {
+        self.embed_pixels_stepped(images, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Self::embed_pixels`], calling `between` before each vision encoder
+    /// layer (see [`EmbeddingModel::embed_stepped`]).
+    pub fn embed_pixels_stepped(
+        &self,
+        images: &[&[f32]],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, ModelError> {
         let s = self.vision.transformer.image_size;
         let c = self.vision.transformer.channels;
         let mut flat = Vec::with_capacity(images.len() * c * s * s);
@@ -141,12 +159,26 @@ impl ClipModel {
         }
         let pixels =
             Tensor::from_vec(flat, (images.len(), c, s, s), &self.device)?.to_dtype(self.dtype)?;
-        Ok(self.vision.forward(&pixels)?.to_dtype(DType::F32)?)
+        Ok(self
+            .vision
+            .forward(&pixels, between)?
+            .to_dtype(DType::F32)?)
     }
 }
 
 impl EmbeddingModel for ClipModel {
     fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
+    }
+
+    /// Texts first (short, not stepped), then the images with `between`
+    /// called before each vision encoder layer (of each group of images
+    /// the fast encoder takes through its layers together).
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut texts: Vec<&[u32]> = Vec::new();
         let mut images: Vec<&[f32]> = Vec::new();
         // For each item: its row in the text and image results.
@@ -184,7 +216,7 @@ impl EmbeddingModel for ClipModel {
         let image_emb: Vec<Vec<f32>> = if images.is_empty() {
             Vec::new()
         } else {
-            self.embed_pixels(&images)?.to_vec2()?
+            self.embed_pixels_stepped(&images, between)?.to_vec2()?
         };
         Ok(rows
             .into_iter()

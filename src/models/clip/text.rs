@@ -138,7 +138,15 @@ impl TextTower {
         let h = (self.token_embedding.forward(&ids)?
             + self.position_embedding.index_select(&positions, 0)?)?;
         let c = h.dim(1)?;
-        let x = encoder.forward(f32_vec(h)?, &spans, true, encoder.len(), Some(&pool))?;
+        // Texts are short: their passes are not stepped.
+        let x = encoder.forward(
+            f32_vec(h)?,
+            &spans,
+            true,
+            encoder.len(),
+            Some(&pool),
+            &mut || std::ops::ControlFlow::Continue(()),
+        )?;
         let pooled = Tensor::from_vec(x, (seqs.len(), c), device)?;
         let pooled = self.final_ln.forward(&pooled)?;
         Ok(self.projection.forward(&pooled)?)

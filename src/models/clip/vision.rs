@@ -1,6 +1,8 @@
 //! The CLIP vision side: [`ClipVisionTransformer`] (also LLaVA's vision
 //! tower) and, for CLIP, the tower with `visual_projection`.
 
+use std::ops::ControlFlow;
+
 use candle_core::{IndexOp, Module, Tensor};
 use candle_nn::{layer_norm, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
@@ -79,12 +81,26 @@ impl ClipVisionTransformer {
     /// `layers` encoder layers: transformers' `hidden_states[layers]`.
     /// [n, 1 + patches, hidden] from [n, C, S, S] pixels.
     pub fn hidden_states(&self, pixels: &Tensor, layers: usize) -> Result<Tensor, ModelError> {
+        self.hidden_states_stepped(pixels, layers, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Self::hidden_states`], calling `between` before each encoder layer
+    /// (see [`crate::models::EmbeddingModel::embed_stepped`]).
+    pub fn hidden_states_stepped(
+        &self,
+        pixels: &Tensor,
+        layers: usize,
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, ModelError> {
         let x = self.embeddings(pixels, layers)?;
         let fast = match &self.encoder {
             Encoder::Fast(fast) => fast,
             Encoder::Candle(all) => {
                 let mut x = x;
                 for layer in &all[..layers] {
+                    if between().is_break() {
+                        return Err(ModelError::Interrupted);
+                    }
                     x = layer.forward(&x, None)?;
                 }
                 return Ok(x);
@@ -92,7 +108,7 @@ impl ClipVisionTransformer {
         };
         let (n, t, c) = x.dims3()?;
         let spans = Self::spans(n, t);
-        let out = fast.forward(f32_vec(x)?, &spans, false, layers, None)?;
+        let out = fast.forward(f32_vec(x)?, &spans, false, layers, None, between)?;
         Ok(Tensor::from_vec(out, (n, t, c), pixels.device())?)
     }
 
@@ -143,15 +159,24 @@ impl ClipVisionTransformer {
 
     /// `post_layernorm` of the class token after the whole encoder: [n, hidden].
     pub fn pooled(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        self.pooled_stepped(pixels, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Self::pooled`], calling `between` before each encoder layer.
+    pub fn pooled_stepped(
+        &self,
+        pixels: &Tensor,
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, ModelError> {
         let Encoder::Fast(fast) = &self.encoder else {
-            let x = self.hidden_states(pixels, self.num_layers())?;
+            let x = self.hidden_states_stepped(pixels, self.num_layers(), between)?;
             return Ok(self.post_ln.forward(&x.i((.., 0, ..))?)?);
         };
         let x = self.embeddings(pixels, self.num_layers())?;
         let (n, t, c) = x.dims3()?;
         let spans = Self::spans(n, t);
         let pool: Vec<usize> = spans.iter().map(|s| s.start).collect();
-        let cls = fast.forward(f32_vec(x)?, &spans, false, fast.len(), Some(&pool))?;
+        let cls = fast.forward(f32_vec(x)?, &spans, false, fast.len(), Some(&pool), between)?;
         let cls = Tensor::from_vec(cls, (n, c), pixels.device())?;
         Ok(self.post_ln.forward(&cls)?)
     }
@@ -175,8 +200,15 @@ impl VisionTower {
         })
     }
 
-    /// Unnormalised image embeddings, [n, proj], from [n, C, S, S] pixels.
-    pub(super) fn forward(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.projection.forward(&self.transformer.pooled(pixels)?)?)
+    /// Unnormalised image embeddings, [n, proj], from [n, C, S, S] pixels;
+    /// `between` is called before each encoder layer.
+    pub(super) fn forward(
+        &self,
+        pixels: &Tensor,
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, ModelError> {
+        Ok(self
+            .projection
+            .forward(&self.transformer.pooled_stepped(pixels, between)?)?)
     }
 }
