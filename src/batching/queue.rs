@@ -329,14 +329,19 @@ impl Queue {
         self.lock().closed
     }
 
+    /// `vlembed_model_ready` of this model.
+    fn set_ready(&self, ready: bool) {
+        self.metrics
+            .model_ready
+            .with_label_values(&[&self.model])
+            .set(i64::from(ready));
+    }
+
     /// A worker started serving this queue.
     pub fn worker_started(&self) {
         let mut st = self.lock();
         st.live_workers += 1;
-        self.metrics
-            .model_ready
-            .with_label_values(&[&self.model])
-            .set(1);
+        self.set_ready(true);
     }
 
     /// A worker stopped for good. When none is left (live or rebuilding),
@@ -356,10 +361,7 @@ impl Queue {
         st.live_workers = st.live_workers.saturating_sub(1);
         st.recovering += 1;
         if st.live_workers == 0 {
-            self.metrics
-                .model_ready
-                .with_label_values(&[&self.model])
-                .set(0);
+            self.set_ready(false);
         }
     }
 
@@ -368,10 +370,7 @@ impl Queue {
         let mut st = self.lock();
         st.recovering = st.recovering.saturating_sub(1);
         st.live_workers += 1;
-        self.metrics
-            .model_ready
-            .with_label_values(&[&self.model])
-            .set(1);
+        self.set_ready(true);
     }
 
     /// A rebuilding worker gave up (or stopped at shutdown).
@@ -385,10 +384,7 @@ impl Queue {
         if st.live_workers > 0 {
             return;
         }
-        self.metrics
-            .model_ready
-            .with_label_values(&[&self.model])
-            .set(0);
+        self.set_ready(false);
         if st.recovering > 0 {
             return;
         }

@@ -575,18 +575,7 @@ mod tests {
     }
 
     fn run(queue: &Arc<Queue>, costs: &[usize]) -> Vec<Result<Vec<f32>, ItemError>> {
-        let mut a = queue.admit(costs.len()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut rxs = Vec::new();
-        let items = costs
-            .iter()
-            .map(|&c| {
-                let (i, rx) = Item::new(prepared(c), deadline);
-                rxs.push(rx);
-                i
-            })
-            .collect();
-        a.push(items).unwrap();
+        let (_admitted, rxs) = submit(queue, costs, Class::Normal);
         rxs.into_iter()
             .map(|rx| rx.blocking_recv().unwrap_or(Err(ItemError::ShuttingDown)))
             .collect()
