@@ -37,6 +37,10 @@ struct Args {
     /// Comma-separated batch sizes.
     #[arg(long, default_value = "1,8,32")]
     batch_sizes: String,
+    /// Comma-separated batch sizes of the text measurements (default: those
+    /// of --batch-sizes).
+    #[arg(long)]
+    text_batch_sizes: Option<String>,
     /// Timed repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -131,21 +135,30 @@ fn measure(
     Ok(s)
 }
 
+/// Parses a comma-separated list of batch sizes (`flag` names it in errors).
+fn parse_sizes(list: &str, flag: &str) -> anyhow::Result<Vec<usize>> {
+    let sizes: Vec<usize> = list
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{flag}: comma-separated positive integers"))?;
+    if sizes.contains(&0) {
+        bail!("{flag}: 0 is not a batch size");
+    }
+    Ok(sizes)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
-    let batch_sizes: Vec<usize> = args
-        .batch_sizes
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .context("--batch-sizes: comma-separated positive integers")?;
-    if batch_sizes.contains(&0) {
-        bail!("--batch-sizes: 0 is not a batch size");
-    }
+    let batch_sizes = parse_sizes(&args.batch_sizes, "--batch-sizes")?;
+    let text_batch_sizes = match &args.text_batch_sizes {
+        Some(s) => parse_sizes(s, "--text-batch-sizes")?,
+        None => batch_sizes.clone(),
+    };
     let (images, texts) = load_inputs(&args.inputs)?;
 
     let source = ModelSource::parse(&args.model, None);
@@ -204,7 +217,8 @@ fn main() -> anyhow::Result<()> {
                 median(&s.preprocess) * 1e3 / b as f64
             );
         }
-
+    }
+    for &b in &text_batch_sizes {
         let batch: Vec<Input> = (0..b)
             .map(|k| Input::text(texts[k % texts.len()].clone()))
             .collect();

@@ -60,7 +60,7 @@ HELPER="$REPO/scripts/bench_reference.py"
 
 if [[ $QUICK == 1 ]]; then
     MODE=quick
-    BATCHES=1,8
+    BATCHES=1,4,8       # 4: the image batches the server forms (max_batch_cost 1024 / 224)
     REPS=3
     WARMUP=1
     TEXT_REPS=20
@@ -69,7 +69,7 @@ if [[ $QUICK == 1 ]]; then
     LEVELS="1 8 32 64"
 else
     MODE=full
-    BATCHES=1,8,32
+    BATCHES=1,4,8,32
     REPS=5
     WARMUP=1
     TEXT_REPS=50
@@ -77,6 +77,8 @@ else
     MIXED_CLIENTS="8 32"
     LEVELS="1 8 32 64"
 fi
+TEXT_BATCHES=1,8,32     # 32: the text batches 32 single-text clients get
+TEXT_CLIENTS=32
 REQ_TIMEOUT=120         # per request, seconds (the server's own limit is 30 s)
 
 log() { printf '\n[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -174,6 +176,8 @@ EX=$REPO/target/release/examples
     echo "model_dir=$MODEL"
     echo "weights_bytes=$(find "$MODEL" -maxdepth 1 -name 'model*.safetensors' -printf '%s\n' | awk '{s+=$1} END{print s+0}')"
     echo "batches=$BATCHES"
+    echo "text_batches=$TEXT_BATCHES"
+    echo "text_clients=$TEXT_CLIENTS"
     echo "reps=$REPS"
     echo "warmup=$WARMUP"
     echo "load_s=$LOAD_S"
@@ -189,14 +193,14 @@ cpu_mark idle-5s
 # --- 1. the model alone --------------------------------------------------------
 log "model alone (vlembed, $BATCHES)"
 timeout 3600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
-    --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/model.json"
+    --text-batch-sizes "$TEXT_BATCHES" --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/model.json"
 cpu_mark model
 
 # --- 2. the PyTorch reference --------------------------------------------------
 if [[ $REFERENCE == 1 ]]; then
     log "model alone (PyTorch reference, f32 and bf16 autocast)"
     timeout 3600 "$PY" "$HELPER" run --model "$MODEL" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
-        --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/reference.json"
+        --text-batch-sizes "$TEXT_BATCHES" --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/reference.json"
 fi
 cpu_mark reference
 
@@ -204,7 +208,9 @@ cpu_mark reference
 PORT=${VLEMBED_BENCH_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 URL="http://127.0.0.1:$PORT"
 log "server on $URL"
-VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --port "$PORT" \
+# The embedding cache is off: the benchmark repeats its 32 inputs, and it
+# measures the model behind the server, not cache hits.
+VLEMBED_MODEL_DEFAULTS__EMBEDDING_CACHE_BYTES=0 VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --port "$PORT" \
     >"$RUN/server.log" 2>&1 &
 SERVER_PID=$!
 echo "$SERVER_PID" >"$RUN/server.pid"
@@ -226,6 +232,14 @@ rss_all() {
 echo "ready $(rss_all)" >"$RUN/rss.txt"
 curl -fsS -m 5 "$URL/info" >"$RUN/info.json" || true
 "$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-idle.json"
+
+# Batches the server formed: counters of its vlembed_batch_size histogram
+# before and after each scenario ("label count sum" lines).
+batch_mark() {
+    curl -fsS -m 5 "$URL/metrics" 2>/dev/null | awk -v label="$1" '
+        /^vlembed_batch_size_count/ {c += $2} /^vlembed_batch_size_sum/ {s += $2}
+        END {print label, c + 0, s + 0}' >>"$RUN/batches.txt" || true
+}
 
 LG=("$EX/loadgen" --url "$URL" --images-dir "$INPUTS/images" --texts-file "$INPUTS/texts.txt"
     --timeout "$REQ_TIMEOUT")
@@ -249,13 +263,23 @@ timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --concurrency 0 --mixed --dura
 "$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-before.json"
 for n in $LEVELS; do
     log "server: $n concurrent clients, single images, $LOAD_S s"
+    batch_mark "before-images-c$n"
     timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --concurrency "$n" --duration "$LOAD_S" \
         --label "images-c$n" --json "$RUN/server-c$n.json"
+    batch_mark "after-images-c$n"
     echo "c$n $(rss_all)" >>"$RUN/rss.txt"
     cpu_mark "server-c$n"
     settle
 done
 "$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-after.json"
+
+log "server: $TEXT_CLIENTS concurrent clients, single short texts, $LOAD_S s"
+batch_mark "before-texts-c$TEXT_CLIENTS"
+timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --kind text --concurrency "$TEXT_CLIENTS" \
+    --duration "$LOAD_S" --label "texts-c$TEXT_CLIENTS" --json "$RUN/texts-c$TEXT_CLIENTS.json"
+batch_mark "after-texts-c$TEXT_CLIENTS"
+cpu_mark "server-texts"
+settle
 
 for n in $MIXED_CLIENTS; do
     log "server: mixed, $n image clients + a query client (one short text every $QUERY_MS ms), $LOAD_S s"

@@ -221,6 +221,7 @@ def run(args):
     processor = CLIPProcessor.from_pretrained(args.model)
     load_s = time.perf_counter() - t0
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    text_batch_sizes = [int(b) for b in (args.text_batch_sizes or args.batch_sizes).split(",") if b]
     result = {
         "tool": "pytorch",
         "torch": torch.__version__,
@@ -266,6 +267,7 @@ def run(args):
             print(f"pytorch {precision} images b={b}: {res['image'][str(b)]['per_s']:.2f}/s "
                   f"(forward only {res['image_forward'][str(b)]['per_s']:.2f}/s)", file=sys.stderr)
 
+        for b in text_batch_sizes:
             tb = cycle(texts, b)
 
             def text_step(tb=tb):
@@ -413,6 +415,35 @@ def _thread_groups(before, after):
     return sorted(groups.items(), key=lambda kv: -kv[1]["cpu_s"])
 
 
+def _batches_formed(run):
+    """Mean batch size per scenario, from the before-/after- marks in batches.txt."""
+    marks = {}
+    try:
+        with open(os.path.join(run, "batches.txt")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3:
+                    marks[parts[0]] = (float(parts[1]), float(parts[2]))
+    except OSError:
+        return {}
+    out = {}
+    for name, (c1, s1) in marks.items():
+        if not name.startswith("after-"):
+            continue
+        label = name[len("after-"):]
+        c0, s0 = marks.get("before-" + label, (None, None))
+        if c0 is not None and c1 > c0:
+            out[label] = (s1 - s0) / (c1 - c0)
+    return out
+
+
+def _nearest(sizes, mean):
+    """The measured batch size nearest to `mean` (None without one)."""
+    if mean is None or not sizes:
+        return None
+    return min(sizes, key=lambda b: abs(b - mean))
+
+
 def render(run):
     meta = {}
     with open(os.path.join(run, "meta.txt")) as f:
@@ -428,6 +459,9 @@ def render(run):
     pt32 = _get(ref, "precisions", "f32") or {}
     pt16 = _get(ref, "precisions", "bf16") or {}
     batches = [int(b) for b in meta.get("batches", "1,8,32").split(",") if b]
+    text_batches = [int(b) for b in meta.get("text_batches", meta.get("batches", "1,8,32")).split(",")
+                    if b]
+    formed = _batches_formed(run)
 
     # CPU taken by other processes, per stage
     tick = os.sysconf("SC_CLK_TCK")
@@ -486,11 +520,11 @@ def render(run):
     out.append("| measure | batch | vlembed | PyTorch f32 | PyTorch bf16 autocast "
                "| vlembed ÷ PyTorch f32 | vlembed ÷ PyTorch bf16 |")
     out.append("|---|---:|---:|---:|---:|---:|---:|")
-    rows = [("images/s, preprocessing included", "image"),
-            ("images/s, forward only", "image_forward"),
-            ("texts/s (tokenize + forward)", "text")]
-    for label, key in rows:
-        for b in batches:
+    rows = [("images/s, preprocessing included", "image", batches),
+            ("images/s, forward only", "image_forward", batches),
+            ("texts/s (tokenize + forward)", "text", text_batches)]
+    for label, key, sizes in rows:
+        for b in sizes:
             v = _get(vl, key, str(b), "per_s")
             a = _get(pt32, key, str(b), "per_s")
             c = _get(pt16, key, str(b), "per_s")
@@ -518,9 +552,13 @@ def render(run):
     out.append(f"Closed loop: N clients each send one request at a time for {meta.get('load_s', '?')} s, "
                "then the requests in flight finish; the load generator runs on the same cores.")
     out.append("")
+    out.append("Mean batch: the batches the server formed (its `vlembed_batch_size` histogram); "
+               "\"÷ model\": images/s ÷ the model alone (preprocessing included) at the measured "
+               "batch size nearest to it.")
+    out.append("")
     out.append("| clients | requests | ok | errors | images/s | p50 ms | p95 ms | p99 ms | max ms "
-               "| load generator CPU, cores |")
-    out.append("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+               "| mean batch | ÷ model | load generator CPU, cores |")
+    out.append("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     levels = sorted(int(f[len("server-c"):-5]) for f in os.listdir(run)
                     if f.startswith("server-c") and f.endswith(".json"))
     server = {}
@@ -530,14 +568,18 @@ def render(run):
         server[n] = m
         lat = m.get("latency_ms", {})
         errs = ", ".join(f"{k}: {v}" for k, v in (m.get("errors") or {}).items()) or "0"
+        mean = formed.get(f"images-c{n}")
+        near = _nearest(batches, mean)
+        alone = _get(vl, "image", str(near), "per_s") if near else None
         out.append(f"| {n} | {m.get('requests', '–')} | {m.get('ok', '–')} | {errs} "
                    f"| {_fmt(m.get('throughput_per_s'))} | {_fmt(lat.get('p50'))} "
                    f"| {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | {_fmt(lat.get('max'))} "
+                   f"| {_fmt(mean)} | {_fmt(_ratio(m.get('throughput_per_s'), alone))} "
                    f"| {_fmt(_get(r, 'client_cpu', 'cores'))} |")
     out.append("")
     if levels:
         top = max(levels)
-        big = max(batches)
+        big = _nearest(batches, formed.get(f"images-c{top}")) or max(batches)
         s = _get(server, top, "throughput_per_s")
         m = _get(vl, "image", str(big), "per_s")
         if s is not None and m is not None:
@@ -553,6 +595,33 @@ def render(run):
                        f"{100 * (_get(server, best, 'throughput_per_s') or 0) / m:.0f}% with "
                        f"{best} client{'s' if best != 1 else ''}).")
             out.append("")
+
+    # texts
+    tc = meta.get("text_clients", "32")
+    tr = _read_json(os.path.join(run, f"texts-c{tc}.json"))
+    if tr:
+        m = tr.get("main", {})
+        lat = m.get("latency_ms", {})
+        errs = ", ".join(f"{k}: {v}" for k, v in (m.get("errors") or {}).items()) or "0"
+        mean = formed.get(f"texts-c{tc}")
+        near = _nearest(text_batches, mean)
+        tps = m.get("throughput_per_s")
+        alone = _get(vl, "text", str(near), "per_s") if near else None
+        p32 = _get(pt32, "text", str(near), "per_s") if near else None
+        p16 = _get(pt16, "text", str(near), "per_s") if near else None
+        out.append(f"#### Server end to end, texts ({tc} clients, one short text per request)")
+        out.append("")
+        out.append(f"Closed loop as above. \"÷ model\": texts/s ÷ the model alone (tokenize + "
+                   f"forward) at batch {near if near else '?'}, the measured size nearest to the "
+                   "mean batch the server formed; the same for PyTorch (in-process batching).")
+        out.append("")
+        out.append("| texts/s | errors | p50 ms | p99 ms | mean batch | ÷ model | ÷ PyTorch f32 "
+                   "| ÷ PyTorch bf16 | load generator CPU, cores |")
+        out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append(f"| {_fmt(tps)} | {errs} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} "
+                   f"| {_fmt(mean)} | {_fmt(_ratio(tps, alone))} | {_fmt(_ratio(tps, p32))} "
+                   f"| {_fmt(_ratio(tps, p16))} | {_fmt(_get(tr, 'client_cpu', 'cores'))} |")
+        out.append("")
 
     # mixed
     idle = _read_json(os.path.join(run, "text-idle.json")) or {}
@@ -669,6 +738,8 @@ def main():
     r.add_argument("--model", required=True)
     r.add_argument("--inputs", required=True)
     r.add_argument("--batch-sizes", default="1,8,32")
+    r.add_argument("--text-batch-sizes", help="batch sizes of the text measurements "
+                   "(default: --batch-sizes)")
     r.add_argument("--reps", type=int, default=5)
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--text-latency-reps", type=int, default=50)

@@ -823,6 +823,7 @@ fn every_response_type_conforms_to_openapi() {
             max_batch_size: 32,
             max_delay_ms: 5,
             max_queue_inputs: 1024,
+            refill_wait_ms: 10,
         },
         devices: vec!["cpu".into()],
         dimensions: loaded.then_some(16),

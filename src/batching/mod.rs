@@ -29,7 +29,9 @@ use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor, RequestImagesError};
 use crate::vector::l2_normalize;
 pub use cache::{CacheKey, EmbeddingCache};
-pub use queue::{Admission, AdmitError, Class, Item, ItemError, ItemResult, Queue, PRIORITY_BURST};
+pub use queue::{
+    Admission, AdmitError, Class, Item, ItemError, ItemResult, Queue, Refill, PRIORITY_BURST,
+};
 pub use trace::RequestTrace;
 
 /// How a request wants its inputs handled.

@@ -181,6 +181,10 @@ pub struct BatchLimits {
     pub max_batch_cost: usize,
     pub max_queue_inputs: usize,
     pub max_delay: Duration,
+    /// After a batch, how long a worker may wait for as much work as it
+    /// had to come back (at most a quarter of its run time; see
+    /// [`crate::batching::Refill`]). Zero: never.
+    pub refill_wait: Duration,
 }
 
 /// One served model, after defaults are applied and values validated.
@@ -350,6 +354,7 @@ struct RawModel {
     max_batch_cost: usize,
     max_queue_inputs: usize,
     max_delay_ms: u64,
+    refill_wait_ms: u64,
     max_image_pixels: u64,
     max_request_image_pixels: u64,
     max_input_tokens: usize,
@@ -699,6 +704,7 @@ fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError>
             max_batch_cost: raw.max_batch_cost,
             max_queue_inputs: raw.max_queue_inputs,
             max_delay: Duration::from_millis(raw.max_delay_ms),
+            refill_wait: Duration::from_millis(raw.refill_wait_ms),
         },
         max_image_pixels: raw.max_image_pixels,
         max_request_image_pixels: raw.max_request_image_pixels,

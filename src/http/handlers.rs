@@ -424,6 +424,8 @@ pub async fn info(State(st): State<AppState>) -> Response {
                     max_delay_ms: u64::try_from(c.batching.max_delay.as_millis())
                         .unwrap_or(u64::MAX),
                     max_queue_inputs: c.batching.max_queue_inputs,
+                    refill_wait_ms: u64::try_from(c.batching.refill_wait.as_millis())
+                        .unwrap_or(u64::MAX),
                 },
                 devices: c.devices.iter().map(|d| d.to_string()).collect(),
                 dimensions: info.map(|i| i.dimensions),

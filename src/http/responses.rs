@@ -259,6 +259,7 @@ pub struct BatchingInfo {
     pub max_batch_size: usize,
     pub max_delay_ms: u64,
     pub max_queue_inputs: usize,
+    pub refill_wait_ms: u64,
 }
 
 #[cfg(test)]
@@ -375,6 +376,7 @@ mod tests {
                     max_batch_size: 5,
                     max_delay_ms: 6,
                     max_queue_inputs: 7,
+                    refill_wait_ms: 13,
                 },
                 devices: vec!["cpu".into()],
                 dimensions: Some(16),
@@ -409,7 +411,7 @@ mod tests {
                 "max_input_tokens": null, "max_request_image_pixels": 12,
                 "embedding_cache": {"capacity_bytes": 9, "bytes": 0, "entries": 0},
                 "batching": {"max_batch_size": 5, "max_batch_cost": 4,
-                    "max_queue_inputs": 7, "max_delay_ms": 6},
+                    "max_queue_inputs": 7, "max_delay_ms": 6, "refill_wait_ms": 13},
             }],
             "limits": {"max_body_bytes": 1, "max_inputs_per_request": 2,
                 "request_timeout_ms": 3, "max_image_bytes": 10, "max_text_chars": 11,

@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batching::trace::{self, RequestTrace};
-use crate::batching::{Class, Item, ItemError, ItemResult, Queue, PRIORITY_BURST};
+use crate::batching::{Class, Item, ItemError, ItemResult, Queue, Refill, PRIORITY_BURST};
 use crate::metrics::Metrics;
 use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
 use crate::preprocess::Prepared;
@@ -391,10 +391,28 @@ fn serve(
         inference: metrics.inference_duration.with_label_values(&[&model]),
         model,
     };
-    while let Some(batch) = queue.next_batch() {
+    let max_wait = queue.limits().refill_wait;
+    let mut refill = None;
+    while let Some(batch) = queue.next_batch_after(refill) {
+        // What the batch was, for the refill wait after it (see `Refill`).
+        let start = Instant::now();
+        let class = batch.iter().map(|i| i.class).max();
+        let inputs = batch.len();
+        let cost = batch.iter().map(|i| i.prepared.cost).sum();
         if run_batch(&cx, batch, true)? {
             *in_a_row = 0;
         }
+        let ended = Instant::now();
+        refill = class.and_then(|class| {
+            Refill::after(
+                class,
+                inputs,
+                cost,
+                ended.duration_since(start),
+                ended,
+                max_wait,
+            )
+        });
     }
     Ok(())
 }
@@ -534,6 +552,7 @@ mod tests {
             max_batch_cost: 1000,
             max_queue_inputs: 100,
             max_delay: Duration::ZERO,
+            refill_wait: Duration::ZERO,
         }
     }
 
