@@ -104,6 +104,8 @@ struct Sample {
     latency: Duration,
     /// `None` when it succeeded; else a short error class ("503", "timeout", ...).
     error: Option<String>,
+    /// The `Retry-After` of a refusal (429, 503), in seconds.
+    retry_after: Option<Duration>,
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -198,9 +200,15 @@ async fn send(client: &reqwest::Client, url: &str, body: &'static [u8]) -> Sampl
         .body(body)
         .send()
         .await;
+    let mut retry_after = None;
     let error = match res {
         Ok(r) => {
             let status = r.status();
+            retry_after = r
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             // Read the whole body so the connection can be reused.
             match r.bytes().await {
                 Ok(b) if status.is_success() && b.starts_with(b"{") => None,
@@ -217,6 +225,7 @@ async fn send(client: &reqwest::Client, url: &str, body: &'static [u8]) -> Sampl
     Sample {
         latency: start.elapsed(),
         error,
+        retry_after,
     }
 }
 
@@ -379,10 +388,16 @@ async fn main() -> anyhow::Result<()> {
                 let body = bodies[(n + c) % bodies.len()];
                 let sample = send(&client, &url, body).await;
                 let failed = sample.error.is_some();
+                let retry_after = sample.retry_after;
                 samples.push(sample);
                 if failed {
-                    // No tight loop against a server that refuses or is gone.
-                    tokio::time::sleep(ERROR_BACKOFF).await;
+                    // No tight loop against a server that refuses or is
+                    // gone: a refusal's Retry-After is honoured, as a
+                    // well-behaved client would (within the run's time).
+                    let pause = retry_after
+                        .map(|r| r.min(stop_at.saturating_duration_since(Instant::now())))
+                        .unwrap_or(ERROR_BACKOFF);
+                    tokio::time::sleep(pause).await;
                 }
             }
             (samples, Instant::now())

@@ -273,6 +273,16 @@ for n in $LEVELS; do
 done
 "$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-after.json"
 
+# The model alone at the text batch size, just before and after the server's
+# text phase (the server idles meanwhile): on a shared VM its speed drifts by
+# ±10% within minutes, more than the overhead measured, so the server is
+# compared with these two runs rather than with stage 1.
+text_model_mark() {
+    timeout 600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --inputs "$INPUTS" --no-images \
+        --batch-sizes 1 --text-batch-sizes "${TEXT_BATCHES##*,}" --reps "$REPS" --warmup "$WARMUP" \
+        --text-latency-reps 1 --json "$RUN/model-texts-$1.json" 2>/dev/null || true
+}
+text_model_mark before
 log "server: $TEXT_CLIENTS concurrent clients, single short texts, $LOAD_S s"
 batch_mark "before-texts-c$TEXT_CLIENTS"
 timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --kind text --concurrency "$TEXT_CLIENTS" \
@@ -280,6 +290,7 @@ timeout $((LOAD_S + REQ_TIMEOUT + 60)) "${LG[@]}" --kind text --concurrency "$TE
 batch_mark "after-texts-c$TEXT_CLIENTS"
 cpu_mark "server-texts"
 settle
+text_model_mark after
 
 for n in $MIXED_CLIENTS; do
     log "server: mixed, $n image clients + a query client (one short text every $QUERY_MS ms), $LOAD_S s"

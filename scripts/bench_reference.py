@@ -607,13 +607,28 @@ def render(run):
         near = _nearest(text_batches, mean)
         tps = m.get("throughput_per_s")
         alone = _get(vl, "text", str(near), "per_s") if near else None
+        # The model alone measured just before and after this phase, when
+        # there (see bench.sh: text_model_mark).
+        brackets = []
+        for when in ("before", "after"):
+            d = _read_json(os.path.join(run, f"model-texts-{when}.json")) or {}
+            for b, r in (_get(d, "precisions", vl_dtype, "text") or {}).items():
+                brackets.append((int(b), r.get("per_s")))
+        bracket_b = sorted({b for b, _ in brackets})
+        bnear = _nearest(bracket_b, mean)
+        around = [v for b, v in brackets if b == bnear and v]
+        if around:
+            near, alone = bnear, sum(around) / len(around)
         p32 = _get(pt32, "text", str(near), "per_s") if near else None
         p16 = _get(pt16, "text", str(near), "per_s") if near else None
         out.append(f"#### Server end to end, texts ({tc} clients, one short text per request)")
         out.append("")
         out.append(f"Closed loop as above. \"÷ model\": texts/s ÷ the model alone (tokenize + "
                    f"forward) at batch {near if near else '?'}, the measured size nearest to the "
-                   "mean batch the server formed; the same for PyTorch (in-process batching).")
+                   "mean batch the server formed"
+                   + (f", measured just before and after this phase ({' and '.join(_fmt(v) for v in around)}"
+                      " texts/s; the machine's speed drifts between stages)" if around else "")
+                   + "; the same for PyTorch (in-process batching, from the table above).")
         out.append("")
         out.append("| texts/s | errors | p50 ms | p99 ms | mean batch | ÷ model | ÷ PyTorch f32 "
                    "| ÷ PyTorch bf16 | load generator CPU, cores |")
