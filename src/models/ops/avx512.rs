@@ -62,6 +62,62 @@ fn pair(lo: f32, hi: f32) -> u32 {
     from_f32(lo) as u32 | ((from_f32(hi) as u32) << 16)
 }
 
+/// Rounds one row of activations to bf16 pairs as [`pair`] does (the same
+/// bits, NaN included), 16 values per instruction: this conversion took 9%
+/// of a bf16 text batch's time when done one value at a time.
+///
+/// # Safety
+///
+/// The CPU must have AVX512-F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let vectors = src.len().min(2 * dst.len()) / 16;
+    let out = dst.as_mut_ptr().cast::<u16>();
+    let one = _mm512_set1_epi32(1);
+    let bias = _mm512_set1_epi32(0x7fff);
+    let qnan = _mm512_set1_epi32(0x7fc0);
+    for v in 0..vectors {
+        // SAFETY: AVX512-F is this function's contract. The load reads 16
+        // values from index 16v, and 16v + 16 <= src.len(); the store
+        // writes 16 u16 from u16 index 16v, and 16v + 16 <= 2 * dst.len(),
+        // so inside `dst` (a u32 word holds the even value in its low half
+        // and the odd one in its high half: the u16s' little-endian order).
+        // Both are unaligned accesses.
+        unsafe {
+            let x = _mm512_loadu_ps(src.as_ptr().add(16 * v));
+            let b = _mm512_castps_si512(x);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(b, bias), lsb));
+            let r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), qnan);
+            _mm256_storeu_si256(out.add(16 * v).cast::<__m256i>(), _mm512_cvtepi32_epi16(r));
+        }
+    }
+    pack_pairs(src, dst, 8 * vectors);
+}
+
+/// Without x86-64 no `PackedBf16` is ever made; this keeps `matmul`
+/// compiling.
+///
+/// # Safety
+///
+/// None needed: plain Rust.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
+    pack_pairs(src, dst, 0);
+}
+
+/// `dst[p] = pair(src[2p], src[2p + 1])` from word `from` on (zero past
+/// the end of `src`).
+fn pack_pairs(src: &[f32], dst: &mut [u32], from: usize) {
+    for (p, d) in dst.iter_mut().enumerate().skip(from) {
+        let lo = src.get(2 * p).copied().unwrap_or(0.0);
+        let hi = src.get(2 * p + 1).copied().unwrap_or(0.0);
+        *d = pair(lo, hi);
+    }
+}
+
 /// Checks the operands of `y[rows, n] (+)= x[rows, k] · Wᵀ + bias`.
 fn check(
     what: &str,
@@ -160,13 +216,9 @@ impl PackedBf16 {
         let mut xb = vec![0u32; rows * kp];
         xb.par_chunks_mut(kp)
             .zip(x.par_chunks(k))
-            .for_each(|(dst, src)| {
-                for (p, d) in dst.iter_mut().enumerate() {
-                    let lo = src[2 * p];
-                    let hi = src.get(2 * p + 1).copied().unwrap_or(0.0);
-                    *d = pair(lo, hi);
-                }
-            });
+            // SAFETY: `PackedBf16` exists only when the CPU has AVX512-F
+            // (see `new`), the feature `pack_row` needs.
+            .for_each(|(dst, src)| unsafe { pack_row(src, dst) });
         let out = SendPtr(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
         (0..panels).into_par_iter().for_each(|pi| {
@@ -438,6 +490,57 @@ unsafe fn store_tile<const R: usize>(acc: &[[std::arch::x86_64::__m512; 4]; R], 
                 }
                 _mm512_mask_storeu_ps(d, mask, y);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector rounding gives the scalar rule's bits for every kind of
+    /// value (normal, ties, denormals, infinities, NaN) and row length.
+    #[test]
+    fn pack_row_equals_the_scalar_rounding() {
+        if !available_f32() {
+            eprintln!("no AVX-512F here: nothing to compare");
+            return;
+        }
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_7fff),
+            f32::MIN_POSITIVE / 3.0,
+            -f32::MIN_POSITIVE / 7.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0xffc0_0001),
+        ];
+        let mut seed = 0x9e37_79b9u32;
+        for k in [1usize, 2, 15, 16, 17, 31, 32, 33, 64, 77, 512] {
+            let src: Vec<f32> = (0..k)
+                .map(|i| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    if i % 5 == 0 {
+                        specials[(seed >> 8) as usize % specials.len()]
+                    } else {
+                        f32::from_bits(seed)
+                    }
+                })
+                .collect();
+            let kp = k.div_ceil(2);
+            let mut want = vec![0u32; kp];
+            pack_pairs(&src, &mut want, 0);
+            let mut got = vec![u32::MAX; kp];
+            // SAFETY: AVX-512F was checked above.
+            unsafe { pack_row(&src, &mut got) };
+            assert_eq!(got, want, "k = {k}");
         }
     }
 }
