@@ -480,3 +480,60 @@ fn image_token_count_must_match_the_features() {
     let err = e.embed_prepared(&[&p], true).unwrap_err().to_string();
     assert!(err.contains("tiles"), "{err}");
 }
+
+/// A batch of texts, images and composed inputs run stepped (the worker's
+/// preemption hook called before every vision and decoder layer) gives the
+/// vectors of an uninterrupted pass bit for bit, and a `Break` from the
+/// hook stops the pass.
+#[test]
+fn stepped_passes_equal_uninterrupted_ones_and_can_be_stopped() {
+    use std::ops::ControlFlow;
+    use vlembed::models::ModelError;
+    for model in MODELS {
+        let e = load(model);
+        let r = mllm_reference(model);
+        let cases = r["cases"].as_array().unwrap();
+        let prepared: Vec<Prepared> = cases
+            .iter()
+            .filter_map(input_of)
+            .map(|input| e.prepare(&input, false).unwrap())
+            .collect();
+        let with_image = prepared.iter().filter(|p| p.pixels.is_some()).count();
+        assert!(
+            with_image > 0 && with_image < prepared.len(),
+            "{model}: mix texts and images"
+        );
+        let refs: Vec<&Prepared> = prepared.iter().collect();
+        let replica = e.loaded.replica(&DeviceSpec::Cpu.open().unwrap()).unwrap();
+        let plain = replica.embed(&refs).unwrap();
+        let mut calls = 0usize;
+        let stepped = replica
+            .embed_stepped(&refs, &mut || {
+                calls += 1;
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(stepped, plain, "{model}: stepped vectors differ");
+        // Every decoder layer (2 or 3) and vision layer run at least once.
+        assert!(calls > 3, "{model}: the hook ran {calls} times");
+        for stop_at in [1, calls / 2, calls] {
+            let mut n = 0usize;
+            let out = replica.embed_stepped(&refs, &mut || {
+                n += 1;
+                if n == stop_at {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+            assert!(
+                matches!(out, Err(ModelError::Interrupted)),
+                "{model}: a Break at call {stop_at} of {calls} did not stop the pass"
+            );
+        }
+        eprintln!(
+            "{model}: {} inputs ({with_image} with an image), hook called {calls} times",
+            prepared.len()
+        );
+    }
+}

@@ -20,6 +20,8 @@
 //! `vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline`);
 //! `lm_head.weight` is never read.
 
+use std::ops::ControlFlow;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 use serde_json::Value;
@@ -283,6 +285,7 @@ pub struct LlavaModel {
 fn decoder_error(e: DecoderError) -> ModelError {
     match e {
         DecoderError::Input(m) => ModelError::Batch(m),
+        DecoderError::Interrupted => ModelError::Interrupted,
         DecoderError::Candle(e) => ModelError::Candle(e),
     }
 }
@@ -309,7 +312,12 @@ impl LlavaModel {
 
     /// Projected patch features of tiles `[n, 3, S, S]` (f32 data):
     /// [n, patches, text hidden].
-    fn tile_features(&self, data: &[f32], n: usize) -> Result<Tensor, ModelError> {
+    fn tile_features(
+        &self,
+        data: &[f32],
+        n: usize,
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, ModelError> {
         let s = self.cfg.vision_config.image_size;
         let per = 3 * s * s;
         let mut out = Vec::new();
@@ -322,7 +330,9 @@ impl LlavaModel {
                 &self.device,
             )?
             .to_dtype(self.dtype)?;
-            let h = self.vision.hidden_states(&px, self.cfg.vision_layer)?;
+            let h = self
+                .vision
+                .hidden_states_stepped(&px, self.cfg.vision_layer, between)?;
             let tokens = h.dim(1)?;
             let h = h.narrow(1, 1, tokens - 1)?;
             let h = self.proj2.forward(&self.proj1.forward(&h)?.gelu_erf()?)?;
@@ -372,6 +382,18 @@ impl LlavaModel {
         ids: &[&[u32]],
         images: &[Option<ImageTiles<'_>>],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_ids_stepped(ids, images, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Self::embed_ids`], calling `between` before each layer of the
+    /// vision tower (per chunk of tiles) and of the decoder (per group of
+    /// sequences); see [`EmbeddingModel::embed_stepped`].
+    pub fn embed_ids_stepped(
+        &self,
+        ids: &[&[u32]],
+        images: &[Option<ImageTiles<'_>>],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let n = ids.len();
         if images.len() != n {
             return Err(ModelError::Batch("ids and images differ in number".into()));
@@ -394,7 +416,7 @@ impl LlavaModel {
         }
         let mut packed: Vec<Tensor> = Vec::new();
         if total_tiles > 0 {
-            let feats = self.tile_features(&all_tiles, total_tiles)?;
+            let feats = self.tile_features(&all_tiles, total_tiles, between)?;
             let mut at = 0;
             for im in images.iter().flatten() {
                 packed.push(self.pack(&feats.narrow(0, at, im.tiles)?, im.size)?);
@@ -485,7 +507,7 @@ impl LlavaModel {
                 .reshape((group.len(), t, hidden))?;
             let h = self
                 .decoder
-                .forward_last(&x, &lens)
+                .forward_last_stepped(&x, &lens, between)
                 .map_err(decoder_error)?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
@@ -500,6 +522,16 @@ impl LlavaModel {
 
 impl EmbeddingModel for LlavaModel {
     fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
+    }
+
+    /// Stepped before each layer of the vision tower and of the decoder: a
+    /// query waits for one layer of an indexing batch, not for the batch.
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let s = self.cfg.vision_config.image_size;
         let mut ids = Vec::with_capacity(batch.len());
         let mut images = Vec::with_capacity(batch.len());
@@ -529,7 +561,7 @@ impl EmbeddingModel for LlavaModel {
                 }
             });
         }
-        self.embed_ids(&ids, &images)
+        self.embed_ids_stepped(&ids, &images, between)
     }
 }
 

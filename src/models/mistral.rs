@@ -16,6 +16,8 @@
 //! a large finite negative and softmax runs in `f32` (as upstream upcasts it),
 //! so fully masked rows never turn into NaN in f16/bf16.
 
+use std::ops::ControlFlow;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
@@ -521,6 +523,23 @@ impl MistralModel {
     /// [b, hidden]: [`forward`](Self::forward) at position `lens[i] - 1`,
     /// with the last layer computed for that token only.
     pub fn forward_last(&self, embeds: &Tensor, lens: &[usize]) -> Result<Tensor, DecoderError> {
+        self.forward_last_stepped(embeds, lens, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Self::forward_last`], calling `between` before each layer (the
+    /// hidden states are kept meanwhile; `Break` stops the pass with
+    /// [`DecoderError::Interrupted`]). The same layers run in the same
+    /// order: the result is that of `forward_last`, bit for bit.
+    pub fn forward_last_stepped(
+        &self,
+        embeds: &Tensor,
+        lens: &[usize],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, DecoderError> {
+        let mut step = || match between() {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(()) => Err(DecoderError::Interrupted),
+        };
         let (b, t) = self.check(embeds, lens)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         let Some((last, rest)) = self.layers.split_last() else {
@@ -531,9 +550,11 @@ impl MistralModel {
         if !rest.is_empty() {
             let (rope, mask) = self.setup(lens, t, false)?;
             for layer in rest {
+                step()?;
                 x = layer.forward(&x, None, &rope, &mask)?;
             }
         }
+        step()?;
         let (rope, mask) = self.setup(lens, t, true)?;
         let idx = last_index(lens, t, &self.device)?;
         let x = last.forward(&x, Some(&idx), &rope, &mask)?;
@@ -556,6 +577,9 @@ fn last_index(lens: &[usize], t: usize, dev: &Device) -> candle_core::Result<Ten
 pub enum DecoderError {
     #[error("invalid decoder input: {0}")]
     Input(String),
+    /// The caller's `between` hook asked the pass to stop.
+    #[error("the pass was interrupted between two layers")]
+    Interrupted,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

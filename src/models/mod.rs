@@ -161,8 +161,10 @@ pub trait EmbeddingModel: Send {
     /// [`ModelError::Interrupted`]. Results are those of `embed`, bit for
     /// bit: the same steps run in the same order.
     ///
-    /// The default (families whose passes are not stepped: LLaVA) calls
-    /// `embed` and never `between`: such a batch is only preempted at its end.
+    /// Both families step (CLIP: its vision tower; LLaVA: its vision tower
+    /// and its decoder). The default, for models whose passes are not
+    /// stepped, calls `embed` and never `between`: such a batch is only
+    /// preempted at its end.
     fn embed_stepped(
         &self,
         batch: &[&Prepared],
