@@ -244,8 +244,7 @@ impl Batcher {
     ) -> Result<Embedded, EmbedError> {
         self.check_images(&inputs)?;
         let class = opts.priority.unwrap_or_else(|| Class::auto(&inputs));
-        let mut admission = self.queue.admit(inputs.len())?;
-        admission.set_class(class);
+        let mut admission = self.queue.admit_class(inputs.len(), class)?;
         let prep_start = Instant::now();
         let prepared = self.prepare_all(inputs, opts.truncate).await?;
         if let Some(t) = &opts.trace {

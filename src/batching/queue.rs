@@ -322,6 +322,18 @@ impl Queue {
 
     /// Reserves room for `n` inputs of a `Normal` request, or refuses at once
     /// when the queue is full.
+    /// The admission bound of `class`: `max_queue_inputs`, and for `High`
+    /// one batch more (`max_batch_size`), so that a queue filled with bulk
+    /// work to its bound still admits queries; bulk work is refused until
+    /// the queue is below `max_queue_inputs` again.
+    pub fn capacity(&self, class: Class) -> usize {
+        let base = self.limits.max_queue_inputs;
+        match class {
+            Class::High => base.saturating_add(self.limits.max_batch_size),
+            Class::Normal | Class::Low => base,
+        }
+    }
+
     pub fn admit(self: &Arc<Self>, n: usize) -> Result<Admission, AdmitError> {
         self.admit_class(n, Class::Normal)
     }
@@ -337,12 +349,13 @@ impl Queue {
                 model: self.model.clone(),
             });
         }
-        if st.admitted.saturating_add(n) > self.limits.max_queue_inputs {
+        let capacity = self.capacity(class);
+        if st.admitted.saturating_add(n) > capacity {
             return Err(AdmitError::Full {
                 model: self.model.clone(),
                 admitted: st.admitted,
                 requested: n,
-                capacity: self.limits.max_queue_inputs,
+                capacity,
             });
         }
         st.admitted += n;
@@ -1065,6 +1078,40 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn a_queue_full_of_bulk_work_still_admits_queries() {
+        let q = Queue::new("m", limits(4, 10_000, 10, 0), Metrics::new());
+        q.worker_started();
+        let _bulk = q.admit_class(10, Class::Normal).unwrap();
+        assert!(matches!(
+            q.admit_class(1, Class::Normal),
+            Err(AdmitError::Full { capacity: 10, .. })
+        ));
+        assert!(matches!(
+            q.admit_class(1, Class::Low),
+            Err(AdmitError::Full { .. })
+        ));
+        // High has one batch (max_batch_size 4) beyond the bound.
+        let _q1 = q.admit_class(3, Class::High).unwrap();
+        let _q2 = q.admit_class(1, Class::High).unwrap();
+        let err = q.admit_class(1, Class::High).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AdmitError::Full {
+                    admitted: 14,
+                    capacity: 14,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        drop(_bulk);
+        // Queries took 4: bulk fits under the bound again.
+        assert!(q.admit_class(6, Class::Normal).is_ok());
+        assert_eq!(q.capacity(Class::High), 14);
     }
 
     #[test]
