@@ -995,14 +995,28 @@ async fn a_fetch_that_gets_no_slot_in_time_is_503() {
     c.fetch.timeout_ms = 1_000;
     let s = Arc::new(TestServer::ready(c, net.hooks()).await);
     let body = json!({"inputs": [url_input(&img.url("/stall"))]});
-    // One holds the only slot until its fetch times out (1 s), the next
-    // takes it then and holds it for its own 1 s, so the third waits its
-    // whole 1 s for a slot in vain.
-    let (a, b, c) = tokio::join!(
-        s.post_json("/embed", &body),
-        s.post_json("/embed", &body),
-        s.post_json("/embed", &body)
-    );
+    // The first holds the only slot until its fetch times out (1 s after
+    // it took the slot). The two others start 300 ms later, so their slot
+    // waits (1 s each) end 300 ms after the slot frees: one takes it and
+    // holds it for its own 1 s, the other waits in vain. (Started together,
+    // the second's wait and the first's fetch ended at the same moment: a
+    // race a loaded machine lost.)
+    let first = {
+        let s = Arc::clone(&s);
+        let body = body.clone();
+        tokio::spawn(async move { s.post_json("/embed", &body).await })
+    };
+    let held = Instant::now();
+    while img.hits().is_empty() {
+        assert!(
+            held.elapsed() < Duration::from_secs(10),
+            "the first fetch never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (b, c) = tokio::join!(s.post_json("/embed", &body), s.post_json("/embed", &body));
+    let a = first.await.unwrap();
     let mut statuses = vec![a.status, b.status, c.status];
     statuses.sort();
     assert_eq!(
