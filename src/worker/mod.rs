@@ -210,14 +210,19 @@ pub fn spawn(
             let restarts = metrics.worker_restarts.with_label_values(&[&model]);
             let mut in_a_row = 0u32;
             loop {
-                let reason = match serve(&thread_queue, replica.as_ref(), &metrics, &mut in_a_row)
-                {
+                let served = serve(
+                    &thread_queue,
+                    replica.as_ref(),
+                    &metrics,
+                    &mut in_a_row,
+                    &thread_alive,
+                );
+                let reason = match served {
                     Ok(()) => return, // closed and drained
+                    // `serve` reported the loss (Ctx::lose) before answering.
                     Err(reason) => reason,
                 };
                 // The replica may be corrupt: drop it (its drop may panic too).
-                thread_alive.store(false, Ordering::Release);
-                thread_queue.worker_lost();
                 guard.live = false;
                 let _ = catch_unwind(AssertUnwindSafe(move || drop(replica)));
                 loop {
@@ -372,6 +377,23 @@ struct Ctx<'a> {
     model: String,
     batch_size: prometheus::Histogram,
     inference: prometheus::Histogram,
+    /// The worker's `alive` flag, and whether this replica was reported
+    /// lost (see [`Ctx::lose`]).
+    alive: &'a AtomicBool,
+    lost: std::cell::Cell<bool>,
+}
+
+impl Ctx<'_> {
+    /// Marks the replica lost (the worker is not alive, the queue counts it
+    /// as rebuilding) once, before the items of the batch that panicked are
+    /// answered: a client that reads its 500 and then asks `/ready` must
+    /// see the model unready, not a moment later.
+    fn lose(&self) {
+        if !self.lost.replace(true) {
+            self.alive.store(false, Ordering::Release);
+            self.queue.worker_lost();
+        }
+    }
 }
 
 /// The worker loop. Returns `Ok` when the queue is closed and drained, or
@@ -382,6 +404,7 @@ fn serve(
     replica: &dyn EmbeddingModel,
     metrics: &Metrics,
     in_a_row: &mut u32,
+    alive: &AtomicBool,
 ) -> Result<(), String> {
     let model = queue.model().to_string();
     let cx = Ctx {
@@ -390,6 +413,8 @@ fn serve(
         batch_size: metrics.batch_size.with_label_values(&[&model]),
         inference: metrics.inference_duration.with_label_values(&[&model]),
         model,
+        alive,
+        lost: std::cell::Cell::new(false),
     };
     let max_wait = queue.limits().refill_wait;
     let mut refill = None;
@@ -482,6 +507,9 @@ fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, 
         (_, Some(reason)) => Err(reason),
         (o, None) => o,
     };
+    if outcome.is_err() {
+        cx.lose();
+    }
     let failed = !matches!(outcome, Ok(true));
     let waits: Vec<(&Arc<RequestTrace>, Duration)> = traces.iter().map(|(t, w)| (t, *w)).collect();
     let request_ids = trace::record_batch(model, &waits, took, size, failed);
@@ -660,6 +688,36 @@ mod tests {
             .contains("vlembed_worker_restarts_total{model=\"fake\"} 1"));
         queue.close();
         assert!(worker.join_timeout(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_loss_is_visible_when_the_panicked_batch_is_answered() {
+        // A long back-off: the rebuild cannot hide the state checked below.
+        let slow = RestartPolicy {
+            limit: 2,
+            backoff: Duration::from_secs(2),
+        };
+        let (queue, worker, metrics) = setup_with(usize::MAX, slow);
+        let (_admitted, mut rxs) = submit(&queue, &[66], Class::Normal);
+        // Spin (no sleep): look at the state the instant the answer lands.
+        let out = loop {
+            match rxs[0].try_recv() {
+                Ok(r) => break r,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(e) => panic!("no answer: {e}"),
+            }
+        };
+        assert!(matches!(&out, Err(ItemError::WorkerDied(_))));
+        // The model must already read as unready (a client that asks /ready
+        // after its 500 sees 503, and a retry is refused with 503 instead of
+        // racing the loss).
+        assert!(!worker.is_alive());
+        assert_eq!(queue.live_workers(), 0);
+        assert!(metrics
+            .render()
+            .contains("vlembed_model_ready{model=\"fake\"} 0"));
+        queue.close();
+        assert!(worker.join_timeout(Duration::from_secs(10)));
     }
 
     #[test]
