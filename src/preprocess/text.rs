@@ -334,4 +334,28 @@ mod tests {
         let short = t.encode(&"word ".repeat(80), true).unwrap();
         assert_eq!(ids, short);
     }
+
+    /// What tokenising one short query costs on the request's task (issue
+    /// 12's profile of the text path: `cargo test --release --lib --
+    /// --ignored short_text_tokenising_cost --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn short_text_tokenising_cost() {
+        let t = TextTokenizer::new(clip_tokenizer(), 77).unwrap();
+        let texts = [
+            "a photo of a cat",
+            "two people riding bicycles on a bridge at night",
+        ];
+        for text in texts {
+            let n = 20_000;
+            let start = Instant::now();
+            let mut ids = 0;
+            for _ in 0..n {
+                ids = t.encode(text, true).unwrap().len();
+            }
+            let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+            println!("{text:?}: {ids} ids in {us:.1} us");
+            assert!(ids > 2);
+        }
+    }
 }
