@@ -2,7 +2,9 @@
 //! replica (candle CUDA wants one dedicated thread per device).
 //!
 //! Owns the loop `take a batch from the queue → run the replica → answer each
-//! item → record metrics`, and failure isolation:
+//! item → record metrics` (after each batch it asks for the next with a
+//! [`Refill`]: it may wait a little for the clients it just answered), and
+//! failure isolation:
 //!
 //! - a batch the model refuses (an error, or the wrong number of vectors) is
 //!   retried in halves, down to single inputs, so only the input at fault
@@ -16,7 +18,8 @@
 //!   the queue fails what waits once no worker is left.
 //!
 //! Preemption: a batch with no `High` input runs stepped
-//! ([`EmbeddingModel::embed_stepped`]): before each layer of its vision pass
+//! ([`EmbeddingModel::embed_stepped`]): before each layer of its pass (the CLIP
+//! vision tower; the LLaVA vision tower and decoder)
 //! the worker takes `High` batches from the queue
 //! ([`Queue::try_take_priority`]), at most [`PRIORITY_BURST`] in a row, and
 //! runs them to the end on the same replica, then resumes the pass. A short
