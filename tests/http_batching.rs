@@ -438,25 +438,21 @@ async fn requests_over_the_concurrency_limit_get_429_at_once() {
     let mut c = config();
     c.server.max_concurrent_requests = 1;
     let faults = Arc::new(Faults::default());
-    faults.delay_ms.store(300, Ordering::SeqCst);
+    faults.delay_ms.store(500, Ordering::SeqCst);
     let s = TestServer::ready(c, faulty(&faults)).await;
-    let busy = {
+    let post = |path: &'static str, body: serde_json::Value| {
         let client = s.client.clone();
-        let url = s.url("/embed");
+        let url = s.url(path);
         tokio::spawn(async move {
-            TestServer::reply(
-                client
-                    .post(url)
-                    .json(&json!({"inputs": "busy"}))
-                    .send()
-                    .await
-                    .unwrap(),
-            )
-            .await
+            TestServer::reply(client.post(url).json(&body).send().await.unwrap()).await
         })
     };
+    let busy = post("/embed", json!({"inputs": "busy"}));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = s.post_json("/v1/embeddings", &json!({"input": "x"})).await;
+    // The one regular slot is taken: a body over SMALL_REQUEST_BYTES is
+    // refused at once.
+    let big = json!({"input": "x".repeat(vlembed::http::SMALL_REQUEST_BYTES as usize + 100)});
+    let r = s.post_json("/v1/embeddings", &big).await;
     assert_eq!(
         (r.status, r.error_type()),
         (429, "queue_full"),
@@ -469,15 +465,22 @@ async fn requests_over_the_concurrency_limit_get_429_at_once() {
         r.text
     );
     assert!(r.headers.get("retry-after").is_some());
+    // Small requests (queries) have small_request_slots(1) = 4 more slots:
+    // of five at once, four are served and one is refused.
+    assert_eq!(vlembed::http::small_request_slots(1), 4);
+    let small: Vec<_> = (0..5)
+        .map(|i| post("/v1/embeddings", json!({"input": format!("query {i}")})))
+        .collect();
+    let mut statuses = Vec::new();
+    for t in small {
+        statuses.push(t.await.unwrap().status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429]);
     // Probes are not limited.
     assert_eq!(s.get("/ready").await.status, 200);
     assert_eq!(busy.await.unwrap().status, 200);
     faults.delay_ms.store(0, Ordering::SeqCst);
-    assert_eq!(
-        s.post_json("/embed", &json!({"inputs": "free"}))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(s.post_json("/v1/embeddings", &big).await.status, 200);
     s.stop().await;
 }

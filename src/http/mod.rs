@@ -47,6 +47,9 @@ pub struct AppState {
     pub openapi: Bytes,
     /// Slots for embedding requests in progress (`server.max_concurrent_requests`).
     pub in_flight: Arc<Semaphore>,
+    /// Extra slots for small requests once `in_flight` is taken (see
+    /// [`small_request_slots`]).
+    pub small_in_flight: Arc<Semaphore>,
     /// Fetches image URLs; `None` when `server.fetch_image_urls` is off.
     pub fetcher: Option<Arc<crate::fetch::Fetcher>>,
 }
@@ -158,10 +161,14 @@ pub fn router(
     let openapi = Bytes::from(serde_json::to_vec(&doc).map_err(|e| e.to_string())?);
     let body_limit = registry.server.max_body_bytes;
     let in_flight = Arc::new(Semaphore::new(registry.server.max_concurrent_requests));
+    let small_in_flight = Arc::new(Semaphore::new(small_request_slots(
+        registry.server.max_concurrent_requests,
+    )));
     let state = AppState {
         registry,
         openapi,
         in_flight,
+        small_in_flight,
         fetcher,
     };
     let cors = cors::layer(&state.registry.server.cors_allowed_origins);
@@ -199,15 +206,43 @@ pub fn router(
         .with_state(state))
 }
 
-/// Refuses embedding requests over `server.max_concurrent_requests` at once,
-/// before their bodies are parsed or any of their inputs is preprocessed.
+/// Bodies of at most this many bytes may use the small-request slots: a
+/// text query or an image URL, not an upload.
+pub const SMALL_REQUEST_BYTES: u64 = 4096;
+
+/// Slots for small requests beyond `max_concurrent_requests`: an eighth of
+/// it, at least 4. Bulk clients that hold every regular slot (32 image
+/// uploaders against the default 32) would otherwise lock queries out with
+/// 429 before their priority is even read; the class is in the body, which
+/// is not parsed here, so a small body stands for it (a small request costs
+/// little to parse, and its inputs still pass the queue's admission).
+pub fn small_request_slots(max_concurrent_requests: usize) -> usize {
+    (max_concurrent_requests / 8).max(4)
+}
+
+/// Refuses embedding requests over `server.max_concurrent_requests` at once
+/// (small ones over that plus [`small_request_slots`]), before their bodies
+/// are parsed or any of their inputs is preprocessed.
 /// Bodies are already in memory here (the connection layer,
 /// `app::connections`, reads each one before the router sees the request,
 /// bounded by `server.max_buffered_body_bytes`), so a permit is only ever
 /// held by a request whose body has arrived: slow uploads cannot take them
 /// all.
 async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    match Arc::clone(&st.in_flight).try_acquire_owned() {
+    use http_body::Body as _;
+    let small = req
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= SMALL_REQUEST_BYTES);
+    let permit = Arc::clone(&st.in_flight).try_acquire_owned().or_else(|e| {
+        if small {
+            Arc::clone(&st.small_in_flight).try_acquire_owned()
+        } else {
+            Err(e)
+        }
+    });
+    match permit {
         Ok(permit) => {
             let res = next.run(req).await;
             drop(permit);
