@@ -320,8 +320,6 @@ impl Queue {
             .set(depth);
     }
 
-    /// Reserves room for `n` inputs of a `Normal` request, or refuses at once
-    /// when the queue is full.
     /// The admission bound of `class`: `max_queue_inputs`, and for `High`
     /// one batch more (`max_batch_size`), so that a queue filled with bulk
     /// work to its bound still admits queries; bulk work is refused until
@@ -334,6 +332,8 @@ impl Queue {
         }
     }
 
+    /// Reserves room for `n` inputs of a `Normal` request, or refuses at once
+    /// when the queue is full.
     pub fn admit(self: &Arc<Self>, n: usize) -> Result<Admission, AdmitError> {
         self.admit_class(n, Class::Normal)
     }
@@ -591,15 +591,15 @@ impl Queue {
     /// class being the one the next batch would serve and no request being
     /// owed a batch by the starvation bound.
     fn short_of(&self, st: &State, r: &Refill) -> bool {
-        let top = st.groups.iter().map(|g| g.class).max();
-        if top != Some(r.class) || st.groups.iter().any(|g| g.passed_over >= PRIORITY_BURST) {
+        let offered = offered(st);
+        let waits_for =
+            |g: usize| st.groups[g].class == r.class && st.groups[g].passed_over < PRIORITY_BURST;
+        if offered.is_empty() || !offered.iter().all(|&g| waits_for(g)) {
             return false;
         }
-        let (inputs, cost) = st
-            .groups
+        let (inputs, cost) = offered
             .iter()
-            .filter(|g| g.class == r.class)
-            .flat_map(|g| g.items.iter())
+            .flat_map(|&g| st.groups[g].items.iter())
             .fold((0usize, 0usize), |(n, c), i| (n + 1, c + i.prepared.cost));
         inputs < r.inputs.min(self.limits.max_batch_size)
             && cost < r.cost.min(self.limits.max_batch_cost)
@@ -630,13 +630,7 @@ impl Queue {
     }
 
     fn take(&self, st: &mut State) -> Vec<Item> {
-        let order = policy::order(
-            &st.groups
-                .iter()
-                .map(|g| (g.class, g.passed_over))
-                .collect::<Vec<_>>(),
-            PRIORITY_BURST,
-        );
+        let order = offered(st);
         self.take_from(st, &order, true)
     }
 
@@ -699,6 +693,18 @@ impl Queue {
         }
         batch
     }
+}
+
+/// The groups the next batch offers a place to, in order ([`policy::order`]
+/// over the queued requests' classes and turns passed over).
+fn offered(st: &State) -> Vec<usize> {
+    policy::order(
+        &st.groups
+            .iter()
+            .map(|g| (g.class, g.passed_over))
+            .collect::<Vec<_>>(),
+        PRIORITY_BURST,
+    )
 }
 
 /// Room reserved in a queue for one request's inputs. Keep it until the
