@@ -30,6 +30,8 @@ use vlembed::http::error::MAX_MESSAGE_BYTES;
 use vlembed::http::inputs::{parsed_inputs, BodyLimits};
 use vlembed::http::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
 use vlembed::input::Input;
+use vlembed::models::clip::ClipInput;
+use vlembed::models::llava::LlavaInput;
 use vlembed::models::{LoadOptions, LoadedModel, ModelSource};
 use vlembed::preprocess::Preprocessor;
 
@@ -489,7 +491,7 @@ fn multipart_exec(rt: &tokio::runtime::Runtime, body: &[u8]) -> Outcome {
 
 // ---- image ----------------------------------------------------------------
 
-fn preprocessor(dir: &str) -> Option<Arc<Preprocessor>> {
+fn preprocessor(dir: &str) -> Option<Arc<dyn Preprocessor>> {
     let path = repo().join("tests/fixtures").join(dir);
     let source = ModelSource::parse(path.to_str()?, None);
     match LoadedModel::open(&source, &LoadOptions::default()) {
@@ -501,13 +503,18 @@ fn preprocessor(dir: &str) -> Option<Arc<Preprocessor>> {
     }
 }
 
-fn image_exec(pres: &[Arc<Preprocessor>], bytes: &[u8]) -> Outcome {
+fn image_exec(pres: &[Arc<dyn Preprocessor>], bytes: &[u8]) -> Outcome {
     let mut outcome = Outcome::Refused;
     for pre in pres {
         let input = Input::image(bytes.to_vec());
         match pre.prepare(&input, true) {
             Ok(p) => {
-                let Some(px) = &p.pixels else {
+                let px = match (p.data::<ClipInput>(), p.data::<LlavaInput>()) {
+                    (Some(c), _) => c.pixels(),
+                    (_, Some(l)) => l.image.as_ref().map(|i| &i.tiles),
+                    _ => None,
+                };
+                let Some(px) = px else {
                     return Outcome::Broken("an image without pixels".into());
                 };
                 if px.data.len() != px.tiles * 3 * px.height * px.width {
@@ -555,7 +562,7 @@ fn run(target: &'static str, seconds: u64, seed: u64, max_rss_mb: u64) -> Result
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|e| e.to_string())?;
-    let pres: Vec<Arc<Preprocessor>> = if target == "image" {
+    let pres: Vec<Arc<dyn Preprocessor>> = if target == "image" {
         ["clip-tiny", "mllm-tiny-a"]
             .iter()
             .filter_map(|d| preprocessor(d))

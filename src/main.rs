@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use vlembed::config::{Config, Layers, Overrides};
 use vlembed::embedder::Embedder;
-use vlembed::input::{Input, Role};
+use vlembed::input::{Content, Input, Role};
 use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
 
 #[derive(Parser)]
@@ -102,8 +102,8 @@ struct ServeArgs {
 #[derive(Clone)]
 struct Devices(Vec<DeviceSpec>);
 
-fn parse_devices(s: &str) -> Result<Devices, String> {
-    vlembed::config::parse_devices(s).map(Devices)
+fn parse_devices(s: &str) -> Result<Devices, vlembed::models::BadDevice> {
+    DeviceSpec::parse_list(s).map(Devices)
 }
 
 #[derive(Args)]
@@ -153,15 +153,13 @@ fn init_logging(json: bool) {
 }
 
 fn embed(args: EmbedArgs) -> anyhow::Result<()> {
-    if args.text.is_none() && args.image.is_none() {
-        anyhow::bail!("give --text, --image or both");
-    }
     let image = match &args.image {
         Some(p) => {
             Some(std::fs::read(p).with_context(|| format!("cannot read image {}", p.display()))?)
         }
         None => None,
     };
+    let content = Content::from_parts(args.text, image).context("give --text, --image or both")?;
     let source = ModelSource::parse(&args.model, args.revision.as_deref());
     let name = args
         .model_name
@@ -175,12 +173,9 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     let embedder = Embedder::load(&source, args.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
     tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
-    let input = Input {
-        text: args.text,
-        image,
-        instruction: args.instruction,
-        role: args.role,
-    };
+    let input = Input::new(content)
+        .with_role(args.role)
+        .with_instruction(args.instruction);
     let started = std::time::Instant::now();
     let mut out = embedder.embed(&[input], !args.no_normalize, !args.no_truncate)?;
     let embedding = out.pop().context("the model returned no embedding")?;
@@ -206,7 +201,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let embedder = Embedder::load(&source, args.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
     let info = embedder.info();
-    let prepared = vlembed::probe::prepare(&embedder.loaded.preprocessor, info.uses_instructions)?;
+    let prepared = vlembed::probe::prepare(&*embedder.loaded.preprocessor, info.uses_instructions)?;
     let results = vlembed::probe::embed(&prepared, |p| embedder.embed_prepared(&[p], false))?;
     for r in &results {
         tracing::info!(probe = r.name, digest = %r.digest, "probe embedded");

@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::input::{Input, Role};
+use crate::input::{Content, Input, Role};
 use crate::models::ModelError;
 use crate::preprocess::image::ImageLimits;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
@@ -77,12 +77,12 @@ pub fn probes(uses_instructions: bool) -> Vec<Probe> {
         out.push(Probe {
             name: "composed_query",
             description: "synthetic image + text \"make it blue\", instruction \"Retrieve the target image\" (query)",
-            input: Input {
-                text: Some("make it blue".into()),
-                image: Some(synthetic_image()),
-                instruction: Some("Retrieve the target image".into()),
-                role: Role::Query,
-            },
+            input: Input::new(Content::Composed {
+                text: "make it blue".into(),
+                image: synthetic_image(),
+            })
+            .with_role(Role::Query)
+            .with_instruction(Some("Retrieve the target image".into())),
         });
     }
     out
@@ -119,7 +119,7 @@ pub enum ProbeError {
 /// default image limits, not the model's configured ones: an operator who
 /// limits clients' images below the probe's 64x48 must still get a model.
 pub fn prepare(
-    pre: &Preprocessor,
+    pre: &dyn Preprocessor,
     uses_instructions: bool,
 ) -> Result<Vec<(Probe, Prepared)>, ProbeError> {
     let pre = pre.with_image_limits(ImageLimits::default());

@@ -58,14 +58,15 @@ impl ServedModel {
         self.probes.golden.as_ref()?.drift.as_deref()
     }
 
+    /// Workers serving batches now (the queue records worker states).
     pub fn live_workers(&self) -> usize {
-        self.workers.iter().filter(|w| w.is_alive()).count()
+        self.batcher.queue().live_workers()
     }
 
     /// Whether every worker failed for good (its rebuilds kept failing):
     /// only a restart of the process can bring the model back.
     pub fn unrecoverable(&self) -> bool {
-        !self.workers.is_empty() && self.workers.iter().all(|w| w.gave_up())
+        self.batcher.queue().all_given_up()
     }
 }
 

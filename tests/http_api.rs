@@ -10,7 +10,7 @@ use common::*;
 use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 use vlembed::app::Hooks;
-use vlembed::input::Input;
+use vlembed::input::{Content, Input};
 
 fn form_image(name: &str) -> Part {
     Part::bytes(image(name)).file_name(name.to_string())
@@ -50,11 +50,10 @@ async fn embed_text_image_and_composed() {
     let inputs = [
         Input::text(text["text"].as_str().unwrap()),
         Input::image(img.clone()),
-        Input {
-            text: Some(comp_text.into()),
-            image: Some(img.clone()),
-            ..Default::default()
-        },
+        Input::new(Content::Composed {
+            text: comp_text.into(),
+            image: img.clone(),
+        }),
     ];
     for (got, want) in e.iter().zip(direct(&inputs, true)) {
         assert!(
@@ -654,19 +653,15 @@ async fn several_models_need_a_name() {
 
 #[tokio::test]
 async fn real_photos_embed_when_present() {
-    let dir = repo().join("../shared/testdata/bge-vl-demo");
-    if !exists(&dir) {
-        eprintln!("skipping: {} is absent", dir.display());
+    if fixture_file("../shared/testdata/bge-vl-demo").is_none() {
         return;
     }
     let s = TestServer::ready(config(), Hooks::default()).await;
     let reference = reference();
     for demo in reference["demo_images"].as_array().unwrap().iter().take(3) {
-        let file = repo().join(demo["file"].as_str().unwrap());
-        if !file.exists() {
-            eprintln!("skipping {}: absent", file.display());
+        let Some(file) = fixture_file(demo["file"].as_str().unwrap()) else {
             continue;
-        }
+        };
         let bytes = std::fs::read(&file).unwrap();
         let form = Form::new().part("image", Part::bytes(bytes.clone()).file_name("photo"));
         let r = s.post_form("/embed", form).await;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 use vlembed::app::Hooks;
-use vlembed::input::Input;
+use vlembed::input::{Content, Input};
 
 fn batch_counts(metrics: &str) -> (f64, f64) {
     let count = metric(metrics, "vlembed_batch_size_count{model=\"clip-tiny\"}").unwrap_or(0.0);
@@ -34,10 +34,10 @@ async fn concurrent_round(s: &TestServer, inputs: &[Input], expected: &[Vec<f32>
         let client = s.client.clone();
         let url = s.url("/embed");
         let mut obj = serde_json::Map::new();
-        if let Some(t) = &input.text {
+        if let Some(t) = input.text_part() {
             obj.insert("text".into(), json!(t));
         }
-        if let Some(img) = &input.image {
+        if let Some(img) = input.image_part() {
             obj.insert("image".into(), json!(b64(img)));
         }
         let body = json!({"inputs": [obj]});
@@ -74,11 +74,10 @@ fn mixed_inputs(n: usize) -> Vec<Input> {
                 "a photo of a cat ".repeat(i % 5 + 1)
             )),
             2 => Input::image(images[i % images.len()].clone()),
-            _ => Input {
-                text: Some(format!("make it {i} times darker")),
-                image: Some(images[(i / 4) % images.len()].clone()),
-                ..Default::default()
-            },
+            _ => Input::new(Content::Composed {
+                text: format!("make it {i} times darker"),
+                image: images[(i / 4) % images.len()].clone(),
+            }),
         })
         .collect()
 }

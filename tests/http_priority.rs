@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use common::*;
 use serde_json::{json, Value};
 use vlembed::app::Hooks;
 use vlembed::input::Input;
-use vlembed::models::{EmbeddingModel, ModelError};
+use vlembed::models::{Between, EmbeddingModel, ModelError};
 use vlembed::preprocess::Prepared;
 
 /// What the gate saw, shared with the test.
@@ -48,16 +47,12 @@ struct Gate {
 }
 
 impl EmbeddingModel for Gate {
-    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
-    }
-
     fn embed_stepped(
         &self,
         batch: &[&Prepared],
-        between: &mut dyn FnMut() -> ControlFlow<()>,
+        between: Between<'_>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let images = batch.iter().any(|p| p.pixels.is_some());
+        let images = batch.iter().any(|p| p.modality.has_image());
         let st = &self.st;
         let mut held = false;
         let mut gated = || {
@@ -86,15 +81,10 @@ impl EmbeddingModel for Gate {
 
 fn gated(st: &Arc<GateState>) -> Hooks {
     let st = Arc::clone(st);
-    Hooks {
-        wrap_replica: Some(Arc::new(move |_name, inner| {
-            Box::new(Gate {
-                inner,
-                st: Arc::clone(&st),
-            }) as Box<dyn EmbeddingModel>
-        })),
-        ..Default::default()
-    }
+    wrap_replicas(move |_name, inner| Gate {
+        inner,
+        st: Arc::clone(&st),
+    })
 }
 
 const IMAGES: [&str; 4] = [

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use vlembed::app::Hooks;
 use vlembed::config::{Config, Layers};
 use vlembed::input::Modality;
-use vlembed::models::{EmbeddingModel, ModelError};
+use vlembed::models::{Between, EmbeddingModel, ModelError};
 use vlembed::preprocess::Prepared;
 
 /// Opens a connection that sends a request head announcing a large body,
@@ -251,12 +251,16 @@ struct PoisonImages {
 }
 
 impl EmbeddingModel for PoisonImages {
-    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         self.batches.fetch_add(1, Ordering::SeqCst);
         if batch.iter().any(|p| p.modality == Modality::Image) {
             return Err(ModelError::Batch("poisoned input".into()));
         }
-        self.inner.embed(batch)
+        self.inner.embed_stepped(batch, between)
     }
 }
 
@@ -267,15 +271,10 @@ async fn a_poisoned_input_fails_alone_in_a_shared_batch() {
     c.models[0].batching.max_delay = Duration::from_millis(300);
     let batches = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&batches);
-    let hooks = Hooks {
-        wrap_replica: Some(Arc::new(move |_name, inner| {
-            Box::new(PoisonImages {
-                inner,
-                batches: Arc::clone(&counter),
-            }) as Box<dyn EmbeddingModel>
-        })),
-        ..Default::default()
-    };
+    let hooks = wrap_replicas(move |_name, inner| PoisonImages {
+        inner,
+        batches: Arc::clone(&counter),
+    });
     let s = TestServer::ready(c, hooks).await;
     let bodies = vec![
         json!({"inputs": ["one", "two"]}),
@@ -342,18 +341,14 @@ async fn a_worker_that_cannot_be_rebuilt_turns_health_unhealthy() {
     c.server.worker_restart_backoff_ms = 10;
     let builds = Arc::new(AtomicUsize::new(0));
     let faults = Arc::new(Faults::default());
-    let inner_hooks = faulty(&faults);
-    let wrap = inner_hooks.wrap_replica.clone().unwrap();
     let counter = Arc::clone(&builds);
-    let hooks = Hooks {
-        wrap_replica: Some(Arc::new(move |name: &str, inner| {
-            if counter.fetch_add(1, Ordering::SeqCst) > 0 {
-                panic!("the device is gone");
-            }
-            wrap(name, inner)
-        })),
-        ..Default::default()
-    };
+    let injected = Arc::clone(&faults);
+    let hooks = wrap_replicas(move |_name, inner| {
+        if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+            panic!("the device is gone");
+        }
+        Faulty::new(inner, &injected)
+    });
     let s = TestServer::ready(c, hooks).await;
     assert_eq!(s.get("/health").await.status, 200);
     faults.panic.store(true, Ordering::SeqCst);

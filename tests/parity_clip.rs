@@ -12,26 +12,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use vlembed::embedder::{l2_normalize, Embedder};
-use vlembed::input::{Input, Modality};
+use vlembed::input::{Content, Input, Modality};
+use vlembed::models::clip::{ClipInput, ClipPreprocessor};
 use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
 use vlembed::preprocess::{Pixels, Prepared, Preprocessor};
 
 mod common;
 use common::*;
-
-/// A file named relative to the repository root; `None` (test skipped) for
-/// the shared photographs when `../shared/testdata` is absent.
-fn fixture_file(rel: &str) -> Option<PathBuf> {
-    let p = repo().join(rel);
-    if p.exists() {
-        Some(p)
-    } else if rel.starts_with("../shared/") {
-        eprintln!("skipping {rel}: ../shared/testdata is not present");
-        None
-    } else {
-        panic!("missing fixture {rel}")
-    }
-}
 
 fn ref_pixels() -> HashMap<String, Tensor> {
     let r = reference_file("clip-tiny.json");
@@ -60,27 +47,20 @@ fn prepared(token_ids: Option<Vec<u32>>, pixels: Option<Pixels>) -> Prepared {
         (Some(_), None) => Modality::Text,
         _ => Modality::Image,
     };
-    Prepared {
-        modality,
-        text_tokens: token_ids.as_ref().map_or(0, |t| t.len()),
-        token_ids,
-        pixels,
-        image_size: None,
-        cost: 1,
-    }
+    let text_tokens = token_ids.as_ref().map_or(0, |t| t.len());
+    let data = ClipInput::from_parts(token_ids, pixels).expect("ids or pixels");
+    Prepared::new(modality, text_tokens, 1, data).erase()
 }
 
-fn clip(pre: &Preprocessor) -> &vlembed::preprocess::ClipPreprocessor {
-    match pre {
-        Preprocessor::Clip(c) => c,
-        other => panic!("not a CLIP preprocessor: {other:?}"),
-    }
+fn clip(pre: &dyn Preprocessor) -> &ClipPreprocessor {
+    pre.downcast::<ClipPreprocessor>()
+        .expect("a CLIP preprocessor")
 }
 
 #[test]
 fn token_ids_equal_the_reference() {
     let e = load("clip-tiny");
-    let pre = clip(&e.loaded.preprocessor);
+    let pre = clip(&*e.loaded.preprocessor);
     let r = reference_file("clip-tiny.json");
     let cases = r["tokens"].as_array().unwrap();
     assert!(cases.len() >= 100, "only {} token cases", cases.len());
@@ -100,7 +80,7 @@ fn token_ids_equal_the_reference() {
 #[test]
 fn too_long_text_is_refused_without_truncation() {
     let e = load("clip-tiny");
-    let pre = clip(&e.loaded.preprocessor);
+    let pre = clip(&*e.loaded.preprocessor);
     let text = "a ".repeat(200);
     let err = pre.tokenize(&text, false).unwrap_err().to_string();
     assert!(err.contains("201") || err.contains("202"), "{err}");
@@ -114,7 +94,7 @@ fn too_long_text_is_refused_without_truncation() {
 #[test]
 fn pixel_tensors_match_the_reference() {
     let e = load("clip-tiny");
-    let pre = clip(&e.loaded.preprocessor);
+    let pre = clip(&*e.loaded.preprocessor);
     let r = reference_file("clip-tiny.json");
     let px = ref_pixels();
     let mut checked = 0;
@@ -258,11 +238,10 @@ fn check_end_to_end(e: &Embedder, r: &Value) {
         let Some(path) = fixture_file(case["file"].as_str().unwrap()) else {
             continue;
         };
-        let input = Input {
-            text: Some(case["text"].as_str().unwrap().to_string()),
-            image: Some(std::fs::read(&path).unwrap()),
-            ..Default::default()
-        };
+        let input = Input::new(Content::Composed {
+            text: case["text"].as_str().unwrap().to_string(),
+            image: std::fs::read(&path).unwrap(),
+        });
         let got = e.embed(&[input], true, true).unwrap().remove(0);
         let c = cosine(&got, &vector(&case["embedding"]));
         worst = worst.min(c);
@@ -282,7 +261,7 @@ fn results_do_not_depend_on_batch_mates() {
 }
 
 fn check_batch_invariance(e: &Embedder, r: &Value) {
-    let pre = clip(&e.loaded.preprocessor);
+    let pre = clip(&*e.loaded.preprocessor);
     let mut items = Vec::new();
     for input in r["batch"]["inputs"].as_array().unwrap() {
         let token_ids = input["text"]
@@ -401,10 +380,10 @@ fn tempdir(name: &str) -> PathBuf {
 #[test]
 #[ignore = "needs VLEMBED_PARITY_MODEL pointing at a full-size model"]
 fn full_size_model_parity() {
-    let Some(dir) = std::env::var_os("VLEMBED_PARITY_MODEL") else {
-        eprintln!("VLEMBED_PARITY_MODEL is not set; nothing to check");
-        return;
-    };
+    // Run on purpose (`--ignored`) without its model, it fails: a check
+    // that cannot run must not pass.
+    let dir = std::env::var_os("VLEMBED_PARITY_MODEL")
+        .expect("VLEMBED_PARITY_MODEL must name a full-size model directory");
     let dir = PathBuf::from(dir);
     let e = load_dir(&dir);
     let r = read_json(&dir.join("reference.json"));

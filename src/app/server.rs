@@ -21,10 +21,10 @@ use crate::batching::{Batcher, EmbeddingCache, PreprocessPool, Queue};
 use crate::config::{Config, ServerConfig};
 use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
-use crate::models::{EmbeddingModel, LoadOptions, LoadedModel};
-use crate::probe::{self, GoldenFile, ProbeResult};
+use crate::models::{EmbeddingModel, LoadOptions, LoadedModel, ModelError};
+use crate::probe::{self, GoldenFile, ProbeError, ProbeResult};
 use crate::registry::{GoldenReport, ModelSlot, ProbeReport, Registry, ServedModel};
-use crate::worker::{self, ReplicaFactory, RestartPolicy};
+use crate::worker::{self, ReplicaFactory, RestartPolicy, WorkerError};
 
 /// Called on the loading thread before a model (named by the argument) loads.
 pub type BeforeLoadHook = Arc<dyn Fn(&str) + Send + Sync>;
@@ -58,11 +58,15 @@ pub enum ServeError {
     #[error("cannot start the loading thread: {0}")]
     Thread(std::io::Error),
     #[error("invalid OpenAPI document: {0}")]
-    OpenApi(String),
-    #[error("model {model} failed to load: {message}")]
-    LoadFailed { model: String, message: String },
+    OpenApi(#[from] crate::http::OpenApiError),
+    #[error("model {model} failed to load: {source}")]
+    LoadFailed {
+        model: String,
+        #[source]
+        source: LoadError,
+    },
     #[error("the server task failed: {0}")]
-    Join(String),
+    Join(#[source] tokio::task::JoinError),
     #[error("cannot set up image URL fetching: {0}")]
     Fetch(#[from] crate::fetch::SetupError),
 }
@@ -101,7 +105,7 @@ impl ServerHandle {
     pub async fn wait(self) -> Result<(), ServeError> {
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(ServeError::Join(e.to_string())),
+            Err(e) => Err(ServeError::Join(e)),
         }
     }
 }
@@ -133,8 +137,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     } else {
         None
     };
-    let router =
-        crate::http::router(Arc::clone(&registry), fetcher).map_err(ServeError::OpenApi)?;
+    let router = crate::http::router(Arc::clone(&registry), fetcher)?;
     let addr_text = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind((config.server.host.as_str(), config.server.port))
         .await
@@ -146,7 +149,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     tracing::info!(%addr, "listening");
     log_auth(&config.server.api_keys, addr);
 
-    let (fatal_tx, fatal_rx) = oneshot::channel::<(String, String)>();
+    let (fatal_tx, fatal_rx) = oneshot::channel::<(String, LoadError)>();
     let pool = PreprocessPool::new(config.server.preprocess_concurrency());
     let loader_registry = Arc::clone(&registry);
     std::thread::Builder::new()
@@ -208,7 +211,7 @@ async fn run(
     registry: Arc<Registry>,
     limits: ConnLimits,
     mut shutdown_rx: watch::Receiver<bool>,
-    fatal_rx: oneshot::Receiver<(String, String)>,
+    fatal_rx: oneshot::Receiver<(String, LoadError)>,
     plan: ShutdownPlan,
 ) -> Result<(), ServeError> {
     let (accept_tx, accept_rx) = oneshot::channel::<()>();
@@ -275,7 +278,7 @@ async fn run(
     }
     tracing::info!("stopped");
     match failure {
-        Some((model, message)) => Err(ServeError::LoadFailed { model, message }),
+        Some((model, source)) => Err(ServeError::LoadFailed { model, source }),
         None => Ok(()),
     }
 }
@@ -306,7 +309,7 @@ fn load_all(
     registry: &Registry,
     hooks: &Hooks,
     pool: &PreprocessPool,
-    fatal: oneshot::Sender<(String, String)>,
+    fatal: oneshot::Sender<(String, LoadError)>,
     addr: SocketAddr,
 ) {
     for slot in registry.models() {
@@ -320,7 +323,7 @@ fn load_all(
             Ok(served) => {
                 tracing::info!(
                     model = %name,
-                    architecture = served.info.architecture.as_str(),
+                    architecture = served.info.architecture,
                     dimensions = served.info.dimensions,
                     fingerprint = %served.info.fingerprint,
                     workers = served.workers.len(),
@@ -332,14 +335,25 @@ fn load_all(
                 }
                 slot.set_ready(Arc::new(served));
             }
-            Err(message) => {
-                slot.set_failed(message.clone());
-                let _ = fatal.send((name, message));
+            Err(e) => {
+                slot.set_failed(e.to_string());
+                let _ = fatal.send((name, e));
                 return;
             }
         }
     }
     tracing::info!(target: "vlembed::startup", "{}", super::summary::ready_line(registry, addr));
+}
+
+/// Why a model could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 fn load_model(
@@ -348,7 +362,7 @@ fn load_model(
     hooks: &Hooks,
     pool: &PreprocessPool,
     metrics: &Metrics,
-) -> Result<ServedModel, String> {
+) -> Result<ServedModel, LoadError> {
     let cfg = &slot.config;
     if let Some(hook) = &hooks.before_load {
         hook(&cfg.name);
@@ -361,22 +375,19 @@ fn load_model(
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;
     opts.image_limits.max_request_pixels = cfg.max_request_image_pixels;
-    let loaded = Arc::new(LoadedModel::open(&source, &opts).map_err(|e| e.to_string())?);
+    let loaded = Arc::new(LoadedModel::open(&source, &opts)?);
     // The golden file is read before any worker starts: a bad path or file
     // is a configuration error, reported like any load failure.
     let golden = match &cfg.golden_vectors {
-        Some(path) => Some((
-            path.display().to_string(),
-            GoldenFile::read(path).map_err(|e| e.to_string())?,
-        )),
+        Some(path) => Some((path.display().to_string(), GoldenFile::read(path)?)),
         None => None,
     };
-    let probe_inputs = probe::prepare(&loaded.preprocessor, loaded.info.uses_instructions)
-        .map_err(|e| e.to_string())?;
+    let probe_inputs = probe::prepare(&*loaded.preprocessor, loaded.info.uses_instructions)?;
     // The first worker runs the probes on its first replica, on its own
     // thread (as CUDA wants), before the replica is wrapped or serves.
     let probe_job = Arc::new(std::sync::Mutex::new(Some(probe_inputs)));
-    let probe_out: Arc<std::sync::Mutex<Option<Vec<ProbeResult>>>> = Arc::default();
+    type ProbeOut = Option<Result<Vec<ProbeResult>, ProbeError>>;
+    let probe_out: Arc<std::sync::Mutex<ProbeOut>> = Arc::default();
     let queue = Queue::new(&cfg.name, cfg.batching, metrics.clone());
     let restart = RestartPolicy {
         limit: server.worker_restart_limit,
@@ -393,8 +404,7 @@ fn load_model(
             let replica = model.replica(&device.open()?)?;
             let inputs = job.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(inputs) = inputs {
-                let results = probe::embed(&inputs, |p| replica.embed(&[p]))
-                    .map_err(|e| crate::models::ModelError::Load(e.to_string()))?;
+                let results = probe::embed(&inputs, |p| replica.embed(&[p]));
                 *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(results);
             }
             Ok(match &wrap {
@@ -413,15 +423,19 @@ fn load_model(
             Ok(w) => workers.push(w),
             Err(e) => {
                 queue.close();
-                return Err(e.to_string());
+                return Err(e.into());
             }
         }
     }
-    let results = probe_out
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
+    let probed = probe_out.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let results = match probed {
+        Some(Ok(results)) => results,
+        Some(Err(e)) => {
+            queue.close();
+            return Err(e.into());
+        }
+        None => Vec::new(),
+    };
     let probes = check_probes(&cfg.name, &loaded.info.fingerprint, &results, golden);
     let cache = (cfg.embedding_cache_bytes > 0).then(|| {
         Arc::new(EmbeddingCache::new(

@@ -18,7 +18,7 @@ pub fn ready_line(registry: &Registry, addr: SocketAddr) -> String {
             let loaded = slot.loaded();
             let arch = loaded
                 .as_ref()
-                .map_or("not loaded", |s| s.info.architecture.as_str());
+                .map_or("not loaded", |s| s.info.architecture);
             let fingerprint = loaded
                 .as_ref()
                 .map_or_else(String::new, |s| format!(", {}", s.info.fingerprint.id));

@@ -2,8 +2,8 @@
 //! the preprocessed input, so an identical input is answered without a
 //! forward pass (and without entering the queue).
 //!
-//! Owns [`CacheKey`] (SHA-256 over the model fingerprint, the prepared
-//! token ids and pixel values, and the role and instruction) and
+//! Owns [`CacheKey`] (SHA-256 over the model fingerprint, the role and
+//! instruction, and what the prepared data writes into it) and
 //! [`EmbeddingCache`], a least-recently-used map bounded in bytes with its
 //! hit/miss/eviction metrics. It stores the model's unnormalised vectors:
 //! normalisation is applied after the cache, so one entry serves both
@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::input::Role;
 use crate::metrics::Metrics;
-use crate::preprocess::Prepared;
+use crate::preprocess::{Key, KeySink, Prepared};
 
 /// Bytes counted per entry on top of its vector: the key, the map and
 /// recency-index nodes and the vector's header (an estimate that errs high).
@@ -35,78 +35,41 @@ pub const ENTRY_OVERHEAD: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey([u8; 32]);
 
-/// Feeds `values` to `h` as their in-memory bytes (no copy). Keys never
-/// leave the process, so the platform's byte order does not matter.
-fn update_f32(h: &mut Sha256, values: &[f32]) {
-    h.update(bytemuck::cast_slice::<f32, u8>(values));
-}
+/// SHA-256 as the sink prepared data writes its key into.
+struct Hasher(Sha256);
 
-fn update_u32(h: &mut Sha256, values: &[u32]) {
-    h.update(bytemuck::cast_slice::<u32, u8>(values));
-}
-
-/// A length-prefixed optional string (so `None`, `""` and adjacent fields
-/// never hash alike).
-fn update_str(h: &mut Sha256, s: Option<&str>) {
-    match s {
-        None => h.update([0u8]),
-        Some(s) => {
-            h.update([1u8]);
-            h.update((s.len() as u64).to_le_bytes());
-            h.update(s.as_bytes());
-        }
+impl KeySink for Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
     }
 }
 
 impl CacheKey {
     /// The key of `prepared` (the input after preprocessing: token ids after
-    /// truncation, pixel values after resizing) for a model with
-    /// `fingerprint`, asked with `role` and `instruction`. Role and
-    /// instruction are hashed even where the model folds them into the
-    /// token ids (MLLM prompts) or ignores them (CLIP): a key never depends
-    /// on how a family uses them.
+    /// truncation, pixel values after resizing; what goes in is the
+    /// family's choice, [`crate::preprocess::PreparedData::write_key`]) for
+    /// a model with `fingerprint`, asked with `role` and `instruction`.
+    /// Role and instruction are hashed even where the model folds them into
+    /// the token ids (MLLM prompts) or ignores them (CLIP): a key never
+    /// depends on how a family uses them.
     pub fn new(
         fingerprint: &str,
         prepared: &Prepared,
         role: Role,
         instruction: Option<&str>,
     ) -> Self {
-        let mut h = Sha256::new();
-        h.update(b"vlembed-cache-v1");
-        update_str(&mut h, Some(fingerprint));
-        h.update(prepared.modality.as_str().as_bytes());
-        h.update([match role {
-            Role::Query => 1u8,
-            Role::Candidate => 2,
-        }]);
-        update_str(&mut h, instruction);
-        match &prepared.token_ids {
-            None => h.update([0u8]),
-            Some(ids) => {
-                h.update([1u8]);
-                h.update((ids.len() as u64).to_le_bytes());
-                update_u32(&mut h, ids);
-            }
-        }
-        match &prepared.pixels {
-            None => h.update([0u8]),
-            Some(p) => {
-                h.update([1u8]);
-                for d in [p.tiles, p.height, p.width, p.data.len()] {
-                    h.update((d as u64).to_le_bytes());
-                }
-                update_f32(&mut h, &p.data);
-            }
-        }
-        match prepared.image_size {
-            None => h.update([0u8]),
-            Some(s) => {
-                h.update([1u8]);
-                h.update(s.width.to_le_bytes());
-                h.update(s.height.to_le_bytes());
-            }
-        }
-        CacheKey(h.finalize().into())
+        let mut h = Hasher(Sha256::new());
+        h.0.update(b"vlembed-cache-v2");
+        let mut key = Key::new(&mut h);
+        key.opt_str(Some(fingerprint));
+        key.tag(prepared.modality.as_str());
+        key.tag(match role {
+            Role::Query => "query",
+            Role::Candidate => "candidate",
+        });
+        key.opt_str(instruction);
+        prepared.data.write_key(&mut key);
+        CacheKey(h.0.finalize().into())
     }
 }
 
@@ -262,34 +225,23 @@ impl EmbeddingCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batching::test_support::TestData;
     use crate::input::Modality;
-    use crate::preprocess::{Pixels, Size};
 
     fn text(ids: &[u32]) -> Prepared {
-        Prepared {
-            modality: Modality::Text,
-            token_ids: Some(ids.to_vec()),
-            pixels: None,
-            image_size: None,
-            text_tokens: ids.len(),
-            cost: ids.len(),
-        }
+        let data = TestData {
+            ids: ids.to_vec(),
+            pixels: Vec::new(),
+        };
+        Prepared::new(Modality::Text, ids.len(), ids.len(), data).erase()
     }
 
     fn image(v: f32) -> Prepared {
-        Prepared {
-            modality: Modality::Image,
-            token_ids: None,
-            pixels: Some(Pixels {
-                data: vec![v; 3 * 4 * 4],
-                tiles: 1,
-                height: 4,
-                width: 4,
-            }),
-            image_size: Some(Size::new(8, 8)),
-            text_tokens: 0,
-            cost: 4,
-        }
+        let data = TestData {
+            ids: Vec::new(),
+            pixels: vec![v; 3 * 4 * 4],
+        };
+        Prepared::new(Modality::Image, 0, 4, data).erase()
     }
 
     fn metric(m: &Metrics, name: &str) -> f64 {
@@ -329,21 +281,24 @@ mod tests {
             img,
             CacheKey::new("fp", &image(0.25), Role::Candidate, None)
         );
-        let mut one_pixel = image(0.5);
-        if let Some(p) = one_pixel.pixels.as_mut() {
-            p.data[17] = 0.5000001;
-        }
+        let mut pixels = vec![0.5; 3 * 4 * 4];
+        pixels[17] = 0.5000001;
+        let one_pixel = Prepared::new(
+            Modality::Image,
+            0,
+            4,
+            TestData {
+                ids: vec![],
+                pixels,
+            },
+        );
         assert_ne!(
             img,
-            CacheKey::new("fp", &one_pixel, Role::Candidate, None),
+            CacheKey::new("fp", &one_pixel.erase(), Role::Candidate, None),
             "one pixel"
         );
-        let mut other_size = image(0.5);
-        other_size.image_size = Some(Size::new(9, 8));
-        assert_ne!(img, CacheKey::new("fp", &other_size, Role::Candidate, None));
         let mut composed = image(0.5);
         composed.modality = Modality::Composed;
-        composed.token_ids = Some(vec![]);
         assert_ne!(img, CacheKey::new("fp", &composed, Role::Candidate, None));
     }
 
@@ -402,25 +357,5 @@ mod tests {
         let off = EmbeddingCache::new("m", "fp", 0, &m);
         off.insert(key(2), vec![1.0]);
         assert_eq!(off.get(&key(2)), None);
-    }
-
-    /// The cost of one key over a CLIP image's tensor (3x224x224 f32), for
-    /// the README: `cargo test --lib -- --ignored key_cost --nocapture`.
-    #[test]
-    #[ignore]
-    fn key_cost_of_a_clip_image() {
-        let mut p = image(0.5);
-        if let Some(px) = p.pixels.as_mut() {
-            px.data = (0..3 * 224 * 224).map(|i| i as f32 * 1e-3).collect();
-            px.height = 224;
-            px.width = 224;
-        }
-        let n = 200;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(CacheKey::new("fp", &p, Role::Candidate, None));
-        }
-        let per = t.elapsed().as_secs_f64() / n as f64;
-        eprintln!("one key over 3x224x224 f32 (602 KB): {:.3} ms", per * 1e3);
     }
 }

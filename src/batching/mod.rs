@@ -12,8 +12,8 @@
 //! tensor or a model replica (that is [`crate::worker`]).
 
 pub mod cache;
-pub mod policy;
 pub mod queue;
+pub mod schedule;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod trace;
@@ -24,14 +24,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::input::{Input, Modality};
+use crate::input::{Content, Input, Modality};
 use crate::metrics::Metrics;
 use crate::preprocess::{Prepared, PreprocessError, Preprocessor, RequestImagesError};
 use crate::vector::l2_normalize;
 pub use cache::{CacheKey, EmbeddingCache};
-pub use queue::{
-    Admission, AdmitError, Class, Item, ItemError, ItemResult, Queue, Refill, PRIORITY_BURST,
-};
+pub use queue::{Admission, AdmitError, Item, ItemError, ItemResult, Queue, WorkerId, WorkerState};
+pub use schedule::{Class, Ran, PRIORITY_BURST};
 pub use trace::RequestTrace;
 
 /// How a request wants its inputs handled.
@@ -45,19 +44,6 @@ pub struct EmbedOptions {
     pub trace: Option<Arc<RequestTrace>>,
     /// The request's scheduling class; `None`: [`Class::auto`] decides.
     pub priority: Option<Class>,
-}
-
-impl Class {
-    /// The class of a request that does not say: `High` for a single input
-    /// that is a text alone or has the query role (a search query), else
-    /// `Normal`.
-    pub fn auto(inputs: &[Input]) -> Class {
-        match inputs {
-            [one] if one.role == crate::input::Role::Query => Class::High,
-            [one] if one.modality() == Some(Modality::Text) => Class::High,
-            _ => Class::Normal,
-        }
-    }
 }
 
 /// A request's embeddings, in input order, with what it used.
@@ -116,10 +102,12 @@ pub const INLINE_TEXT_BYTES: usize = 1024;
 
 /// Whether `input` is tokenised inline (see [`INLINE_TEXT_BYTES`]).
 fn inline(input: &Input) -> bool {
-    input.image.is_none()
-        && input.text.as_ref().map_or(0, String::len)
-            + input.instruction.as_ref().map_or(0, String::len)
-            <= INLINE_TEXT_BYTES
+    match &input.content {
+        Content::Text(t) => {
+            t.len() + input.instruction.as_ref().map_or(0, String::len) <= INLINE_TEXT_BYTES
+        }
+        Content::Image(_) | Content::Composed { .. } => false,
+    }
 }
 
 /// A preprocessing job: done inline, or running on the blocking pool.
@@ -170,7 +158,7 @@ impl Drop for CancelOnDrop {
 pub struct Batcher {
     model: String,
     queue: Arc<Queue>,
-    preprocessor: Arc<Preprocessor>,
+    preprocessor: Arc<dyn Preprocessor>,
     pool: PreprocessPool,
     metrics: Metrics,
     /// The model's embedding cache, when on.
@@ -188,7 +176,7 @@ impl std::fmt::Debug for Batcher {
 impl Batcher {
     pub fn new(
         queue: Arc<Queue>,
-        preprocessor: Arc<Preprocessor>,
+        preprocessor: Arc<dyn Preprocessor>,
         pool: PreprocessPool,
         metrics: Metrics,
     ) -> Self {
@@ -381,12 +369,10 @@ impl Batcher {
                 }
                 let start = Instant::now();
                 let result = self.preprocessor.prepare(&input, truncate);
-                if let Some(m) = input.modality() {
-                    self.metrics
-                        .preprocess_duration
-                        .with_label_values(&[&self.model, m.as_str()])
-                        .observe(start.elapsed().as_secs_f64());
-                }
+                self.metrics
+                    .preprocess_duration
+                    .with_label_values(&[&self.model, input.modality().as_str()])
+                    .observe(start.elapsed().as_secs_f64());
                 if result.is_err() {
                     cancelled.store(true, Ordering::Relaxed);
                 }
@@ -417,10 +403,8 @@ impl Batcher {
                 }
                 let start = Instant::now();
                 let result = pre.prepare(&input, truncate);
-                if let Some(m) = input.modality() {
-                    hist.with_label_values(&[&model, m.as_str()])
-                        .observe(start.elapsed().as_secs_f64());
-                }
+                hist.with_label_values(&[&model, input.modality().as_str()])
+                    .observe(start.elapsed().as_secs_f64());
                 if result.is_err() {
                     cancelled.store(true, Ordering::Relaxed);
                 }

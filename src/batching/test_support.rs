@@ -1,18 +1,27 @@
-//! Fixtures shared by the unit tests of the queue ([`super::queue`]) and the
-//! worker ([`crate::worker`]). Test-only; owns no behaviour of the server.
+//! Test-only fixtures shared by the queue, worker and cache unit tests.
 
 use crate::input::Modality;
-use crate::preprocess::Prepared;
+use crate::preprocess::{Key, Prepared, PreparedData};
 
-/// A prepared text input of `cost` tokens (all token id 1) whose batch cost
-/// is `cost`: the queue and the fake models only look at the cost.
-pub(crate) fn prepared(cost: usize) -> Prepared {
-    Prepared {
-        modality: Modality::Text,
-        token_ids: Some(vec![1; cost]),
-        pixels: None,
-        image_size: None,
-        text_tokens: cost,
-        cost,
+/// Prepared data of no family: ids and values, both in the cache key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestData {
+    pub ids: Vec<u32>,
+    pub pixels: Vec<f32>,
+}
+
+impl PreparedData for TestData {
+    fn write_key(&self, key: &mut Key<'_>) {
+        key.ids(&self.ids);
+        key.floats(&self.pixels);
     }
+}
+
+/// A prepared text input of `cost` tokens.
+pub fn prepared(cost: usize) -> Prepared {
+    let data = TestData {
+        ids: vec![1; cost],
+        pixels: Vec::new(),
+    };
+    Prepared::new(Modality::Text, cost, cost, data).erase()
 }

@@ -45,7 +45,7 @@ pub fn shorten(s: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("fetch.allowed_cidrs: {0}")]
-    Cidr(String),
+    Cidr(#[source] crate::config::cidr::BadCidr),
     #[error("fetch.user_agent is not a valid header value")]
     UserAgent(#[source] hyper::header::InvalidHeaderValue),
     #[error("cannot set up TLS for image fetches: {0}")]

@@ -137,12 +137,13 @@ impl ApiError {
     /// Maps a preprocessing failure of the input at `at` (`inputs[2]`).
     pub fn preprocess(at: &str, e: &PreprocessError) -> Self {
         let status = match e {
-            PreprocessError::EmptyInput
-            | PreprocessError::EmptyText
+            PreprocessError::EmptyText
             | PreprocessError::InvalidImage(_)
             | PreprocessError::ImageTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             PreprocessError::TextTooLong { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            PreprocessError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PreprocessError::Tokenizer(_) | PreprocessError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         let field = match e {
             PreprocessError::EmptyText | PreprocessError::TextTooLong { .. } => ".text",
@@ -271,7 +272,6 @@ mod tests {
     #[test]
     fn preprocess_errors_map_to_contract_statuses() {
         let cases = [
-            (PreprocessError::EmptyInput, 422),
             (PreprocessError::EmptyText, 422),
             (PreprocessError::InvalidImage("x".into()), 422),
             (
@@ -291,6 +291,7 @@ mod tests {
                 413,
             ),
             (PreprocessError::Internal("x".into()), 500),
+            (PreprocessError::Tokenizer("x".into()), 500),
         ];
         for (e, status) in cases {
             let api = ApiError::preprocess("inputs[3]", &e);

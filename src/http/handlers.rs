@@ -29,6 +29,7 @@ use super::responses::{EmbedBody, EmbedByTypeResponse};
 use super::AppState;
 use crate::batching::{EmbedOptions, Embedded, RequestTrace};
 use crate::fetch::FetchError;
+use crate::input::{ImageSource, Input};
 use crate::registry::{ModelStatus, ProbeReport, ServedModel};
 
 /// The response header naming the fingerprint of the model that computed
@@ -55,7 +56,7 @@ struct Target {
 fn target(
     st: &AppState,
     model: Option<&str>,
-    inputs: &Labeled,
+    inputs: &[Labeled],
     what: &str,
     trace: &RequestTrace,
 ) -> Result<Target, ApiError> {
@@ -89,26 +90,29 @@ fn target(
 async fn run(
     st: &AppState,
     t: &Target,
-    mut inputs: Labeled,
+    inputs: Vec<Labeled>,
     mut opts: EmbedOptions,
     start: Instant,
     trace: Arc<RequestTrace>,
 ) -> Result<Embedded, ApiError> {
-    if !inputs.image_urls.is_empty() {
-        fetch_images(st, &mut inputs)
-            .await
-            .map_err(|e| e.for_model(&t.name))?;
-    }
-    let batch = inputs.take_inputs();
+    let labels: Vec<String> = inputs.iter().map(|l| l.label.clone()).collect();
+    let label = |i: usize| {
+        labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("input {i}"))
+    };
+    let inputs = resolve_images(st, inputs)
+        .await
+        .map_err(|e| e.for_model(&t.name))?;
     opts.trace = Some(trace);
     let out = t
         .served
         .batcher
-        .embed(batch, opts, start, st.registry.server.request_timeout())
+        .embed(inputs, opts, start, st.registry.server.request_timeout())
         .await
         .map_err(|e| {
-            ApiError::embed(e, &|i| inputs.label(i), st.registry.server.retry_after_s)
-                .for_model(&t.name)
+            ApiError::embed(e, &label, st.registry.server.retry_after_s).for_model(&t.name)
         })?;
     let m = &st.registry.metrics;
     m.text_tokens
@@ -120,42 +124,60 @@ async fn run(
     Ok(out)
 }
 
-/// Replaces the inputs' image URLs by the fetched images (which then take the
-/// path of uploaded ones: decoding, pixel limits), or refuses the request:
-/// 422 naming the input when fetching is off or a fetch fails.
-async fn fetch_images(st: &AppState, inputs: &mut Labeled) -> Result<(), ApiError> {
-    let urls = std::mem::take(&mut inputs.image_urls);
-    let Some(fetcher) = &st.fetcher else {
-        let i = urls.first().map_or(0, |u| u.0);
-        return Err(url_refused(&format!("{}.image", inputs.label(i))));
-    };
-    let shown: Vec<(usize, String)> = urls.iter().map(|(i, u)| (*i, quote(u))).collect();
-    match fetcher.fetch_all(urls).await {
-        Ok(images) => {
-            for (i, bytes) in images {
-                if let Some(input) = inputs.inputs.get_mut(i) {
-                    input.image = Some(bytes);
+/// The one step from a request's inputs to embeddable ones: image URLs are
+/// fetched (the fetched bytes then take the path of uploaded images:
+/// decoding, pixel limits), or the request is refused: 422 naming the input
+/// when fetching is off or a fetch fails, 503 when no fetch slot frees.
+async fn resolve_images(st: &AppState, inputs: Vec<Labeled>) -> Result<Vec<Input>, ApiError> {
+    let urls: Vec<(usize, String)> = inputs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| Some((i, l.input.image_url()?.to_string())))
+        .collect();
+    let mut fetched: Vec<Option<Vec<u8>>> = vec![None; inputs.len()];
+    if let Some((first, _)) = urls.first() {
+        let Some(fetcher) = &st.fetcher else {
+            return Err(url_refused(&format!("{}.image", inputs[*first].label)));
+        };
+        let shown: Vec<(usize, String)> = urls.iter().map(|(i, u)| (*i, quote(u))).collect();
+        match fetcher.fetch_all(urls).await {
+            Ok(images) => {
+                for (i, bytes) in images {
+                    if let Some(slot) = fetched.get_mut(i) {
+                        *slot = Some(bytes);
+                    }
                 }
             }
-            Ok(())
-        }
-        Err((i, e)) => {
-            let url = shown
-                .iter()
-                .find(|(j, _)| *j == i)
-                .map_or_else(String::new, |(_, u)| format!(" {u}"));
-            let message = format!(
-                "{}.image: cannot fetch the image URL{url}: {e}",
-                inputs.label(i)
-            );
-            Err(match e {
-                FetchError::Busy(_) => {
-                    ApiError::unavailable(message, st.registry.server.retry_after_s)
-                }
-                _ => ApiError::unprocessable(message),
-            })
+            Err((i, e)) => {
+                let url = shown
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .map_or_else(String::new, |(_, u)| format!(" {u}"));
+                let at = inputs.get(i).map_or("input", |l| l.label.as_str());
+                let message = format!("{at}.image: cannot fetch the image URL{url}: {e}");
+                return Err(match e {
+                    FetchError::Busy(_) => {
+                        ApiError::unavailable(message, st.registry.server.retry_after_s)
+                    }
+                    _ => ApiError::unprocessable(message),
+                });
+            }
         }
     }
+    inputs
+        .into_iter()
+        .zip(fetched)
+        .map(|(l, bytes)| {
+            let label = l.label;
+            l.input.try_map_image(|source| match (source, bytes) {
+                (ImageSource::Bytes(b), _) => Ok(b),
+                (ImageSource::Url(_), Some(b)) => Ok(b),
+                (ImageSource::Url(_), None) => Err(ApiError::internal(format!(
+                    "{label}.image: the fetcher returned no image"
+                ))),
+            })
+        })
+        .collect()
 }
 
 /// `POST /embed`.
@@ -417,7 +439,7 @@ pub async fn info(State(st): State<AppState>) -> Response {
             let loaded = m.loaded();
             let info = loaded.as_ref().map(|s| &s.info);
             ModelInfo {
-                architecture: info.map(|i| i.architecture.as_str()),
+                architecture: info.map(|i| i.architecture),
                 batching: BatchingInfo {
                     max_batch_cost: c.batching.max_batch_cost,
                     max_batch_size: c.batching.max_batch_size,

@@ -1,15 +1,15 @@
-//! Turning request JSON into [`Input`]s while it is parsed: the input
-//! shorthand (a bare string), input objects, lists of inputs, and inline
-//! images (base64, data URLs), and image URLs (recorded, for the handlers
-//! to fetch or refuse: see [`Labeled::image_urls`]).
+//! Turning request JSON into [`RequestInput`]s while it is parsed: the
+//! input shorthand (a bare string), input objects, lists of inputs, inline
+//! images (base64, data URLs) and image URLs ([`ImageSource::Url`], which
+//! the handlers fetch or refuse before anything is embedded).
 //!
 //! Owns the streaming [`serde`] visitors that build inputs straight from the
 //! body, checking the [`BodyLimits`] (input count, text length in characters,
 //! image size in bytes) as each value is read, so a body over a limit is
 //! refused at the first value past it and costs no more than the body itself;
 //! and the messages that name the input and field at fault. Produces plain
-//! [`Input`] values; it does not decode images (preprocessing does) and knows
-//! nothing of models.
+//! [`Labeled`] inputs; it does not decode images (preprocessing does) and
+//! knows nothing of models.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use super::error::{cut, quote, ApiError};
 use crate::config::ServerConfig;
-use crate::input::{Input, Role};
+use crate::input::{Content, ImageSource, Input, RequestInput, Role};
 
 const LENIENT: GeneralPurposeConfig =
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
@@ -74,8 +74,6 @@ pub fn parsed_inputs() -> u64 {
 pub struct ParseCtx<'l> {
     pub limits: &'l BodyLimits,
     failure: RefCell<Option<ApiError>>,
-    /// Image URLs met so far: (the input's label, the URL).
-    urls: RefCell<Vec<(String, String)>>,
 }
 
 impl<'l> ParseCtx<'l> {
@@ -83,24 +81,6 @@ impl<'l> ParseCtx<'l> {
         ParseCtx {
             limits,
             failure: RefCell::new(None),
-            urls: RefCell::new(Vec::new()),
-        }
-    }
-
-    /// Records that the input labelled `at` gives its image as `url`.
-    fn record_url(&self, at: &str, url: &str) {
-        self.urls
-            .borrow_mut()
-            .push((at.to_string(), url.trim().to_string()));
-    }
-
-    /// Moves the image URLs met while parsing into `inputs`
-    /// ([`Labeled::image_urls`]), by the labels of their inputs.
-    pub fn attach_urls(&self, inputs: &mut Labeled) {
-        for (at, url) in self.urls.borrow_mut().drain(..) {
-            if let Some(i) = inputs.labels.iter().position(|l| *l == at) {
-                inputs.image_urls.push((i, url));
-            }
         }
     }
 
@@ -121,41 +101,19 @@ impl<'l> ParseCtx<'l> {
     }
 }
 
-/// Inputs with the names errors use for them (`inputs[2]`, `query`, ...).
-#[derive(Debug, Default)]
+/// An input with the name errors use for it (`inputs[2]`, `query`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Labeled {
-    pub inputs: Vec<Input>,
-    pub labels: Vec<String>,
-    /// Inputs whose image is a URL, by index: their `image` is empty until
-    /// the handler fetches it (or refuses: URL fetching is off by default).
-    pub image_urls: Vec<(usize, String)>,
+    pub label: String,
+    pub input: RequestInput,
 }
 
 impl Labeled {
-    pub fn push(&mut self, input: Input, label: String) {
-        self.inputs.push(input);
-        self.labels.push(label);
-    }
-
-    pub fn len(&self) -> usize {
-        self.inputs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.inputs.is_empty()
-    }
-
-    /// The label of input `i` (for error messages).
-    pub fn label(&self, i: usize) -> String {
-        self.labels
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| format!("input {i}"))
-    }
-
-    /// Moves the inputs out, keeping the labels for error messages.
-    pub fn take_inputs(&mut self) -> Vec<Input> {
-        std::mem::take(&mut self.inputs)
+    pub fn new(label: impl Into<String>, input: RequestInput) -> Self {
+        Labeled {
+            label: label.into(),
+            input,
+        }
     }
 }
 
@@ -263,8 +221,8 @@ pub struct InputSeed<'c, 'l> {
 const INPUT_KEYS: &[&str] = &["text", "image", "instruction", "role"];
 
 impl<'de> DeserializeSeed<'de> for InputSeed<'_, '_> {
-    type Value = Input;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Input, D::Error> {
+    type Value = RequestInput;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<RequestInput, D::Error> {
         d.deserialize_any(self)
     }
 }
@@ -287,13 +245,13 @@ impl InputSeed<'_, '_> {
     }
 }
 
-fn built(input: Input) -> Input {
+fn built(input: RequestInput) -> RequestInput {
     PARSED_INPUTS.fetch_add(1, Ordering::Relaxed);
     input
 }
 
 impl<'de> Visitor<'de> for InputSeed<'_, '_> {
-    type Value = Input;
+    type Value = RequestInput;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a string or an object with \"text\" and/or \"image\"")
@@ -301,19 +259,19 @@ impl<'de> Visitor<'de> for InputSeed<'_, '_> {
 
     scalars_are_wrong!();
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Input, E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RequestInput, E> {
         let text =
             check_text(self.ctx.limits, v, self.at, ".text").map_err(|e| self.ctx.fail(e))?;
         Ok(built(Input::text(text)))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<Input, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<RequestInput, A::Error> {
         Err(self.wrong_type("an array"))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Input, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestInput, A::Error> {
         let (ctx, at) = (self.ctx, self.at);
-        let mut input = Input::default();
+        let (mut text, mut image, mut instruction, mut role) = (None, None, None, Role::Candidate);
         let mut seen = [false; INPUT_KEYS.len()];
         while let Some(key) = map.next_key_seed(KeySeed(INPUT_KEYS))? {
             let i = match key {
@@ -332,32 +290,35 @@ impl<'de> Visitor<'de> for InputSeed<'_, '_> {
             }
             match i {
                 0 => {
-                    input.text = map.next_value_seed(TextSeed {
+                    text = map.next_value_seed(TextSeed {
                         ctx,
                         at,
                         field: ".text",
                     })?
                 }
-                1 => input.image = map.next_value_seed(ImageSeed { ctx, at })?,
+                1 => image = map.next_value_seed(ImageSeed { ctx, at })?,
                 2 => {
-                    input.instruction = map.next_value_seed(TextSeed {
+                    instruction = map.next_value_seed(TextSeed {
                         ctx,
                         at,
                         field: ".instruction",
                     })?
                 }
                 _ => {
-                    if let Some(role) = map.next_value_seed(RoleSeed { ctx, at })? {
-                        input.role = role;
+                    if let Some(r) = map.next_value_seed(RoleSeed { ctx, at })? {
+                        role = r;
                     }
                 }
             }
         }
-        if input.text.is_none() && input.image.is_none() {
+        let Some(content) = Content::from_parts(text, image) else {
             return Err(ctx.fail(ApiError::unprocessable(format!(
                 "{at}: empty input: give \"text\", \"image\" or both"
             ))));
-        }
+        };
+        let input = Input::new(content)
+            .with_role(role)
+            .with_instruction(instruction);
         Ok(built(input))
     }
 }
@@ -468,7 +429,7 @@ struct ImageSeed<'c, 'l> {
 }
 
 impl<'de> DeserializeSeed<'de> for ImageSeed<'_, '_> {
-    type Value = Option<Vec<u8>>;
+    type Value = Option<ImageSource>;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
@@ -484,9 +445,8 @@ impl ImageSeed<'_, '_> {
 }
 
 impl ImageSeed<'_, '_> {
-    /// Records an image URL (fetched or refused by the handler) and gives
-    /// its input an empty image until then.
-    fn url<E: de::Error>(&self, url: &str, at: &str) -> Result<Option<Vec<u8>>, E> {
+    /// An image URL, fetched or refused by the handler.
+    fn url<E: de::Error>(&self, url: &str, at: &str) -> Result<Option<ImageSource>, E> {
         let url = url.trim();
         if url.is_empty() {
             return Err(self
@@ -499,8 +459,7 @@ impl ImageSeed<'_, '_> {
                 url.len()
             ))));
         }
-        self.ctx.record_url(self.at, url);
-        Ok(Some(Vec::new()))
+        Ok(Some(ImageSource::Url(url.to_string())))
     }
 }
 
@@ -515,7 +474,7 @@ pub fn is_http_url(s: &str) -> bool {
 }
 
 impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
-    type Value = Option<Vec<u8>>;
+    type Value = Option<ImageSource>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a base64 string, a data URL or {\"url\": ...}")
     }
@@ -526,7 +485,7 @@ impl<'de> Visitor<'de> for ImageSeed<'_, '_> {
             return self.url(v, &at);
         }
         decode_image_string(v, &at, self.ctx.limits.max_image_bytes)
-            .map(Some)
+            .map(|b| Some(ImageSource::Bytes(b)))
             .map_err(|e| self.ctx.fail(e))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
@@ -632,8 +591,8 @@ pub struct ListSeed<'c, 'l> {
 }
 
 impl<'de> DeserializeSeed<'de> for ListSeed<'_, '_> {
-    type Value = Labeled;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Labeled, D::Error> {
+    type Value = Vec<Labeled>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Vec<Labeled>, D::Error> {
         d.deserialize_any(self)
     }
 }
@@ -647,10 +606,8 @@ impl<'c, 'l> ListSeed<'c, 'l> {
         }
     }
 
-    fn one(&self, input: Input) -> Labeled {
-        let mut l = Labeled::default();
-        l.push(input, self.field.to_string());
-        l
+    fn one(&self, input: RequestInput) -> Vec<Labeled> {
+        vec![Labeled::new(self.field, input)]
     }
 
     fn wrong_type<E: de::Error>(&self, found: &str) -> E {
@@ -668,7 +625,7 @@ impl<'c, 'l> ListSeed<'c, 'l> {
 }
 
 impl<'de> Visitor<'de> for ListSeed<'_, '_> {
-    type Value = Labeled;
+    type Value = Vec<Labeled>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an input or an array of inputs")
@@ -676,26 +633,26 @@ impl<'de> Visitor<'de> for ListSeed<'_, '_> {
 
     scalars_are_wrong!();
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Labeled, E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<Labeled>, E> {
         if self.shape == ListShape::ArrayOnly {
             return Err(self.wrong_type("a string"));
         }
         self.single().visit_str(v).map(|i| self.one(i))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Labeled, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Vec<Labeled>, A::Error> {
         if self.shape == ListShape::ArrayOnly {
             return Err(self.wrong_type("an object"));
         }
         self.single().visit_map(map).map(|i| self.one(i))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Labeled, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Labeled>, A::Error> {
         let nested = match self.shape {
             ListShape::OpenAi => Nested::OpenAi,
             _ => Nested::Plain,
         };
-        let mut out = Labeled::default();
+        let mut out = Vec::new();
         loop {
             if out.len() >= self.max {
                 // One more item, skipped without being built, is one too many.
@@ -715,52 +672,12 @@ impl<'de> Visitor<'de> for ListSeed<'_, '_> {
                 nested,
             };
             match seq.next_element_seed(seed)? {
-                Some(input) => out.push(input, at),
+                Some(input) => out.push(Labeled::new(at, input)),
                 None => break,
             }
         }
         Ok(out)
     }
-}
-
-/// Parses `<input> | [<input>, ...]` given as a JSON value at `field`,
-/// without limits (the body parsers read the same shapes from bytes).
-pub fn parse_input_list(v: Value, field: &str) -> Result<Labeled, ApiError> {
-    let ctx = ParseCtx::new(&BodyLimits::NONE);
-    let seed = ListSeed {
-        ctx: &ctx,
-        field,
-        shape: ListShape::OneOrMany,
-        max: usize::MAX,
-        noun: "inputs",
-    };
-    let mut l = seed.deserialize(v).map_err(|e| value_error(&ctx, e))?;
-    ctx.attach_urls(&mut l);
-    match l.image_urls.first() {
-        Some((i, _)) => Err(url_refused(&format!("{}.image", l.label(*i)))),
-        None => Ok(l),
-    }
-}
-
-/// Parses one input given as a JSON value found at `at`, without limits
-/// (image URLs are refused: nothing here fetches them).
-pub fn parse_input(v: Value, at: &str) -> Result<Input, ApiError> {
-    let ctx = ParseCtx::new(&BodyLimits::NONE);
-    let seed = InputSeed {
-        ctx: &ctx,
-        at,
-        nested: Nested::Plain,
-    };
-    let input = seed.deserialize(v).map_err(|e| value_error(&ctx, e))?;
-    if !ctx.urls.borrow().is_empty() {
-        return Err(url_refused(&format!("{at}.image")));
-    }
-    Ok(input)
-}
-
-fn value_error(ctx: &ParseCtx, e: serde_json::Error) -> ApiError {
-    ctx.take_failure()
-        .unwrap_or_else(|| ApiError::bad_request(format!("invalid input: {e}")))
 }
 
 /// Parses a role name (`query` or `candidate`).
@@ -855,82 +772,4 @@ pub fn encode_embedding(v: &[f32]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn parses_strings_objects_and_lists() {
-        let l = parse_input_list(json!("a cat"), "inputs").unwrap();
-        assert_eq!(l.labels, vec!["inputs"]);
-        assert_eq!(l.inputs[0].text.as_deref(), Some("a cat"));
-        let png = base64::engine::general_purpose::STANDARD.encode(b"\x89PNG");
-        let l = parse_input_list(
-            json!(["x", {"text": "y", "image": png, "role": "query", "instruction": "find"}]),
-            "inputs",
-        )
-        .unwrap();
-        assert_eq!(l.labels, vec!["inputs[0]", "inputs[1]"]);
-        let i = &l.inputs[1];
-        assert_eq!(i.image.as_deref(), Some(&b"\x89PNG"[..]));
-        assert_eq!(i.role, Role::Query);
-        assert_eq!(i.instruction.as_deref(), Some("find"));
-    }
-
-    #[test]
-    fn images_accept_base64_variants_and_data_urls() {
-        let raw = vec![0u8, 255, 1, 2, 250, 251];
-        let std = base64::engine::general_purpose::STANDARD.encode(&raw);
-        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
-        assert_eq!(decode_image_string(&std, "i", usize::MAX).unwrap(), raw);
-        assert_eq!(decode_image_string(&url, "i", usize::MAX).unwrap(), raw);
-        let wrapped = format!("{}\n{}", &std[..4], &std[4..]);
-        assert_eq!(decode_image_string(&wrapped, "i", usize::MAX).unwrap(), raw);
-        let data = format!("data:image/png;base64,{std}");
-        assert_eq!(decode_image_string(&data, "i", usize::MAX).unwrap(), raw);
-    }
-
-    #[test]
-    fn refusals_name_the_field_with_the_right_status() {
-        let cases = [
-            (
-                json!({"image": "!!!"}),
-                422,
-                "inputs[0].image: not valid base64",
-            ),
-            (
-                json!({"image": "data:image/png,abc"}),
-                422,
-                "base64-encoded",
-            ),
-            (
-                json!({"image": {"url": "https://x/y.png"}}),
-                422,
-                "server.fetch_image_urls",
-            ),
-            (json!({"image": "https://x/y.png"}), 422, "URL"),
-            (json!({"image": 5}), 400, "inputs[0].image: expected"),
-            (json!({"text": 5}), 400, "inputs[0].text: expected a string"),
-            (json!({"role": "boss", "text": "x"}), 400, "inputs[0].role"),
-            (json!({"txt": "x"}), 400, "unknown field \"txt\""),
-            (json!({}), 422, "empty input"),
-            (json!({"text": null, "image": null}), 422, "empty input"),
-            (json!(3), 400, "found a number"),
-        ];
-        for (v, status, needle) in cases {
-            let e = parse_input(v.clone(), "inputs[0]").unwrap_err();
-            assert_eq!(e.status.as_u16(), status, "{v}: {}", e.message);
-            assert!(e.message.contains(needle), "{v}: {}", e.message);
-        }
-    }
-
-    #[test]
-    fn base64_embeddings_are_little_endian_f32() {
-        let s = encode_embedding(&[1.0, -2.5]);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
-        assert_eq!(
-            bytes,
-            [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
-        );
-    }
-}
+mod tests;

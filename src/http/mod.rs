@@ -146,9 +146,18 @@ impl Endpoint {
     }
 }
 
+/// The OpenAPI document compiled in cannot be served (a build defect).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenApiError {
+    #[error("openapi.yaml does not parse: {0}")]
+    Yaml(#[from] serde_norway::Error),
+    #[error("openapi.yaml cannot be written as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// Parses the OpenAPI document into JSON.
-pub fn openapi_json() -> Result<serde_json::Value, String> {
-    serde_norway::from_str::<serde_json::Value>(OPENAPI_YAML).map_err(|e| e.to_string())
+pub fn openapi_json() -> Result<serde_json::Value, OpenApiError> {
+    Ok(serde_norway::from_str::<serde_json::Value>(OPENAPI_YAML)?)
 }
 
 /// Builds the router over `registry`; image URLs are fetched with `fetcher`
@@ -156,9 +165,9 @@ pub fn openapi_json() -> Result<serde_json::Value, String> {
 pub fn router(
     registry: Arc<Registry>,
     fetcher: Option<Arc<crate::fetch::Fetcher>>,
-) -> Result<Router, String> {
+) -> Result<Router, OpenApiError> {
     let doc = openapi_json()?;
-    let openapi = Bytes::from(serde_json::to_vec(&doc).map_err(|e| e.to_string())?);
+    let openapi = Bytes::from(serde_json::to_vec(&doc)?);
     let body_limit = registry.server.max_body_bytes;
     let in_flight = Arc::new(Semaphore::new(registry.server.max_concurrent_requests));
     let small_in_flight = Arc::new(Semaphore::new(small_request_slots(

@@ -441,37 +441,6 @@ mod tests {
         assert!(j(EncodingFormat::Float).starts_with("[0.5,-0.25,0.0,1.0,"));
     }
 
-    /// `typed` serialises to the bytes `old` (built with `json!`) does.
-    /// What writing floats as f32 rather than widened f64 saves, for the
-    /// closing note of issue 12 (`cargo test --lib -- --ignored
-    /// float_writing_cost --nocapture`).
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn float_writing_cost() {
-        let v: Vec<f32> = (0..768)
-            .map(|i| ((i as f32) * 0.731).sin() / 27.7)
-            .collect();
-        let body = Floats(v.clone());
-        let wide: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
-        let n = 2000;
-        let t = std::time::Instant::now();
-        let mut len32 = 0;
-        for _ in 0..n {
-            len32 = serde_json::to_vec(&body).unwrap().len();
-        }
-        let f32_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-        let t = std::time::Instant::now();
-        let mut len64 = 0;
-        for _ in 0..n {
-            len64 = serde_json::to_vec(&wide).unwrap().len();
-        }
-        let f64_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-        println!(
-            "768 floats: f32 shortest {len32} B in {f32_us:.1} us; widened f64 {len64} B in {f64_us:.1} us"
-        );
-        assert!(len32 < len64);
-    }
-
     /// `typed` writes the bytes of `old` (a `json!` body), but with each
     /// float as the shortest decimal of its f32 rather than of the f64.
     fn same<T: Serialize>(typed: &T, old: &serde_json::Value) {

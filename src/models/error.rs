@@ -5,7 +5,8 @@
 
 use hf_hub::api::sync::ApiError;
 
-use super::DeviceSpec;
+use super::device::DeviceError;
+use crate::preprocess::SetupError;
 
 /// Why a model could not be loaded or could not run a batch.
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +22,8 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open {device}: {source}")]
-    Device {
-        device: DeviceSpec,
-        #[source]
-        source: Box<candle_core::Error>,
-    },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("cannot set up the Hub client: {source}")]
     HubClient {
         #[source]
@@ -54,8 +51,8 @@ pub enum ModelError {
     },
     /// The preprocessing files (tokenizer, processor configs) do not load
     /// or do not fit the model.
-    #[error("{0}")]
-    Preprocessor(String),
+    #[error(transparent)]
+    Preprocessor(#[from] SetupError),
     #[error("unsupported model architecture {found} in {path}: vlembed serves {supported}")]
     UnknownArchitecture {
         found: String,
@@ -70,8 +67,12 @@ pub enum ModelError {
     },
     #[error("invalid batch: {0}")]
     Batch(String),
+    /// A batch item was prepared by another family's preprocessor (a wiring
+    /// error of the server's, never a client's).
+    #[error("batch item {item} was not prepared for this model (expected {expected})")]
+    WrongInput { item: usize, expected: &'static str },
     /// The caller's step hook asked a stepped forward pass to stop
-    /// ([`super::EmbeddingModel::embed_stepped`]).
+    /// ([`super::Model::embed`]).
     #[error("the forward pass was interrupted between two layers")]
     Interrupted,
     #[error("tensor computation failed: {0}")]

@@ -1,34 +1,58 @@
-//! The model families vlembed serves, as one table ([`FAMILIES`]) that
-//! architecture detection, the "supported architectures" message and
-//! loading all read.
+//! What a model family is: the interface every family module implements,
+//! and the erased forms the server runs. A leaf of `models`: it imports no
+//! family, so every family can import it (the table of families,
+//! [`super::families`], is the only module that imports them).
 //!
-//! Owns the table and the loader interface. A family is one module that
-//! exposes a [`Family`] (its `config.json` names and its loader) and an
-//! [`Architecture`] constant; adding one means that module and one line in
-//! [`FAMILIES`] (plus its [`Preprocessor`] variant, which preprocessing owns).
+//! A family is one module under `models/` that provides:
+//! - a [`Family`] value (its `config.json` names and its loader), listed in
+//!   [`super::families::FAMILIES`];
+//! - its prepared data (a [`PreparedData`] type);
+//! - its preprocessor (a [`Preprocess`] making that data);
+//! - its model (a [`Model`] reading that data) and the [`Replicas`] that
+//!   build it from weights.
+//!
+//! [`FamilyModel::new`] joins the preprocessor and the replicas only when
+//! the model reads what the preprocessor makes (checked by the compiler),
+//! then erases both: batching, the queue and the workers handle
+//! [`Prepared`] items and [`EmbeddingModel`]s without knowing the family.
+//! The erased model finds its typed data again in one place
+//! ([`Erased::embed_stepped`]).
 
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_nn::VarBuilder;
-use serde::Serialize;
 
-use super::{clip, llava, ConfigError, EmbeddingModel, LoadOptions, ModelError, ModelFiles};
-use crate::preprocess::Preprocessor;
-
-/// Every family, in detection order.
-pub const FAMILIES: &[Family] = &[clip::FAMILY, llava::FAMILY];
+use super::error::{ConfigError, ModelError};
+use super::source::ModelFiles;
+use crate::preprocess::image::ImageLimits;
+use crate::preprocess::{self, Prepared, PreparedData, Preprocess, Preprocessor};
 
 /// One model family: how `config.json` names it and how it loads.
-pub struct Family {
+pub trait Family: Sync {
     /// The `architectures` entry of `config.json` (also the name `/info`
     /// reports).
-    pub architecture: &'static str,
+    fn architecture(&self) -> &'static str;
+
     /// The `model_type` that names the family when `config.json` has no
     /// `architectures`.
-    pub model_type: &'static str,
+    fn model_type(&self) -> &'static str;
+
     /// Reads the family's config and preprocessing files: everything but
     /// the weights.
-    pub load: fn(&LoadContext<'_>) -> Result<FamilyModel, ModelError>,
+    fn load(&self, cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError>;
+}
+
+/// Options that apply when loading a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub dtype: super::Precision,
+    pub image_limits: ImageLimits,
+    /// The longest prompt an MLLM takes, in tokens (`None`: the family's
+    /// default), capped at its decoder's `max_position_embeddings`. Bounds
+    /// the decoder's attention memory.
+    pub max_input_tokens: Option<usize>,
 }
 
 /// What a family's loader reads from.
@@ -51,154 +75,178 @@ impl LoadContext<'_> {
     }
 }
 
-/// A family's model, configured, with its preprocessing but no weights.
-pub struct FamilyModel {
+/// Facts about a configured model that front ends report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
     /// Embedding width.
     pub dimensions: usize,
     /// The longest text (prompt) the preprocessor lets through, in tokens.
     pub max_text_tokens: usize,
     /// Whether the model reads instructions (MLLM prompts).
     pub uses_instructions: bool,
-    pub preprocessor: Preprocessor,
+}
+
+/// A family's model, configured, with its preprocessing but no weights.
+pub struct FamilyModel {
+    pub facts: Facts,
+    pub preprocessor: Arc<dyn Preprocessor>,
     pub replicas: Box<dyn ReplicaBuilder>,
 }
 
-/// Builds one replica of a configured model from its weights.
+impl FamilyModel {
+    /// Joins a preprocessor and the replicas of a model that reads what it
+    /// prepares.
+    pub fn new<P, R>(facts: Facts, preprocessor: P, replicas: R) -> Self
+    where
+        P: Preprocess,
+        R: Replicas,
+        R::Model: Model<Input = P::Data>,
+    {
+        FamilyModel {
+            facts,
+            preprocessor: preprocess::erase(preprocessor),
+            replicas: Box::new(ErasedReplicas(replicas)),
+        }
+    }
+}
+
+/// Calls a stepped pass between its steps; see [`Model::embed`].
+pub type Between<'a> = &'a mut dyn FnMut() -> ControlFlow<()>;
+
+/// A model replica on one device, typed by the prepared data it reads.
+///
+/// An item's result must not depend on its batch mates.
+pub trait Model: Send + 'static {
+    type Input: PreparedData;
+
+    /// One unnormalised embedding per input, in order, calling `between`
+    /// between the steps of the forward pass (the layers of its long parts:
+    /// CLIP's vision tower; LLaVA's vision tower and decoder) with the
+    /// pass's state kept meanwhile, so that the caller can run other, short
+    /// work on the same replica (through `&self`: a model holds no state
+    /// between calls) and resume. When `between` answers `Break`, the pass
+    /// stops with [`ModelError::Interrupted`]. Results do not depend on what
+    /// `between` does: the same steps run in the same order.
+    fn embed(
+        &self,
+        batch: &[&Self::Input],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// Any family's model replica, as a worker runs it.
+pub trait EmbeddingModel: Send {
+    /// [`Model::embed`] over erased items.
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
+
+    /// [`Self::embed_stepped`] without stopping between steps.
+    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
+    }
+}
+
+/// A family's [`Model`] as an [`EmbeddingModel`].
+pub fn erase_model<M: Model>(model: M) -> Box<dyn EmbeddingModel> {
+    Box::new(Erased(model))
+}
+
+/// The one place erased items are read as a family's data.
+struct Erased<M>(M);
+
+impl<M: Model> EmbeddingModel for Erased<M> {
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let typed = batch
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.data::<M::Input>().ok_or(ModelError::WrongInput {
+                    item: i,
+                    expected: std::any::type_name::<M::Input>(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.0.embed(&typed, between)
+    }
+}
+
+/// Builds replicas of one family's model from weights.
+pub trait Replicas: Send + Sync + 'static {
+    type Model: Model;
+
+    /// A replica on `vb`'s device and dtype.
+    fn build(&self, vb: VarBuilder) -> Result<Self::Model, ModelError>;
+}
+
+/// Builds one replica of a configured model, erased.
 pub trait ReplicaBuilder: Send + Sync {
     /// A replica on `vb`'s device and dtype.
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError>;
 }
 
-/// One of the architectures in [`FAMILIES`], as `config.json` names it.
-/// Each family module defines its constant (`Architecture::Clip`, ...).
-#[derive(Clone, Copy)]
-pub struct Architecture(pub(super) &'static Family);
+struct ErasedReplicas<R>(R);
 
-impl Architecture {
-    pub fn as_str(self) -> &'static str {
-        self.0.architecture
-    }
-
-    /// The family: its loader.
-    pub(super) fn family(self) -> &'static Family {
-        self.0
-    }
-
-    /// The architectures vlembed serves, for error messages.
-    pub fn supported() -> String {
-        FAMILIES
-            .iter()
-            .map(|f| f.architecture)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// Picks the architecture from a parsed `config.json`: the first family
-    /// (in [`FAMILIES`] order) listed in `architectures`, else the one whose
-    /// `model_type` it has when `architectures` is absent.
-    pub fn detect(config: &serde_json::Value, path: &Path) -> Result<Self, ModelError> {
-        let archs: Vec<&str> = config
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        let model_type = config.get("model_type").and_then(|m| m.as_str());
-        let family = FAMILIES.iter().find(|f| {
-            archs.contains(&f.architecture)
-                || (archs.is_empty() && model_type == Some(f.model_type))
-        });
-        if let Some(f) = family {
-            return Ok(Architecture(f));
-        }
-        let found = match (archs.first(), model_type) {
-            (Some(a), _) => format!("{a:?}"),
-            (None, Some(t)) => format!("(model_type {t:?})"),
-            (None, None) => "nothing (no \"architectures\" or \"model_type\")".to_string(),
-        };
-        Err(ModelError::UnknownArchitecture {
-            found,
-            path: path.display().to_string(),
-            supported: Self::supported(),
-        })
-    }
-}
-
-impl PartialEq for Architecture {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for Architecture {}
-
-impl std::fmt::Debug for Architecture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for Architecture {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
+impl<R: Replicas> ReplicaBuilder for ErasedReplicas<R> {
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+        Ok(erase_model(self.0.build(vb)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::Modality;
+    use crate::preprocess::Key;
 
-    #[test]
-    fn detects_clip_and_names_unknown_architectures() {
-        let p = Path::new("config.json");
-        let clip = serde_json::json!({"architectures": ["CLIPModel"], "model_type": "clip"});
-        assert_eq!(Architecture::detect(&clip, p).unwrap(), Architecture::Clip);
-        let legacy = serde_json::json!({"model_type": "clip"});
-        assert_eq!(
-            Architecture::detect(&legacy, p).unwrap(),
-            Architecture::Clip
-        );
-        let bert = serde_json::json!({"architectures": ["BertModel"]});
-        let msg = Architecture::detect(&bert, p).unwrap_err().to_string();
-        assert!(
-            msg.contains("BertModel") && msg.contains("CLIPModel"),
-            "{msg}"
-        );
-        let empty = serde_json::json!({});
-        let msg = Architecture::detect(&empty, p).unwrap_err().to_string();
-        assert!(msg.contains("no \"architectures\""), "{msg}");
+    #[derive(Debug)]
+    struct Ids(Vec<u32>);
+
+    impl PreparedData for Ids {
+        fn write_key(&self, key: &mut Key<'_>) {
+            key.ids(&self.0);
+        }
+    }
+
+    #[derive(Debug)]
+    struct NotIds;
+
+    impl PreparedData for NotIds {
+        fn write_key(&self, _: &mut Key<'_>) {}
+    }
+
+    /// Embeds the ids' sum, counting steps.
+    struct Sum;
+
+    impl Model for Sum {
+        type Input = Ids;
+        fn embed(&self, batch: &[&Ids], between: Between<'_>) -> Result<Vec<Vec<f32>>, ModelError> {
+            if between().is_break() {
+                return Err(ModelError::Interrupted);
+            }
+            Ok(batch
+                .iter()
+                .map(|d| vec![d.0.iter().sum::<u32>() as f32])
+                .collect())
+        }
     }
 
     #[test]
-    fn detects_llava_next() {
-        let p = Path::new("config.json");
-        let v = serde_json::json!({
-            "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next"
-        });
-        assert_eq!(
-            Architecture::detect(&v, p).unwrap(),
-            Architecture::LlavaNext
-        );
-        let bare = serde_json::json!({"model_type": "llava_next"});
-        assert_eq!(
-            Architecture::detect(&bare, p).unwrap(),
-            Architecture::LlavaNext
-        );
-        assert_eq!(
-            Architecture::LlavaNext.as_str(),
-            "LlavaNextForConditionalGeneration"
-        );
-        let llava15 = serde_json::json!({"architectures": ["LlavaForConditionalGeneration"]});
-        let msg = Architecture::detect(&llava15, p).unwrap_err().to_string();
-        assert!(msg.contains("LlavaNextForConditionalGeneration"), "{msg}");
-    }
-
-    #[test]
-    fn the_supported_list_is_the_table() {
-        assert_eq!(
-            Architecture::supported(),
-            "CLIPModel, LlavaNextForConditionalGeneration"
-        );
-        let json = serde_json::to_string(&Architecture::Clip).unwrap();
-        assert_eq!(json, "\"CLIPModel\"");
+    fn an_erased_model_reads_its_own_data_and_refuses_other_data() {
+        let m = erase_model(Sum);
+        let a = Prepared::new(Modality::Text, 2, 2, Ids(vec![1, 2])).erase();
+        let b = Prepared::new(Modality::Text, 1, 1, Ids(vec![7])).erase();
+        assert_eq!(m.embed(&[&a, &b]).unwrap(), vec![vec![3.0], vec![7.0]]);
+        let stop = m.embed_stepped(&[&a], &mut || ControlFlow::Break(()));
+        assert!(matches!(stop, Err(ModelError::Interrupted)));
+        let other = Prepared::new(Modality::Text, 1, 1, NotIds).erase();
+        let e = m.embed(&[&a, &other]).unwrap_err();
+        assert!(matches!(e, ModelError::WrongInput { item: 1, .. }), "{e}");
     }
 }

@@ -321,32 +321,4 @@ mod tests {
         assert!(weights_identity(&[dir.join("missing")], None).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
-
-    /// The startup cost of hashing a 600 MB weight file (BGE-VL-base's
-    /// size), for the README: `cargo test --lib -- --ignored
-    /// fingerprint_cost_of_600_mb --nocapture`.
-    #[test]
-    #[ignore]
-    fn fingerprint_cost_of_600_mb() {
-        use std::io::Write;
-        let dir = std::env::temp_dir().join(format!("vlembed-fp-cost-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("model.safetensors");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 31 % 251) as u8).collect();
-        for _ in 0..600 {
-            f.write_all(&block).unwrap();
-        }
-        drop(f);
-        for round in 0..2 {
-            let t = std::time::Instant::now();
-            weights_identity(std::slice::from_ref(&path), None).unwrap();
-            let s = t.elapsed().as_secs_f64();
-            eprintln!(
-                "round {round}: hashed 600 MiB in {s:.3} s ({:.2} GB/s)",
-                600.0 * 1048576.0 / s / 1e9
-            );
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }

@@ -1,142 +1,51 @@
-//! Models: candle code for each architecture, and loading them.
+//! Models: one module per family (its loader, preprocessor, prepared data
+//! and model), the table of families, and loading a model from its files.
 //!
-//! Owns: the table of model families ([`FAMILIES`]; `config.json` picks one
-//! and its loader reads the rest), memory-mapping the safetensors weights,
-//! building one model replica per device, and the forward passes. A model
-//! takes [`Prepared`] items (token ids, pixel values) and returns one
-//! unnormalised embedding per item. It knows nothing of HTTP, queues or
-//! requests; normalisation is the caller's choice.
+//! Owns: the table of model families ([`families::FAMILIES`]; `config.json`
+//! picks one and its loader reads the rest), memory-mapping the safetensors
+//! weights, building one model replica per device, and the forward passes.
+//! A model takes its family's prepared data (token ids, pixel values) and
+//! returns one unnormalised embedding per item. It knows nothing of HTTP,
+//! queues or requests; normalisation is the caller's choice.
 //!
-//! Layout: `family` (the table and the loader interface), one module per
-//! family (`clip`; `llava` with its `mistral` decoder), `ops` (fast CPU
-//! kernels), `weights` and `source` (files), `error`, `mask`.
+//! Layout: `family` (what a family provides; a leaf), `families` (the
+//! table), one module per family (`clip`; `llava` with its Mistral
+//! decoder), `ops` (fast CPU kernels), `device` (devices and precisions),
+//! `weights` and `source` (files), `error`, `mask`, `fingerprint`.
 
 pub mod clip;
+pub mod device;
 mod error;
-mod family;
+pub mod families;
+pub mod family;
 pub mod fingerprint;
 pub mod llava;
 mod mask;
-pub mod mistral;
 pub mod ops;
 pub mod source;
 pub mod weights;
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::Serialize;
 
-use crate::preprocess::{self, Prepared, Preprocessor};
+use crate::preprocess::Preprocessor;
+pub use device::{BadDevice, DeviceError, DeviceSpec, Precision, UnknownPrecision};
 pub use error::{ConfigError, ModelError};
-pub use family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder, FAMILIES};
+pub use family::{
+    Between, EmbeddingModel, Facts, Family, FamilyModel, LoadContext, LoadOptions, Model,
+    ReplicaBuilder, Replicas,
+};
 pub use fingerprint::Fingerprint;
 pub use source::{ModelFiles, ModelSource};
-
-/// The floating point type the weights are computed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Precision {
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-impl FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(Precision::F32),
-            "f16" | "float16" | "half" => Ok(Precision::F16),
-            "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => Err(format!(
-                "unknown dtype {other:?}: expected f32, f16 or bf16"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A device name as configured: `cpu` or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim().to_ascii_lowercase();
-        if s == "cpu" {
-            return Ok(DeviceSpec::Cpu);
-        }
-        if s == "cuda" {
-            return Ok(DeviceSpec::Cuda(0));
-        }
-        if let Some(n) = s.strip_prefix("cuda:") {
-            return n
-                .parse()
-                .map(DeviceSpec::Cuda)
-                .map_err(|_| format!("invalid CUDA device index in {s:?}"));
-        }
-        Err(format!("unknown device {s:?}: expected cpu or cuda:N"))
-    }
-}
-
-impl std::fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeviceSpec::Cpu => f.write_str("cpu"),
-            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-impl DeviceSpec {
-    /// Opens the device. CUDA needs the `cuda` build feature.
-    pub fn open(self) -> Result<Device, ModelError> {
-        match self {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(i) => Device::new_cuda(i).map_err(|e| ModelError::Device {
-                device: self,
-                source: Box::new(e),
-            }),
-        }
-    }
-}
 
 /// Facts about a loaded model that front ends report (`/info`, the CLI).
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
-    pub architecture: Architecture,
+    /// The `config.json` architecture of the model's family.
+    pub architecture: &'static str,
     pub dimensions: usize,
     pub dtype: Precision,
     pub max_text_tokens: usize,
@@ -145,60 +54,19 @@ pub struct ModelInfo {
     pub fingerprint: Fingerprint,
 }
 
-/// A model replica on one device: turns a batch of prepared inputs into one
-/// unnormalised embedding per input, in order.
-///
-/// An item's result must not depend on its batch mates.
-pub trait EmbeddingModel: Send {
-    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError>;
-
-    /// [`Self::embed`], calling `between` between the steps of the forward
-    /// pass (for CLIP: between two encoder layers of the vision tower, the
-    /// pass's state, hidden states and next layer, kept meanwhile), so that
-    /// the caller can run other, short work on the same replica (through
-    /// `&self`: a model holds no state between calls) and resume. When
-    /// `between` answers `Break`, the pass stops with
-    /// [`ModelError::Interrupted`]. Results are those of `embed`, bit for
-    /// bit: the same steps run in the same order.
-    ///
-    /// Both families step (CLIP: its vision tower; LLaVA: its vision tower
-    /// and its decoder). The default, for models whose passes are not
-    /// stepped, calls `embed` and never `between`: such a batch is only
-    /// preempted at its end.
-    fn embed_stepped(
-        &self,
-        batch: &[&Prepared],
-        between: &mut dyn FnMut() -> ControlFlow<()>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let _ = between;
-        self.embed(batch)
-    }
-}
-
 /// A model whose configuration, tokenizer and preprocessing are loaded, and
 /// whose weights can be mapped onto devices (one replica per device).
 pub struct LoadedModel {
     pub info: ModelInfo,
-    pub preprocessor: Arc<Preprocessor>,
+    pub preprocessor: Arc<dyn Preprocessor>,
     replicas: Box<dyn ReplicaBuilder>,
     weights: Vec<PathBuf>,
-}
-
-/// Options that apply when loading a model.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    pub dtype: Precision,
-    pub image_limits: preprocess::image::ImageLimits,
-    /// The longest prompt an MLLM takes, in tokens (`None`:
-    /// [`llava::DEFAULT_MAX_INPUT_TOKENS`]), capped at its decoder's
-    /// `max_position_embeddings`. Bounds the decoder's attention memory.
-    pub max_input_tokens: Option<usize>,
 }
 
 impl LoadedModel {
     /// Reads the configuration, tokenizer and preprocessor of `source` and
     /// locates the weights (downloading them from the Hub when needed).
-    /// `config.json` picks the family ([`Architecture::detect`]), whose
+    /// `config.json` picks the family ([`families::detect`]), whose
     /// loader reads the rest.
     pub fn open(source: &ModelSource, opts: &LoadOptions) -> Result<Self, ModelError> {
         let files = ModelFiles::new(source)?;
@@ -213,8 +81,9 @@ impl LoadedModel {
                 path: config_path.display().to_string(),
                 source: ConfigError::json("")(source),
             })?;
-        let architecture = Architecture::detect(&config, &config_path)?;
-        let model = (architecture.family().load)(&LoadContext {
+        let family = families::detect(&config, &config_path)?;
+        let architecture = family.architecture();
+        let model = family.load(&LoadContext {
             config: &config,
             config_path: &config_path,
             files: &files,
@@ -236,21 +105,21 @@ impl LoadedModel {
             config: &config_path,
             tokenizer: &tokenizer,
             preprocessing: &preprocessing,
-            max_text_tokens: model.max_text_tokens,
+            max_text_tokens: model.facts.max_text_tokens,
             prompt_template: prompt.as_deref(),
-            architecture: architecture.as_str(),
+            architecture,
             dtype: opts.dtype.as_str(),
         })?;
         Ok(LoadedModel {
             info: ModelInfo {
                 architecture,
-                dimensions: model.dimensions,
+                dimensions: model.facts.dimensions,
                 dtype: opts.dtype,
-                max_text_tokens: model.max_text_tokens,
-                uses_instructions: model.uses_instructions,
+                max_text_tokens: model.facts.max_text_tokens,
+                uses_instructions: model.facts.uses_instructions,
                 fingerprint,
             },
-            preprocessor: Arc::new(model.preprocessor),
+            preprocessor: model.preprocessor,
             replicas: model.replicas,
             weights,
         })
@@ -262,21 +131,5 @@ impl LoadedModel {
         let weights = weights::MappedWeights::open(&self.weights)?;
         let vb = candle_nn::VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
         self.replicas.build(vb)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_dtypes_and_devices() {
-        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
-        assert_eq!("F16".parse::<Precision>().unwrap(), Precision::F16);
-        assert!("f64".parse::<Precision>().is_err());
-        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
-        assert!("cuda:x".parse::<DeviceSpec>().is_err());
-        assert!("tpu".parse::<DeviceSpec>().is_err());
     }
 }

@@ -31,7 +31,7 @@ use image::RgbImage;
 use serde_json::Value;
 
 use super::resize::{self, Filter};
-use super::{config_error, Pixels, PreprocessError};
+use super::{Pixels, SetupError};
 
 /// The file whose keys this module reads.
 const CONFIG_FILE: &str = "preprocessor_config.json";
@@ -96,15 +96,15 @@ impl Default for ClipImageProcessor {
 
 /// A configuration error in `preprocessor_config.json` (the model's files
 /// are wrong, not the client).
-fn bad_config(msg: impl std::fmt::Display) -> PreprocessError {
-    PreprocessError::Internal(config_error(CONFIG_FILE, msg))
+fn bad_config(msg: impl std::fmt::Display) -> SetupError {
+    SetupError::invalid(CONFIG_FILE, msg)
 }
 
 fn get_bool(
     obj: &serde_json::Map<String, Value>,
     key: &str,
     default: bool,
-) -> Result<bool, PreprocessError> {
+) -> Result<bool, SetupError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -112,7 +112,7 @@ fn get_bool(
     }
 }
 
-fn as_dim(v: &Value, what: &str) -> Result<u32, PreprocessError> {
+fn as_dim(v: &Value, what: &str) -> Result<u32, SetupError> {
     v.as_u64()
         .and_then(|n| u32::try_from(n).ok())
         .filter(|&n| n > 0)
@@ -121,7 +121,7 @@ fn as_dim(v: &Value, what: &str) -> Result<u32, PreprocessError> {
 
 /// transformers' `get_size_dict`: an integer is a square when
 /// `default_to_square`, else a shortest edge; a list is `[height, width]`.
-fn parse_size(v: &Value, key: &str, default_to_square: bool) -> Result<ResizeTo, PreprocessError> {
+fn parse_size(v: &Value, key: &str, default_to_square: bool) -> Result<ResizeTo, SetupError> {
     match v {
         Value::Number(_) => {
             let n = as_dim(v, key)?;
@@ -164,7 +164,7 @@ fn parse_size(v: &Value, key: &str, default_to_square: bool) -> Result<ResizeTo,
 }
 
 /// A mean or std: one number for every channel, or a list of three.
-fn parse_triple(v: &Value, key: &str) -> Result<[f32; 3], PreprocessError> {
+fn parse_triple(v: &Value, key: &str) -> Result<[f32; 3], SetupError> {
     let num = |x: &Value| {
         x.as_f64()
             .ok_or_else(|| bad_config(format!("{key} must hold numbers, got {x}")))
@@ -232,24 +232,25 @@ impl ClipImageProcessor {
     }
 
     /// Reads a Hub-layout `preprocessor_config.json` (the JSON text).
-    pub fn from_json_str(json: &str) -> Result<Self, PreprocessError> {
+    pub fn from_json_str(json: &str) -> Result<Self, SetupError> {
         let value: Value = serde_json::from_str(json).map_err(bad_config)?;
         Self::from_value(&value)
     }
 
     /// Reads a `preprocessor_config.json` file.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, PreprocessError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SetupError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            PreprocessError::Internal(format!("cannot read {}: {e}", path.display()))
-        })?;
-        Self::from_json_str(&text)
+        Self::from_value(&SetupError::read_json(path)?).map_err(|e| match e {
+            // Name the file by its path, not only its usual name.
+            SetupError::Invalid { message, .. } => SetupError::invalid(path.display(), message),
+            other => other,
+        })
     }
 
     /// Builds the processor from a parsed `preprocessor_config.json`. Missing
     /// keys take transformers' `CLIPImageProcessor` defaults; unknown keys are
-    /// ignored. A malformed value is a [`PreprocessError::Internal`] error.
-    pub fn from_value(config: &Value) -> Result<Self, PreprocessError> {
+    /// ignored. A malformed value is a [`SetupError::Invalid`].
+    pub fn from_value(config: &Value) -> Result<Self, SetupError> {
         let obj = config
             .as_object()
             .ok_or_else(|| bad_config("expected a JSON object"))?;
@@ -511,7 +512,7 @@ mod tests {
             assert!(
                 matches!(
                     ClipImageProcessor::from_json_str(bad),
-                    Err(PreprocessError::Internal(_))
+                    Err(SetupError::Invalid { .. })
                 ),
                 "{bad}"
             );
@@ -696,48 +697,5 @@ mod tests {
                 assert!(plane.iter().all(|&v| v == p.lut[c][77]), "{w}x{h}");
             }
         }
-    }
-
-    /// Time and peak memory (VmHWM) of one 32768x1 PNG through the CLIP
-    /// image processor: `VLEMBED_BENCH_MODE=full` runs the old way (full
-    /// resize, then crop), anything else the new one. Run one mode per
-    /// process: `cargo test --lib bench_extreme_aspect -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement, run by hand"]
-    fn bench_extreme_aspect() {
-        use crate::preprocess::image::{decode_image, ImageLimits};
-        let full = std::env::var("VLEMBED_BENCH_MODE").is_ok_and(|m| m == "full");
-        let p = ClipImageProcessor::default();
-        let png = small_png(32768, 1);
-        let hwm = || {
-            std::fs::read_to_string("/proc/self/status")
-                .unwrap_or_default()
-                .lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .unwrap_or("VmHWM: ?")
-                .to_string()
-        };
-        let before = hwm();
-        let started = std::time::Instant::now();
-        let rgb = decode_image(&png, &ImageLimits::default())
-            .unwrap()
-            .to_rgb8();
-        let out = if full {
-            full_resize_then_crop(&p, &rgb)
-        } else {
-            p.preprocess(&rgb).data
-        };
-        println!(
-            "{} bytes PNG 32768x1, mode {}: {:.3} s, peak RSS before {before}, after {}",
-            png.len(),
-            if full {
-                "full resize + crop"
-            } else {
-                "crop-only resize"
-            },
-            started.elapsed().as_secs_f64(),
-            hwm()
-        );
-        assert_eq!(out.len(), 3 * 224 * 224);
     }
 }

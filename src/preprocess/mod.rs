@@ -1,32 +1,41 @@
-//! Preprocessing: turns an [`Input`](crate::input::Input) into model-ready numbers.
+//! Preprocessing: turns an [`Input`] into a model-ready [`Prepared`] item.
 //!
-//! Owns: image decoding (with limits), PIL-compatible RGB conversion and bicubic
-//! resizing, the CLIP image processor, and tokenization. Produces
-//! [`Prepared`] items made of plain vectors (token ids, pixel values), never
-//! candle tensors, so it can run on any thread pool. It knows nothing of HTTP,
-//! of queues or of devices.
+//! Owns the interface every model family's preprocessing implements
+//! ([`Preprocess`], typed by the family's [`PreparedData`]; batching runs it
+//! as a [`Preprocessor`] trait object), the shared tools families build
+//! theirs from (decoding untrusted images under limits, Pillow-exact
+//! resampling, transformers' `CLIPImageProcessor`, tokenization), and the
+//! errors ([`PreprocessError`] for a client's input, [`SetupError`] for a
+//! model's preprocessing files). Produces plain vectors, never tensors, so it
+//! runs on any thread pool. It knows nothing of HTTP, queues, devices, or of
+//! any one family (each family's preprocessor lives in its module under
+//! `models/`).
+//!
+//! Layout: [`prepared`] (the items and their cache keys), [`image`]
+//! (decoding), [`resize`], [`clip_image`], [`text`], [`size`].
 
-pub mod anyres;
-pub mod clip;
 pub mod clip_image;
 pub mod image;
-pub mod llava;
+pub mod prepared;
 pub mod resize;
+pub mod size;
 pub mod text;
 
-use crate::input::{Input, Modality};
-pub use anyres::Size;
-pub use clip::ClipPreprocessor;
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::input::Input;
 use image::ImageLimits;
 pub use image::RequestImagesError;
-pub use llava::LlavaPreprocessor;
+pub use prepared::{Key, KeySink, Pixels, Prepared, PreparedData};
+pub use size::Size;
 
-/// Why an input could not be preprocessed. Every variant is the client's fault
-/// except [`PreprocessError::Internal`].
+/// Why an input could not be preprocessed. Every variant is the client's
+/// fault except [`PreprocessError::Tokenizer`] and
+/// [`PreprocessError::Internal`].
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
-    #[error("input has neither text nor image")]
-    EmptyInput,
     #[error("text is empty")]
     EmptyText,
     #[error("undecodable or unsupported image: {0}")]
@@ -40,6 +49,10 @@ pub enum PreprocessError {
     },
     #[error("text is {tokens} tokens long, over the model's limit of {limit} tokens (set truncate=true to clip it)")]
     TextTooLong { tokens: usize, limit: usize },
+    /// The tokenizer failed on a text it should take.
+    #[error("the tokenizer failed: {0}")]
+    Tokenizer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Preprocessing stopped for a reason of the server's (a panic).
     #[error("internal preprocessing failure: {0}")]
     Internal(String),
 }
@@ -123,160 +136,155 @@ impl From<String> for ImageProblem {
     }
 }
 
-/// The message of a configuration error: `file` (a model file) is wrong, not
-/// the client's input. The one place the wording lives; the CLIP image
-/// processor wraps it in [`PreprocessError::Internal`], the LLaVA loader
-/// returns it as its load error.
-pub(crate) fn config_error(file: impl std::fmt::Display, msg: impl std::fmt::Display) -> String {
-    format!("invalid {file}: {msg}")
+/// Why a model's preprocessing files (tokenizer, processor configs) cannot
+/// be used: the model's files are wrong, not a client's input.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid {}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot load tokenizer {}: {source}", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A value of `file` that parses but cannot be used.
+    #[error("invalid {file}: {message}")]
+    Invalid { file: String, message: String },
+    /// The files do not fit the model (or each other).
+    #[error("{0}")]
+    Mismatch(String),
 }
 
-/// Pixel values for one image: `tiles` stacked `3 x height x width` planes
-/// (channel-first, normalised), as the vision tower expects them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pixels {
-    pub data: Vec<f32>,
-    pub tiles: usize,
-    pub height: usize,
-    pub width: usize,
-}
-
-/// One input after preprocessing, ready to be batched.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    pub modality: Modality,
-    /// Token ids of the text part (for CLIP: the text alone; for MLLM: the whole prompt).
-    pub token_ids: Option<Vec<u32>>,
-    pub pixels: Option<Pixels>,
-    /// Size of the image as the image processor saw it, for models that need it.
-    pub image_size: Option<Size>,
-    /// Text tokens counted for usage reporting.
-    pub text_tokens: usize,
-    /// Relative compute cost used by the batcher's budget.
-    pub cost: usize,
-}
-
-/// The preprocessing of one model family.
-// Built once per model and shared behind an `Arc`: variant sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
-pub enum Preprocessor {
-    Clip(ClipPreprocessor),
-    /// BGE-VL-MLLM (LLaVA-NeXT): prompt + any-resolution image tiles.
-    Llava(LlavaPreprocessor),
-}
-
-impl Preprocessor {
-    /// The image limits this model's inputs are decoded under.
-    pub fn image_limits(&self) -> &ImageLimits {
-        match self {
-            Preprocessor::Clip(p) => p.image_limits(),
-            Preprocessor::Llava(p) => p.image_limits(),
+impl SetupError {
+    /// [`SetupError::Invalid`] for `file` (a path or a file name).
+    pub fn invalid(file: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
+        SetupError::Invalid {
+            file: file.to_string(),
+            message: message.to_string(),
         }
     }
 
-    /// A copy of this preprocessor that decodes images under `limits`: for
-    /// inputs the server makes itself (the startup probes), which must not
-    /// depend on how tightly the operator limits clients' images.
-    pub fn with_image_limits(&self, limits: ImageLimits) -> Self {
-        let mut p = self.clone();
-        match &mut p {
-            Preprocessor::Clip(c) => c.set_image_limits(limits),
-            Preprocessor::Llava(l) => l.set_image_limits(limits),
-        }
-        p
+    /// Reads a JSON file.
+    pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value, SetupError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SetupError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| SetupError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
     }
+}
 
+/// One model family's preprocessing, typed by the data it makes (which the
+/// family's model reads). A family implements this; batching runs it through
+/// [`Preprocessor`] (see [`erase`]).
+pub trait Preprocess: Clone + Send + Sync + 'static {
+    type Data: PreparedData;
+
+    /// Validates and converts one input. `truncate` decides what happens to
+    /// a text longer than the model's limit.
+    fn prepare(
+        &self,
+        input: &Input,
+        truncate: bool,
+    ) -> Result<Prepared<Self::Data>, PreprocessError>;
+
+    /// The limits images are decoded under.
+    fn image_limits(&self) -> &ImageLimits;
+
+    /// Replaces the limits images are decoded under.
+    fn set_image_limits(&mut self, limits: ImageLimits);
+
+    /// The prompt template inputs are wrapped in (for the model
+    /// fingerprint), `None` when there is none.
+    fn prompt_template(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Any family's preprocessing, as batching, the probes and the CLI run it.
+pub trait Preprocessor: Send + Sync {
+    /// [`Preprocess::prepare`], its result erased.
+    fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError>;
+
+    /// The limits images are decoded under.
+    fn image_limits(&self) -> &ImageLimits;
+
+    /// A copy that decodes images under `limits`: for inputs the server
+    /// makes itself (the startup probes), which must not depend on how
+    /// tightly the operator limits clients' images.
+    fn with_image_limits(&self, limits: ImageLimits) -> Arc<dyn Preprocessor>;
+
+    /// [`Preprocess::prompt_template`].
+    fn prompt_template(&self) -> Option<String>;
+
+    /// The family's own preprocessor, for callers that know the family
+    /// (tests, tools): `downcast_ref` it.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<'a> dyn Preprocessor + 'a {
     /// The decode budget of one request, from the images' headers alone,
     /// before any is decoded (see [`image::check_request_images`]): call it
-    /// with every `(input index, image bytes)` of the request before
-    /// preprocessing any input.
-    pub fn check_request_images<'a>(
-        &self,
-        images: impl IntoIterator<Item = (usize, &'a [u8])>,
-    ) -> Result<u64, RequestImagesError> {
-        image::check_request_images(images, self.image_limits())
-    }
-
-    /// [`Preprocessor::check_request_images`] over a request's inputs: the
-    /// images of `inputs`, each reported by its input's index.
+    /// with every input of the request before preprocessing any. Images are
+    /// reported by their input's index.
     pub fn check_request_inputs(&self, inputs: &[Input]) -> Result<u64, RequestImagesError> {
-        self.check_request_images(
+        image::check_request_images(
             inputs
                 .iter()
                 .enumerate()
-                .filter_map(|(index, input)| input.image.as_deref().map(|bytes| (index, bytes))),
+                .filter_map(|(index, input)| input.image_part().map(|b| (index, b.as_slice()))),
+            self.image_limits(),
         )
     }
 
-    /// The prompt template the model's inputs are wrapped in (for the model
-    /// fingerprint), `None` when there is none (CLIP embeds texts as given).
-    pub fn prompt_template(&self) -> Option<String> {
-        match self {
-            Preprocessor::Clip(_) => None,
-            Preprocessor::Llava(_) => Some(llava::prompt_template()),
-        }
-    }
-
-    /// Validates and converts one input. `truncate` decides what happens to a
-    /// text longer than the model's limit.
-    pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
-        match self {
-            Preprocessor::Clip(p) => p.prepare(input, truncate),
-            Preprocessor::Llava(p) => p.prepare(input, truncate),
-        }
+    /// The family's preprocessor, when it is a `P`.
+    pub fn downcast<P: 'static>(&self) -> Option<&P> {
+        self.as_any().downcast_ref::<P>()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A family's [`Preprocess`] as a [`Preprocessor`].
+pub fn erase<P: Preprocess>(p: P) -> Arc<dyn Preprocessor> {
+    Arc::new(Erased(p))
+}
 
-    fn png(width: u32, height: u32) -> Vec<u8> {
-        let img = ::image::DynamicImage::ImageLuma8(::image::GrayImage::new(width, height));
-        let mut out = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut out, ::image::ImageFormat::Png).unwrap();
-        out.into_inner()
+/// The one place a typed preprocessor's output is erased.
+struct Erased<P>(P);
+
+impl<P: Preprocess> Preprocessor for Erased<P> {
+    fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
+        self.0.prepare(input, truncate).map(Prepared::erase)
     }
 
-    /// The request budget sees every input's image, by input index, and
-    /// uses the model's limits.
-    #[test]
-    fn request_inputs_are_checked_by_input_index() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip-tiny");
-        let limits = ImageLimits {
-            max_request_pixels: 150,
-            ..ImageLimits::default()
-        };
-        let pre = Preprocessor::Clip(
-            ClipPreprocessor::load(
-                &dir.join("tokenizer.json"),
-                &dir.join("preprocessor_config.json"),
-                77,
-                limits,
-            )
-            .unwrap(),
-        );
-        assert_eq!(pre.image_limits().max_request_pixels, 150);
-        let one = vec![Input::text("a cat"), Input::image(png(10, 10))];
-        assert_eq!(pre.check_request_inputs(&one).unwrap(), 100);
-        let two = vec![
-            Input::text("a cat"),
-            Input::image(png(10, 10)),
-            Input::image(png(10, 10)),
-        ];
-        assert!(matches!(
-            pre.check_request_inputs(&two),
-            Err(RequestImagesError::OverBudget {
-                images: 2,
-                pixels: 200,
-                limit: 150
-            })
-        ));
-        let bad = vec![Input::text("a cat"), Input::image(b"junk".to_vec())];
-        assert!(matches!(
-            pre.check_request_inputs(&bad),
-            Err(RequestImagesError::Image { index: 1, .. })
-        ));
+    fn image_limits(&self) -> &ImageLimits {
+        self.0.image_limits()
+    }
+
+    fn with_image_limits(&self, limits: ImageLimits) -> Arc<dyn Preprocessor> {
+        let mut p = self.0.clone();
+        p.set_image_limits(limits);
+        erase(p)
+    }
+
+    fn prompt_template(&self) -> Option<String> {
+        self.0.prompt_template()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        &self.0
     }
 }

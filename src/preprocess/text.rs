@@ -12,13 +12,22 @@ use std::path::Path;
 
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
-use super::PreprocessError;
+use super::{PreprocessError, SetupError};
 
 /// The first prefix of a long text tried for truncation, in bytes per kept
 /// token (CLIP tokens average 4-6 bytes of English; 77 tokens need ~1.2 KB).
 const CUT_BYTES_PER_TOKEN: usize = 16;
 /// The smallest prefix tried, in bytes.
 const MIN_CUT_BYTES: usize = 1024;
+
+/// Why a tokenizer cannot be used with a length limit.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerSetupError {
+    #[error("cannot configure the tokenizer: {0}")]
+    Configure(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("a maximum text length of {max_len} tokens leaves no room beside the {added} special tokens")]
+    NoRoom { max_len: usize, added: usize },
+}
 
 /// A tokenizer with a fixed maximum sequence length.
 #[derive(Clone)]
@@ -40,28 +49,31 @@ impl std::fmt::Debug for TextTokenizer {
 
 impl TextTokenizer {
     /// Loads `tokenizer.json`; `max_len` counts the special tokens too.
-    pub fn from_file(path: &Path, max_len: usize) -> Result<Self, String> {
-        let tok = Tokenizer::from_file(path)
-            .map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
-        Self::new(tok, max_len)
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self, SetupError> {
+        let tok = Tokenizer::from_file(path).map_err(|source| SetupError::Tokenizer {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(tok, max_len).map_err(|source| SetupError::Tokenizer {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
     }
 
     /// Wraps an already loaded tokenizer; any padding or truncation stored in
     /// the file is replaced by ours.
-    pub fn new(mut tok: Tokenizer, max_len: usize) -> Result<Self, String> {
+    pub fn new(mut tok: Tokenizer, max_len: usize) -> Result<Self, TokenizerSetupError> {
         if max_len == 0 {
-            return Err("maximum text length must be at least 1 token".into());
+            return Err(TokenizerSetupError::NoRoom { max_len, added: 0 });
         }
         tok.with_padding(None);
         tok.with_truncation(None)
-            .map_err(|e| format!("cannot configure tokenizer: {e}"))?;
+            .map_err(TokenizerSetupError::Configure)?;
         let added = tok
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(false));
         if added >= max_len {
-            return Err(format!(
-                "maximum text length ({max_len} tokens) leaves no room beside the {added} special tokens"
-            ));
+            return Err(TokenizerSetupError::NoRoom { max_len, added });
         }
         Ok(TextTokenizer {
             plain: tok,
@@ -132,7 +144,7 @@ impl TextTokenizer {
     fn encode_raw(&self, text: &str) -> Result<Encoding, PreprocessError> {
         self.plain
             .encode(text, false)
-            .map_err(|e| PreprocessError::Internal(format!("tokenizer failed: {e}")))
+            .map_err(PreprocessError::Tokenizer)
     }
 
     /// Adds the special tokens.
@@ -140,7 +152,7 @@ impl TextTokenizer {
         let enc = self
             .plain
             .post_process(enc, None, true)
-            .map_err(|e| PreprocessError::Internal(format!("tokenizer failed: {e}")))?;
+            .map_err(PreprocessError::Tokenizer)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -333,29 +345,5 @@ mod tests {
         assert_eq!(ids.len(), 77);
         let short = t.encode(&"word ".repeat(80), true).unwrap();
         assert_eq!(ids, short);
-    }
-
-    /// What tokenising one short query costs on the request's task (issue
-    /// 12's profile of the text path: `cargo test --release --lib --
-    /// --ignored short_text_tokenising_cost --nocapture`).
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn short_text_tokenising_cost() {
-        let t = TextTokenizer::new(clip_tokenizer(), 77).unwrap();
-        let texts = [
-            "a photo of a cat",
-            "two people riding bicycles on a bridge at night",
-        ];
-        for text in texts {
-            let n = 20_000;
-            let start = Instant::now();
-            let mut ids = 0;
-            for _ in 0..n {
-                ids = t.encode(text, true).unwrap().len();
-            }
-            let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-            println!("{text:?}: {ids} ids in {us:.1} us");
-            assert!(ids > 2);
-        }
     }
 }

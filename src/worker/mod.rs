@@ -33,15 +33,15 @@
 
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::batching::schedule::{self, Ran};
 use crate::batching::trace::{self, RequestTrace};
-use crate::batching::{Class, Item, ItemError, ItemResult, Queue, Refill, PRIORITY_BURST};
+use crate::batching::{Item, ItemError, ItemResult, Queue, WorkerId, WorkerState};
 use crate::metrics::Metrics;
-use crate::models::{DeviceSpec, EmbeddingModel, ModelError};
+use crate::models::{Between, DeviceSpec, EmbeddingModel, ModelError};
 use crate::preprocess::Prepared;
 
 /// Builds a model replica; runs on the worker's own thread, again after
@@ -97,24 +97,30 @@ pub enum WorkerError {
     DiedAtStart { device: DeviceSpec },
 }
 
-/// A running worker.
+/// A running worker: its thread, and its id in the queue (which holds its
+/// state).
 #[derive(Debug)]
 pub struct WorkerHandle {
     pub device: DeviceSpec,
-    alive: Arc<AtomicBool>,
-    gave_up: Arc<AtomicBool>,
+    id: WorkerId,
+    queue: Arc<Queue>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl WorkerHandle {
+    /// The worker's state, as the queue records it.
+    pub fn state(&self) -> WorkerState {
+        self.queue.worker_state(self.id)
+    }
+
     /// Whether the thread serves batches now (false while it rebuilds).
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.state() == WorkerState::Live
     }
 
     /// Whether the worker failed for good (its rebuilds kept failing).
     pub fn gave_up(&self) -> bool {
-        self.gave_up.load(Ordering::Acquire)
+        self.state() == WorkerState::GivenUp
     }
 
     /// Waits for the thread to end (after the queue was closed), at most
@@ -138,24 +144,20 @@ impl WorkerHandle {
     }
 }
 
-/// Marks the worker dead and tells the queue when the thread ends, however
-/// it ends (return or an unexpected unwind).
+/// Tells the queue the worker stopped when the thread ends, however it ends
+/// (return or an unexpected unwind).
 struct ExitGuard {
-    alive: Arc<AtomicBool>,
+    id: WorkerId,
     queue: Arc<Queue>,
-    /// Whether the queue counts this worker as live (else as recovering).
-    live: bool,
     reason: String,
+    /// The worker was given up (its rebuilds kept failing).
+    given_up: bool,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        self.alive.store(false, Ordering::Release);
-        if self.live {
-            self.queue.worker_stopped(&self.reason);
-        } else {
-            self.queue.recovery_failed(&self.reason);
-        }
+        self.queue
+            .worker_stopped(self.id, &self.reason, self.given_up);
     }
 }
 
@@ -182,51 +184,41 @@ pub fn spawn(
     metrics: Metrics,
     policy: RestartPolicy,
 ) -> Result<WorkerHandle, WorkerError> {
-    let alive = Arc::new(AtomicBool::new(false));
-    let gave_up = Arc::new(AtomicBool::new(false));
+    let id = queue.register_worker();
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), ModelError>>(1);
-    let thread_alive = Arc::clone(&alive);
-    let thread_gave_up = Arc::clone(&gave_up);
     let thread_queue = Arc::clone(&queue);
     let name = format!("vlembed-worker-{index}-{device}");
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            let mut guard = ExitGuard {
+                id,
+                queue: Arc::clone(&thread_queue),
+                reason: format!("the worker on {device} stopped"),
+                given_up: false,
+            };
             let mut replica = match build(&factory) {
                 Ok(r) => r,
                 Err(e) => {
+                    guard.reason = format!("the worker on {device} could not build its replica");
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            thread_alive.store(true, Ordering::Release);
-            thread_queue.worker_started();
-            let mut guard = ExitGuard {
-                alive: Arc::clone(&thread_alive),
-                queue: Arc::clone(&thread_queue),
-                live: true,
-                reason: format!("the worker on {device} stopped"),
-            };
+            thread_queue.worker_started(id);
             let _ = ready_tx.send(Ok(()));
             drop(ready_tx);
             let model = thread_queue.model().to_string();
             let restarts = metrics.worker_restarts.with_label_values(&[&model]);
             let mut in_a_row = 0u32;
             loop {
-                let served = serve(
-                    &thread_queue,
-                    replica.as_ref(),
-                    &metrics,
-                    &mut in_a_row,
-                    &thread_alive,
-                );
+                let served = serve(&thread_queue, id, replica.as_ref(), &metrics, &mut in_a_row);
                 let reason = match served {
                     Ok(()) => return, // closed and drained
                     // `serve` reported the loss (Ctx::lose) before answering.
-                    Err(reason) => reason,
+                    Err(Lost(reason)) => reason,
                 };
                 // The replica may be corrupt: drop it (its drop may panic too).
-                guard.live = false;
                 let _ = catch_unwind(AssertUnwindSafe(move || drop(replica)));
                 loop {
                     if thread_queue.is_closed() {
@@ -239,7 +231,7 @@ pub fn spawn(
                             model = %model, %device, limit = policy.limit,
                             "the worker keeps failing; giving up (server.worker_restart_limit)"
                         );
-                        thread_gave_up.store(true, Ordering::Release);
+                        guard.given_up = true;
                         guard.reason = format!(
                             "{reason}; the worker was given up after {} rebuilds",
                             policy.limit
@@ -264,17 +256,15 @@ pub fn spawn(
                     }
                 }
                 tracing::info!(model = %model, %device, "worker rebuilt with a fresh replica");
-                thread_alive.store(true, Ordering::Release);
-                thread_queue.worker_recovered();
-                guard.live = true;
+                thread_queue.worker_started(id);
             }
         })
         .map_err(|source| WorkerError::Spawn { device, source })?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(WorkerHandle {
             device,
-            alive,
-            gave_up,
+            id,
+            queue,
             thread: Mutex::new(Some(thread)),
         }),
         Ok(Err(source)) => {
@@ -288,6 +278,11 @@ pub fn spawn(
     }
 }
 
+/// Why a worker must rebuild its replica: the model panicked (in a batch,
+/// or in one run between the layers of another); the message says where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lost(String);
+
 /// What running the model on some inputs gave.
 enum Run {
     /// One vector per input.
@@ -297,9 +292,6 @@ enum Run {
     /// The model panicked.
     Panicked(String),
 }
-
-/// Calls a stepped pass between its steps; see [`EmbeddingModel::embed_stepped`].
-type Between<'a> = &'a mut dyn FnMut() -> ControlFlow<()>;
 
 fn run_model(replica: &dyn EmbeddingModel, items: &[Item], between: Between<'_>) -> Run {
     let refs: Vec<&Prepared> = items.iter().map(|i| &i.prepared).collect();
@@ -330,14 +322,15 @@ type Answers = Vec<(Item, ItemResult)>;
 
 /// Runs `items`; when the model refuses them, runs each half on its own, so
 /// that only the inputs at fault get the error. Every item's result is pushed
-/// to `out`. Returns `Err` when the model panicked.
+/// to `out`. Returns whether the model served some of them, or `Err` when
+/// it panicked.
 fn run_isolating(
     replica: &dyn EmbeddingModel,
     model: &str,
     items: Vec<Item>,
     out: &mut Answers,
     between: Between<'_>,
-) -> Result<bool, String> {
+) -> Result<bool, Lost> {
     match run_model(replica, &items, between) {
         Run::Done(vectors) => {
             out.extend(items.into_iter().zip(vectors).map(|(i, v)| (i, Ok(v))));
@@ -357,9 +350,9 @@ fn run_isolating(
             let second = items.split_off(items.len() / 2);
             let a_ok = match run_isolating(replica, model, items, out, between) {
                 Ok(ok) => ok,
-                Err(m) => {
+                Err(Lost(m)) => {
                     fail_all(second, ItemError::WorkerDied(m.clone()), out);
-                    return Err(m);
+                    return Err(Lost(m));
                 }
             };
             let b_ok = run_isolating(replica, model, second, out, between)?;
@@ -368,7 +361,7 @@ fn run_isolating(
         Run::Panicked(msg) => {
             tracing::error!(model = %model, "{msg}; rebuilding this worker");
             fail_all(items, ItemError::WorkerDied(msg.clone()), out);
-            Err(msg)
+            Err(Lost(msg))
         }
     }
 }
@@ -376,81 +369,76 @@ fn run_isolating(
 /// What the worker loop needs to run a batch.
 struct Ctx<'a> {
     queue: &'a Queue,
+    /// This worker, as the queue knows it.
+    id: WorkerId,
     replica: &'a dyn EmbeddingModel,
     model: String,
     batch_size: prometheus::Histogram,
     inference: prometheus::Histogram,
-    /// The worker's `alive` flag, and whether this replica was reported
-    /// lost (see [`Ctx::lose`]).
-    alive: &'a AtomicBool,
+    /// Whether this replica was reported lost (see [`Ctx::lose`]).
     lost: std::cell::Cell<bool>,
 }
 
 impl Ctx<'_> {
-    /// Marks the replica lost (the worker is not alive, the queue counts it
-    /// as rebuilding) once, before the items of the batch that panicked are
-    /// answered: a client that reads its 500 and then asks `/ready` must
-    /// see the model unready, not a moment later.
+    /// Reports the replica lost (the queue counts the worker as rebuilding)
+    /// once, before the items of the batch that panicked are answered: a
+    /// client that reads its 500 and then asks `/ready` must see the model
+    /// unready, not a moment later.
     fn lose(&self) {
         if !self.lost.replace(true) {
-            self.alive.store(false, Ordering::Release);
-            self.queue.worker_lost();
+            self.queue.worker_lost(self.id);
         }
     }
 }
 
 /// The worker loop. Returns `Ok` when the queue is closed and drained, or
-/// `Err(reason)` when the model panicked and the replica must be rebuilt.
-/// Resets `in_a_row` once a batch is served.
+/// `Err` when the model panicked and the replica must be rebuilt. Resets
+/// `in_a_row` once a batch is served.
 fn serve(
     queue: &Queue,
+    id: WorkerId,
     replica: &dyn EmbeddingModel,
     metrics: &Metrics,
     in_a_row: &mut u32,
-    alive: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), Lost> {
     let model = queue.model().to_string();
     let cx = Ctx {
         queue,
+        id,
         replica,
         batch_size: metrics.batch_size.with_label_values(&[&model]),
         inference: metrics.inference_duration.with_label_values(&[&model]),
         model,
-        alive,
         lost: std::cell::Cell::new(false),
     };
-    let max_wait = queue.limits().refill_wait;
-    let mut refill = None;
-    while let Some(batch) = queue.next_batch_after(refill) {
-        // What the batch was, for the refill wait after it (see `Refill`).
+    let mut batch = queue.next_batch();
+    while let Some(items) = batch {
+        // What the batch was, for the queue's refill rule after it.
         let start = Instant::now();
-        let class = batch.iter().map(|i| i.class).max();
-        let inputs = batch.len();
-        let cost = batch.iter().map(|i| i.prepared.cost).sum();
-        if run_batch(&cx, batch, true)? {
+        let class = items.iter().map(|i| i.class).max().unwrap_or_default();
+        let inputs = items.len();
+        let cost = items.iter().map(|i| i.prepared.cost).sum();
+        if run_batch(&cx, items, true)? {
             *in_a_row = 0;
         }
         let ended = Instant::now();
-        refill = class.and_then(|class| {
-            Refill::after(
-                class,
-                inputs,
-                cost,
-                ended.duration_since(start),
-                ended,
-                max_wait,
-            )
+        batch = queue.next_batch_after(&Ran {
+            class,
+            inputs,
+            cost,
+            took: ended.duration_since(start),
+            ended,
         });
     }
     Ok(())
 }
 
 /// Runs one batch, answers its items and records it. With `preemptible`
-/// (and no `High` input in it) the pass is stepped and `High` batches run
-/// between its layers (see the module doc). Returns whether the model
-/// served some of it, or `Err(reason)` when it panicked (in this batch or
-/// in one run between its layers).
-fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, String> {
+/// (and when the scheduling rules allow it for this batch) the pass is
+/// stepped and `High` batches run between its layers (see the module doc).
+/// Returns whether the model served some of it, or `Err` when it panicked
+/// (in this batch or in one run between its layers).
+fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, Lost> {
     // Items whose client left while the batch was formed are not run.
     let batch: Vec<Item> = batch.into_iter().filter(|i| !i.abandoned()).collect();
     if batch.is_empty() {
@@ -471,9 +459,9 @@ fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, 
         })
         .collect();
     let size = batch.len();
-    let preempt = preemptible && batch.iter().all(|i| i.class < Class::High);
+    let preempt = preemptible && schedule::preemptible(batch.iter().map(|i| i.class));
     // Set when a batch run between two layers panicked.
-    let mut poisoned: Option<String> = None;
+    let mut poisoned: Option<Lost> = None;
     // Time spent in those batches (not this batch's inference time).
     let mut lent = Duration::ZERO;
     let mut preempted = 0usize;
@@ -485,21 +473,17 @@ fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, 
             return ControlFlow::Continue(());
         }
         let t = Instant::now();
-        for _ in 0..PRIORITY_BURST {
-            let Some(high) = cx.queue.try_take_priority() else {
-                break;
-            };
+        let ran = cx.queue.between_layers(|high| {
             preempted += 1;
-            if let Err(reason) = run_batch(cx, high, false) {
-                poisoned = Some(reason);
-                break;
-            }
-        }
+            run_batch(cx, high, false).map(|_| ())
+        });
         lent += t.elapsed();
-        if poisoned.is_some() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
+        match ran {
+            Ok(_) => ControlFlow::Continue(()),
+            Err(lost) => {
+                poisoned = Some(lost);
+                ControlFlow::Break(())
+            }
         }
     };
     let mut answers = Answers::with_capacity(size);
@@ -549,369 +533,4 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::batching::test_support::prepared;
-    use crate::batching::AdmitError;
-    use crate::config::BatchLimits;
-    use std::sync::atomic::AtomicUsize;
-
-    /// Embeds an item as [cost, batch length]; fails or panics on demand.
-    struct Fake {
-        fail_on: usize,
-        panic_on: usize,
-    }
-
-    impl EmbeddingModel for Fake {
-        fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
-            if batch.iter().any(|p| p.cost == self.panic_on) {
-                panic!("fake model exploded");
-            }
-            if batch.iter().any(|p| p.cost == self.fail_on) {
-                return Err(ModelError::Batch("fake failure".into()));
-            }
-            Ok(batch
-                .iter()
-                .map(|p| vec![p.cost as f32, batch.len() as f32])
-                .collect())
-        }
-    }
-
-    fn limits() -> BatchLimits {
-        BatchLimits {
-            max_batch_size: 8,
-            max_batch_cost: 1000,
-            max_queue_inputs: 100,
-            max_delay: Duration::ZERO,
-            refill_wait: Duration::ZERO,
-        }
-    }
-
-    /// A worker whose factory succeeds `builds_ok` times, then fails.
-    fn setup_with(builds_ok: usize, policy: RestartPolicy) -> (Arc<Queue>, WorkerHandle, Metrics) {
-        let metrics = Metrics::new();
-        let queue = Queue::new("fake", limits(), metrics.clone());
-        let builds = AtomicUsize::new(0);
-        let factory: ReplicaFactory = Box::new(move || {
-            if builds.fetch_add(1, Ordering::SeqCst) >= builds_ok {
-                return Err(ModelError::Load("the device is gone".into()));
-            }
-            Ok(Box::new(Fake {
-                fail_on: 13,
-                panic_on: 66,
-            }) as Box<dyn EmbeddingModel>)
-        });
-        let w = spawn(
-            Arc::clone(&queue),
-            DeviceSpec::Cpu,
-            0,
-            factory,
-            metrics.clone(),
-            policy,
-        )
-        .unwrap();
-        (queue, w, metrics)
-    }
-
-    fn fast() -> RestartPolicy {
-        RestartPolicy {
-            limit: 2,
-            backoff: Duration::from_millis(1),
-        }
-    }
-
-    fn setup() -> (Arc<Queue>, WorkerHandle, Metrics) {
-        setup_with(usize::MAX, fast())
-    }
-
-    fn run(queue: &Arc<Queue>, costs: &[usize]) -> Vec<Result<Vec<f32>, ItemError>> {
-        let (_admitted, rxs) = submit(queue, costs, Class::Normal);
-        rxs.into_iter()
-            .map(|rx| rx.blocking_recv().unwrap_or(Err(ItemError::ShuttingDown)))
-            .collect()
-    }
-
-    fn wait_for(what: &str, f: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !f() {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    #[test]
-    fn serves_batches_then_survives_a_failed_batch() {
-        let (queue, worker, metrics) = setup();
-        assert!(worker.is_alive());
-        let out = run(&queue, &[1, 2, 3]);
-        assert_eq!(out.len(), 3);
-        assert_eq!(out[0].as_ref().unwrap()[0], 1.0);
-        assert_eq!(out[2].as_ref().unwrap()[0], 3.0);
-        let failed = run(&queue, &[13]);
-        assert!(matches!(failed[0], Err(ItemError::BatchFailed(_))));
-        let again = run(&queue, &[4]);
-        assert_eq!(again[0].as_ref().unwrap()[0], 4.0);
-        assert!(metrics
-            .render()
-            .contains("vlembed_batch_size_count{model=\"fake\"}"));
-        queue.close();
-        assert!(worker.join_timeout(Duration::from_secs(5)));
-        assert!(!worker.is_alive());
-    }
-
-    #[test]
-    fn a_failing_batch_is_split_so_only_the_faulty_input_fails() {
-        let (queue, _worker, _) = setup();
-        let out = run(&queue, &[1, 2, 13, 4, 5]);
-        for (i, r) in out.iter().enumerate() {
-            if i == 2 {
-                assert!(matches!(r, Err(ItemError::BatchFailed(m)) if m.contains("fake failure")));
-            } else {
-                assert_eq!(r.as_ref().unwrap()[0], [1.0, 2.0, 13.0, 4.0, 5.0][i]);
-            }
-        }
-    }
-
-    #[test]
-    fn a_panicking_worker_is_rebuilt_and_serves_again() {
-        let (queue, worker, metrics) = setup();
-        let out = run(&queue, &[66, 1]);
-        assert!(matches!(&out[0], Err(ItemError::WorkerDied(m)) if m.contains("exploded")));
-        wait_for("the rebuild", || {
-            worker.is_alive() && queue.live_workers() == 1
-        });
-        let again = run(&queue, &[4]);
-        assert_eq!(again[0].as_ref().unwrap()[0], 4.0);
-        assert!(!worker.gave_up());
-        assert!(metrics
-            .render()
-            .contains("vlembed_worker_restarts_total{model=\"fake\"} 1"));
-        queue.close();
-        assert!(worker.join_timeout(Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn the_loss_is_visible_when_the_panicked_batch_is_answered() {
-        // A long back-off: the rebuild cannot hide the state checked below.
-        let slow = RestartPolicy {
-            limit: 2,
-            backoff: Duration::from_secs(2),
-        };
-        let (queue, worker, metrics) = setup_with(usize::MAX, slow);
-        let (_admitted, mut rxs) = submit(&queue, &[66], Class::Normal);
-        // Spin (no sleep): look at the state the instant the answer lands.
-        let out = loop {
-            match rxs[0].try_recv() {
-                Ok(r) => break r,
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => std::hint::spin_loop(),
-                Err(e) => panic!("no answer: {e}"),
-            }
-        };
-        assert!(matches!(&out, Err(ItemError::WorkerDied(_))));
-        // The model must already read as unready (a client that asks /ready
-        // after its 500 sees 503, and a retry is refused with 503 instead of
-        // racing the loss).
-        assert!(!worker.is_alive());
-        assert_eq!(queue.live_workers(), 0);
-        assert!(metrics
-            .render()
-            .contains("vlembed_model_ready{model=\"fake\"} 0"));
-        queue.close();
-        assert!(worker.join_timeout(Duration::from_secs(10)));
-    }
-
-    #[test]
-    fn a_worker_that_cannot_be_rebuilt_gives_up() {
-        let (queue, worker, metrics) = setup_with(1, fast());
-        let out = run(&queue, &[66]);
-        assert!(matches!(&out[0], Err(ItemError::WorkerDied(_))));
-        assert!(worker.join_timeout(Duration::from_secs(5)));
-        assert!(worker.gave_up());
-        assert!(!worker.is_alive());
-        assert_eq!(queue.live_workers(), 0);
-        assert!(matches!(queue.admit(1), Err(AdmitError::NoWorker { .. })));
-        let text = metrics.render();
-        assert!(text.contains("vlembed_model_ready{model=\"fake\"} 0"));
-        assert!(text.contains("vlembed_worker_restarts_total{model=\"fake\"} 2"));
-    }
-
-    /// What the stepped fake saw, shared with the test.
-    #[derive(Default)]
-    struct Steps {
-        /// Costs of the items, in the order their embeddings were made.
-        log: Mutex<Vec<usize>>,
-        /// The slow batch is in its stepped pass.
-        started: AtomicBool,
-        /// Lets the slow batch finish.
-        release: AtomicBool,
-    }
-
-    /// An item of cost 500 is a long stepped pass: it calls `between` every
-    /// millisecond until released (by the test, or by the model serving an
-    /// item of cost 7), at most 5 s. Cost 66 panics.
-    struct Stepped(Arc<Steps>);
-
-    impl EmbeddingModel for Stepped {
-        fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
-            self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
-        }
-
-        fn embed_stepped(
-            &self,
-            batch: &[&Prepared],
-            between: &mut dyn FnMut() -> ControlFlow<()>,
-        ) -> Result<Vec<Vec<f32>>, ModelError> {
-            let st = &self.0;
-            if batch.iter().any(|p| p.cost == 66) {
-                panic!("stepped fake exploded");
-            }
-            if batch.iter().any(|p| p.cost == 500) {
-                st.started.store(true, Ordering::SeqCst);
-                for _ in 0..5000 {
-                    if between().is_break() {
-                        return Err(ModelError::Interrupted);
-                    }
-                    if st.release.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            let mut log = st.log_guard();
-            for p in batch {
-                log.push(p.cost);
-                if p.cost == 7 {
-                    st.release.store(true, Ordering::SeqCst);
-                }
-            }
-            Ok(batch.iter().map(|p| vec![p.cost as f32]).collect())
-        }
-    }
-
-    impl Steps {
-        fn log_guard(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
-            self.log.lock().unwrap_or_else(|e| e.into_inner())
-        }
-    }
-
-    fn stepped_worker() -> (Arc<Queue>, WorkerHandle, Arc<Steps>) {
-        let steps = Arc::new(Steps::default());
-        let queue = Queue::new("stepped", limits(), Metrics::new());
-        let shared = Arc::clone(&steps);
-        let factory: ReplicaFactory =
-            Box::new(move || Ok(Box::new(Stepped(Arc::clone(&shared))) as Box<dyn EmbeddingModel>));
-        let w = spawn(
-            Arc::clone(&queue),
-            DeviceSpec::Cpu,
-            0,
-            factory,
-            Metrics::new(),
-            fast(),
-        )
-        .unwrap();
-        (queue, w, steps)
-    }
-
-    type Pending = (
-        crate::batching::Admission,
-        Vec<tokio::sync::oneshot::Receiver<ItemResult>>,
-    );
-
-    fn submit(queue: &Arc<Queue>, costs: &[usize], class: Class) -> Pending {
-        let mut a = queue.admit(costs.len()).unwrap();
-        a.set_class(class);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut rxs = Vec::new();
-        let items = costs
-            .iter()
-            .map(|&c| {
-                let (i, rx) = Item::new(prepared(c), deadline);
-                rxs.push(rx);
-                i
-            })
-            .collect();
-        a.push(items).unwrap();
-        (a, rxs)
-    }
-
-    fn answer(p: Pending) -> Vec<ItemResult> {
-        let (_admission, rxs) = p;
-        rxs.into_iter()
-            .map(|rx| rx.blocking_recv().unwrap_or(Err(ItemError::ShuttingDown)))
-            .collect()
-    }
-
-    #[test]
-    fn high_priority_work_runs_between_the_steps_of_a_long_batch() {
-        let (queue, worker, steps) = stepped_worker();
-        let slow = submit(&queue, &[500], Class::Normal);
-        wait_for("the slow pass", || steps.started.load(Ordering::SeqCst));
-        // Served between two steps: its answer comes while the slow batch
-        // is still in its pass (the fake ends the pass only once 7 is done).
-        let out = answer(submit(&queue, &[7], Class::High));
-        assert_eq!(out[0].as_ref().unwrap(), &vec![7.0]);
-        let out = answer(slow);
-        assert_eq!(out[0].as_ref().unwrap(), &vec![500.0]);
-        assert_eq!(*steps.log_guard(), vec![7, 500]);
-        queue.close();
-        assert!(worker.join_timeout(Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn normal_work_waits_for_the_batch_in_progress() {
-        let (queue, _worker, steps) = stepped_worker();
-        let slow = submit(&queue, &[500], Class::Normal);
-        wait_for("the slow pass", || steps.started.load(Ordering::SeqCst));
-        let normal = submit(&queue, &[8], Class::Normal);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(steps.log_guard().is_empty());
-        steps.release.store(true, Ordering::SeqCst);
-        assert!(answer(normal)[0].is_ok());
-        assert!(answer(slow)[0].is_ok());
-        assert_eq!(*steps.log_guard(), vec![500, 8]);
-    }
-
-    #[test]
-    fn a_panic_between_steps_stops_the_pass_and_rebuilds_the_replica() {
-        let (queue, worker, steps) = stepped_worker();
-        let slow = submit(&queue, &[500], Class::Normal);
-        wait_for("the slow pass", || steps.started.load(Ordering::SeqCst));
-        let bad = answer(submit(&queue, &[66], Class::High));
-        assert!(matches!(&bad[0], Err(ItemError::WorkerDied(m)) if m.contains("exploded")));
-        let slow = answer(slow);
-        assert!(
-            matches!(&slow[0], Err(ItemError::WorkerDied(m)) if m.contains("between two layers")),
-            "{slow:?}"
-        );
-        wait_for("the rebuild", || {
-            worker.is_alive() && queue.live_workers() == 1
-        });
-        steps.release.store(true, Ordering::SeqCst);
-        let again = answer(submit(&queue, &[4], Class::Normal));
-        assert_eq!(again[0].as_ref().unwrap(), &vec![4.0]);
-        queue.close();
-        assert!(worker.join_timeout(Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let p = RestartPolicy {
-            limit: 5,
-            backoff: Duration::from_millis(100),
-        };
-        assert_eq!(p.backoff_for(1), Duration::from_millis(100));
-        assert_eq!(p.backoff_for(3), Duration::from_millis(400));
-        assert_eq!(p.backoff_for(40), MAX_BACKOFF);
-    }
-
-    #[test]
-    fn a_failing_factory_is_a_start_error() {
-        let queue = Queue::new("bad", limits(), Metrics::new());
-        let factory: ReplicaFactory = Box::new(|| Err(ModelError::Load("no weights".into())));
-        let err = spawn(queue, DeviceSpec::Cpu, 0, factory, Metrics::new(), fast()).unwrap_err();
-        assert!(err.to_string().contains("no weights"), "{err}");
-    }
-}
+mod tests;

@@ -17,7 +17,7 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 use vlembed::app::{Hooks, ServerHandle};
 use vlembed::config::{Config, ModelConfig};
-use vlembed::models::{EmbeddingModel, ModelError};
+use vlembed::models::{Between, EmbeddingModel, ModelError};
 use vlembed::preprocess::Prepared;
 
 /// Tolerances, named once so every suite states the same bound for the same
@@ -54,6 +54,42 @@ pub fn repo() -> PathBuf {
 
 pub fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Whether tests that need inputs from outside the repository must find
+/// them: in CI (`CI` set, as `.ci/run` does) a missing input fails the test
+/// instead of skipping it.
+pub fn inputs_required() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Says, where `cargo test` shows it even when the test passes, that part
+/// of a test did not run and why; panics instead in CI ([`inputs_required`]).
+pub fn skipped(what: &str, why: &str) {
+    if inputs_required() {
+        panic!("{what} cannot run: {why} (CI requires it)");
+    }
+    // `eprintln!` is captured (and hidden) for passing tests; a direct
+    // write to stderr is not, so the skip shows in every test run.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr().lock(),
+        format!("\nwarning: test input missing, SKIPPED {what}: {why}\n").as_bytes(),
+    );
+}
+
+/// A file named relative to the repository root; `None` (the part of the
+/// test that needs it is skipped, see [`skipped`]) for the shared
+/// photographs when `../shared/testdata` is absent.
+pub fn fixture_file(rel: &str) -> Option<PathBuf> {
+    let p = repo().join(rel);
+    if p.exists() {
+        Some(p)
+    } else if rel.starts_with("../shared/") {
+        skipped(rel, "../shared/testdata is not present");
+        None
+    } else {
+        panic!("missing fixture {rel}")
+    }
 }
 
 /// A reference file of `tests/fixtures/reference/`.
@@ -124,13 +160,41 @@ pub struct Faults {
     pub panic: AtomicBool,
 }
 
-struct Faulty {
+/// Hooks that wrap every replica of the served models: `wrap(model name,
+/// replica)` gives what the worker runs instead (fault injection, gates).
+pub fn wrap_replicas<W, F>(wrap: F) -> Hooks
+where
+    W: EmbeddingModel + 'static,
+    F: Fn(&str, Box<dyn EmbeddingModel>) -> W + Send + Sync + 'static,
+{
+    Hooks {
+        wrap_replica: Some(Arc::new(move |name, inner| {
+            Box::new(wrap(name, inner)) as Box<dyn EmbeddingModel>
+        })),
+        ..Default::default()
+    }
+}
+
+pub struct Faulty {
     inner: Box<dyn EmbeddingModel>,
     faults: Arc<Faults>,
 }
 
+impl Faulty {
+    pub fn new(inner: Box<dyn EmbeddingModel>, faults: &Arc<Faults>) -> Self {
+        Faulty {
+            inner,
+            faults: Arc::clone(faults),
+        }
+    }
+}
+
 impl EmbeddingModel for Faulty {
-    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let d = self.faults.delay_ms.load(Ordering::SeqCst);
         if d > 0 {
             std::thread::sleep(Duration::from_millis(d));
@@ -141,21 +205,13 @@ impl EmbeddingModel for Faulty {
         if self.faults.fail.load(Ordering::SeqCst) {
             return Err(ModelError::Batch("injected failure".into()));
         }
-        self.inner.embed(batch)
+        self.inner.embed_stepped(batch, between)
     }
 }
 
 pub fn faulty(faults: &Arc<Faults>) -> Hooks {
     let faults = Arc::clone(faults);
-    Hooks {
-        wrap_replica: Some(Arc::new(move |_name, inner| {
-            Box::new(Faulty {
-                inner,
-                faults: Arc::clone(&faults),
-            }) as Box<dyn EmbeddingModel>
-        })),
-        ..Default::default()
-    }
+    wrap_replicas(move |_name, inner| Faulty::new(inner, &faults))
 }
 
 pub struct TestServer {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::super::ConfigError;
+use crate::models::error::ConfigError;
 
 /// Activation functions found in CLIP configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -8,8 +8,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use super::config::{Activation, ClipTextConfig, ClipVisionConfig};
+use crate::models::error::ModelError;
 use crate::models::ops::{self, Queries, Span};
-use crate::models::ModelError;
 
 /// The shape of one encoder and how its linears are stored.
 #[derive(Debug, Clone, Copy)]

@@ -17,18 +17,19 @@
 //! through the last layer's attention output and MLP). Set
 //! `VLEMBED_CLIP_KERNELS=candle` to run the plain candle path instead.
 //!
-//! Stepping: [`EmbeddingModel::embed_stepped`] calls its hook before each
+//! Stepping: [`Model::embed`] calls its hook before each
 //! vision encoder layer (on both paths), so the worker can run priority
 //! batches between layers of a long image batch; the pass's state (hidden
 //! states, next layer) waits on the stack meanwhile, and the same layers run
 //! in the same order, so the results are exactly `embed`'s.
 //!
-//! Layout: [`config`] (`config.json`), `encoder` (candle and fast layers),
-//! `text` and `vision` (the towers), this module (the family's loader and
-//! the model).
+//! Layout: [`config`] (`config.json`), [`preprocess`] (the processor and
+//! [`ClipInput`]), `encoder` (candle and fast layers), `text` and `vision`
+//! (the towers), this module (the family: its loader and the model).
 
 mod config;
 mod encoder;
+pub mod preprocess;
 mod text;
 mod vision;
 
@@ -38,64 +39,64 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
+pub use preprocess::{ClipInput, ClipPreprocessor};
 pub use vision::ClipVisionTransformer;
 
-use super::family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder};
-use super::{source, EmbeddingModel, ModelError};
-use crate::preprocess::{ClipPreprocessor, Prepared, Preprocessor};
+use super::error::ModelError;
+use super::family::{Between, Facts, Family, FamilyModel, LoadContext, Model, Replicas};
+use super::source;
 use text::TextTower;
 use vision::VisionTower;
 
 /// The CLIP family: `CLIPModel` (BGE-VL-base, BGE-VL-large).
-pub(super) const FAMILY: Family = Family {
-    architecture: "CLIPModel",
-    model_type: "clip",
-    load,
-};
+pub struct Clip;
 
-impl Architecture {
-    /// HF `CLIPModel` (BGE-VL-base, BGE-VL-large).
-    #[allow(non_upper_case_globals)]
-    pub const Clip: Architecture = Architecture(&FAMILY);
-}
-
-/// Reads the config, the tokenizer and the image processor, checking that
-/// the processor's crop is what the vision tower takes.
-fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
-    let cfg = ClipConfig::from_json(cx.config).map_err(|e| cx.invalid_config(e))?;
-    let tokenizer_path = cx.files.required(source::TOKENIZER)?;
-    let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
-    let pre = ClipPreprocessor::load(
-        &tokenizer_path,
-        &pre_path,
-        cfg.text_config.max_position_embeddings,
-        cx.opts.image_limits,
-    )
-    .map_err(ModelError::Preprocessor)?;
-    let (h, w) = pre.crop_size();
-    let side = cfg.vision_config.image_size;
-    if h != side || w != side {
-        return Err(ModelError::Load(format!(
-            "{} crops images to {w}x{h} but the vision tower expects {side}x{side}",
-            pre_path.display()
-        )));
+impl Family for Clip {
+    fn architecture(&self) -> &'static str {
+        "CLIPModel"
     }
-    Ok(FamilyModel {
-        dimensions: cfg.projection_dim,
-        max_text_tokens: pre.max_text_tokens(),
-        uses_instructions: false,
-        preprocessor: Preprocessor::Clip(pre),
-        replicas: Box::new(cfg),
-    })
+
+    fn model_type(&self) -> &'static str {
+        "clip"
+    }
+
+    /// Reads the config, the tokenizer and the image processor, checking
+    /// that the processor's crop is what the vision tower takes.
+    fn load(&self, cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
+        let cfg = ClipConfig::from_json(cx.config).map_err(|e| cx.invalid_config(e))?;
+        let tokenizer_path = cx.files.required(source::TOKENIZER)?;
+        let pre_path = cx.files.required(source::PREPROCESSOR_CONFIG)?;
+        let pre = ClipPreprocessor::load(
+            &tokenizer_path,
+            &pre_path,
+            cfg.text_config.max_position_embeddings,
+            cx.opts.image_limits,
+        )?;
+        let (h, w) = pre.crop_size();
+        let side = cfg.vision_config.image_size;
+        if h != side || w != side {
+            return Err(ModelError::Load(format!(
+                "{} crops images to {w}x{h} but the vision tower expects {side}x{side}",
+                pre_path.display()
+            )));
+        }
+        let facts = Facts {
+            dimensions: cfg.projection_dim,
+            max_text_tokens: pre.max_text_tokens(),
+            uses_instructions: false,
+        };
+        Ok(FamilyModel::new(facts, pre, cfg))
+    }
 }
 
-impl ReplicaBuilder for ClipConfig {
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
-        let model = ClipModel::new(self, vb).map_err(|e| ModelError::Build {
+impl Replicas for ClipConfig {
+    type Model = ClipModel;
+
+    fn build(&self, vb: VarBuilder) -> Result<ClipModel, ModelError> {
+        ClipModel::new(self, vb).map_err(|e| ModelError::Build {
             family: "CLIP",
             source: Box::new(e),
-        })?;
-        Ok(Box::new(model))
+        })
     }
 }
 
@@ -139,7 +140,7 @@ impl ClipModel {
     }
 
     /// [`Self::embed_pixels`], calling `between` before each vision encoder
-    /// layer (see [`EmbeddingModel::embed_stepped`]).
+    /// layer (see [`Model::embed`]).
     pub fn embed_pixels_stepped(
         &self,
         images: &[&[f32]],
@@ -166,29 +167,27 @@ impl ClipModel {
     }
 }
 
-impl EmbeddingModel for ClipModel {
-    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
-    }
+impl Model for ClipModel {
+    type Input = ClipInput;
 
     /// Texts first (short, not stepped), then the images with `between`
     /// called before each vision encoder layer (of each group of images
     /// the fast encoder takes through its layers together).
-    fn embed_stepped(
+    fn embed(
         &self,
-        batch: &[&Prepared],
-        between: &mut dyn FnMut() -> ControlFlow<()>,
+        batch: &[&ClipInput],
+        between: Between<'_>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut texts: Vec<&[u32]> = Vec::new();
         let mut images: Vec<&[f32]> = Vec::new();
         // For each item: its row in the text and image results.
         let mut rows: Vec<(Option<usize>, Option<usize>)> = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
-            let t = item.token_ids.as_deref().map(|ids| {
+            let t = item.ids().map(|ids| {
                 texts.push(ids);
                 texts.len() - 1
             });
-            let v = match &item.pixels {
+            let v = match item.pixels() {
                 Some(p) if p.tiles == 1 => {
                     images.push(&p.data);
                     Some(images.len() - 1)
@@ -201,11 +200,6 @@ impl EmbeddingModel for ClipModel {
                 }
                 None => None,
             };
-            if t.is_none() && v.is_none() {
-                return Err(ModelError::Batch(format!(
-                    "item {i} has neither text nor image"
-                )));
-            }
             rows.push((t, v));
         }
         let text_emb: Vec<Vec<f32>> = if texts.is_empty() {
@@ -218,18 +212,22 @@ impl EmbeddingModel for ClipModel {
         } else {
             self.embed_pixels_stepped(&images, between)?.to_vec2()?
         };
-        Ok(rows
-            .into_iter()
+        let row = |emb: &[Vec<f32>], r: usize| {
+            emb.get(r)
+                .cloned()
+                .ok_or_else(|| ModelError::Batch(format!("no embedding row {r}")))
+        };
+        rows.into_iter()
             .map(|(t, v)| match (t, v) {
-                (Some(t), Some(v)) => text_emb[t]
-                    .iter()
-                    .zip(&image_emb[v])
-                    .map(|(a, b)| a + b)
-                    .collect(),
-                (Some(t), None) => text_emb[t].clone(),
-                (None, Some(v)) => image_emb[v].clone(),
-                (None, None) => Vec::new(),
+                (Some(t), Some(v)) => {
+                    let (a, b) = (row(&text_emb, t)?, row(&image_emb, v)?);
+                    Ok(a.iter().zip(&b).map(|(a, b)| a + b).collect())
+                }
+                (Some(t), None) => row(&text_emb, t),
+                (None, Some(v)) => row(&image_emb, v),
+                // A ClipInput always has a text or an image.
+                (None, None) => Err(ModelError::Batch("an item with nothing to embed".into())),
             })
-            .collect())
+            .collect()
     }
 }

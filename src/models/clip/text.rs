@@ -7,9 +7,9 @@ use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Lin
 
 use super::config::ClipTextConfig;
 use super::encoder::{f32_vec, Encoder, FastEncoder};
+use crate::models::error::ModelError;
 use crate::models::mask::mask_value;
 use crate::models::ops::Span;
-use crate::models::ModelError;
 
 pub(super) struct TextTower {
     token_embedding: Embedding,

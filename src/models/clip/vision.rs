@@ -8,8 +8,8 @@ use candle_nn::{layer_norm, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use super::config::ClipVisionConfig;
 use super::encoder::{f32_vec, Encoder};
+use crate::models::error::ModelError;
 use crate::models::ops::Span;
-use crate::models::ModelError;
 
 /// The CLIP vision transformer (`CLIPVisionModel`'s `vision_model`): patch
 /// and position embeddings, `pre_layrnorm`, the encoder and `post_layernorm`.

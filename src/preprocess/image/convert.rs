@@ -52,9 +52,14 @@ fn msb(v: u16) -> u8 {
     (v >> 8) as u8
 }
 
+/// A sample format Pillow cannot load either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("32-bit floating point samples")]
+pub(super) struct FloatSamples;
+
 /// Rearranges decoded samples into the layout of Pillow's `mode`.
-/// Errs (with a description) on sample formats Pillow cannot load either.
-pub(super) fn bands_for_mode(mode: PilMode, img: DynamicImage) -> Result<Bands, String> {
+/// Errs on sample formats Pillow cannot load either.
+pub(super) fn bands_for_mode(mode: PilMode, img: DynamicImage) -> Result<Bands, FloatSamples> {
     Ok(match mode {
         PilMode::Bilevel | PilMode::L => Bands::Gray(match img {
             DynamicImage::ImageLuma8(g) => g,
@@ -87,7 +92,7 @@ pub(super) fn bands_for_mode(mode: PilMode, img: DynamicImage) -> Result<Bands, 
             DynamicImage::ImageLuma16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[0]), msb(p[0])]),
             DynamicImage::ImageLumaA16(g) => map_pixels(&g, |p| [msb(p[0]), msb(p[0]), msb(p[0])]),
             DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => {
-                return Err("32-bit floating point samples".into())
+                return Err(FloatSamples)
             }
             other => other.to_rgb8(),
         }),
@@ -102,7 +107,7 @@ pub(super) fn bands_for_mode(mode: PilMode, img: DynamicImage) -> Result<Bands, 
             DynamicImage::ImageLumaA8(g) => map_pixels(&g, |p| [p[0], p[0], p[0], p[1]]),
             DynamicImage::ImageRgb8(g) => map_pixels(&g, |p| [p[0], p[1], p[2], 255]),
             DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => {
-                return Err("32-bit floating point samples".into())
+                return Err(FloatSamples)
             }
             other => other.to_rgba8(),
         }),

@@ -41,13 +41,15 @@ use std::path::Path;
 use image::RgbImage;
 use serde_json::Value;
 
-use super::anyres::{self, select_best_resolution, Size};
-use super::clip_image::ClipImageProcessor;
-use super::image::{decode_image, ImageLimits};
-use super::resize::{self, Filter};
-use super::text::TextTokenizer;
-use super::{config_error, Pixels, Prepared, PreprocessError};
+use super::anyres::{self, select_best_resolution};
 use crate::input::{Input, Role};
+use crate::preprocess::clip_image::ClipImageProcessor;
+use crate::preprocess::image::{decode_image, ImageLimits};
+use crate::preprocess::resize::{self, Filter};
+use crate::preprocess::text::TextTokenizer;
+use crate::preprocess::{
+    Key, Pixels, Prepared, PreparedData, Preprocess, PreprocessError, SetupError, Size,
+};
 
 /// Upstream BGE-VL-MLLM resizes every image to exactly this size first.
 pub const RESIZE_TO: u32 = 512;
@@ -90,6 +92,39 @@ pub fn prompt_template() -> String {
         }
     }
     lines.join("\n")
+}
+
+/// What BGE-VL-MLLM embeds for one input: its prompt's token ids (every
+/// `<image>` expanded to the image's feature count) and, with an image,
+/// its any-resolution tiles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaInput {
+    pub ids: Vec<u32>,
+    pub image: Option<LlavaImage>,
+}
+
+/// An image as the model takes it: `1 + grid` tiles of `3 x S x S` (the
+/// whole image first) and the size the processor saw, which decides the
+/// grid and the unpadding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaImage {
+    pub tiles: Pixels,
+    pub size: Size,
+}
+
+impl PreparedData for LlavaInput {
+    fn write_key(&self, key: &mut Key<'_>) {
+        key.tag("llava");
+        key.ids(&self.ids);
+        match &self.image {
+            None => key.tag("no-image"),
+            Some(im) => {
+                im.tiles.write_key(key);
+                key.u32(im.size.width);
+                key.u32(im.size.height);
+            }
+        }
+    }
 }
 
 /// Tokenizer + any-resolution image processor of a LLaVA-NeXT model.
@@ -147,19 +182,18 @@ impl LlavaPreprocessor {
         processor_config: Option<&Path>,
         facts: &LlavaModelFacts,
         limits: ImageLimits,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let tok = TextTokenizer::from_file(tokenizer, facts.max_tokens)?;
-        let text = std::fs::read_to_string(preprocessor_config)
-            .map_err(|e| format!("cannot read {}: {e}", preprocessor_config.display()))?;
-        let pre: Value = serde_json::from_str(&text)
-            .map_err(|e| config_error(preprocessor_config.display(), e))?;
-        let tiles = ClipImageProcessor::from_value(&pre)
-            .map_err(|e| config_error(preprocessor_config.display(), e))?;
+        let pre_file = preprocessor_config.display();
+        let pre = SetupError::read_json(preprocessor_config)?;
+        let tiles =
+            ClipImageProcessor::from_value(&pre).map_err(|e| SetupError::invalid(&pre_file, e))?;
         let resample = match pre.get("resample") {
             None | Some(Value::Null) => Filter::Bicubic,
-            Some(v) => v.as_i64().and_then(Filter::from_pil_code).ok_or_else(|| {
-                config_error(preprocessor_config.display(), format!("resample {v}"))
-            })?,
+            Some(v) => v
+                .as_i64()
+                .and_then(Filter::from_pil_code)
+                .ok_or_else(|| SetupError::invalid(&pre_file, format!("unknown resample {v}")))?,
         };
         // `size` gives the base tile: shortest_edge, else min(height, width).
         let dim = |v: Option<&Value>| v.and_then(|x| x.as_u64()).map(|x| x as u32);
@@ -176,8 +210,8 @@ impl LlavaPreprocessor {
         };
         let (ch, cw) = tiles.crop_size();
         if !tiles.center_crops() || ch != cw || ch as u32 != facts.tile || base_size == 0 {
-            return Err(config_error(
-                preprocessor_config.display(),
+            return Err(SetupError::invalid(
+                &pre_file,
                 format!(
                     "tiles must be center-cropped to the vision tower's {t}x{t} (crop_size {cw}x{ch}, size {base_size})",
                     t = facts.tile
@@ -186,17 +220,13 @@ impl LlavaPreprocessor {
         }
         let pinpoints = match pre.get("image_grid_pinpoints") {
             None | Some(Value::Null) => anyres::DEFAULT_PINPOINTS.to_vec(),
-            Some(p) => anyres::parse_pinpoints(p)
-                .map_err(|e| config_error(preprocessor_config.display(), e))?,
+            Some(p) => anyres::parse_pinpoints(p).map_err(|e| SetupError::invalid(&pre_file, e))?,
         };
         // processor_config.json: patch size, strategy, image token.
         let mut patch = facts.patch;
         let mut image_token = IMAGE_TOKEN.to_string();
         if let Some(path) = processor_config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let v: Value =
-                serde_json::from_str(&text).map_err(|e| config_error(path.display(), e))?;
+            let v = SetupError::read_json(path)?;
             if let Some(p) = v.get("patch_size").and_then(|p| p.as_u64()) {
                 patch = p as u32;
             }
@@ -205,7 +235,7 @@ impl LlavaPreprocessor {
                 .and_then(|s| s.as_str())
             {
                 if s != "default" {
-                    return Err(config_error(
+                    return Err(SetupError::invalid(
                         path.display(),
                         format!("vision_feature_select_strategy {s:?} is not supported"),
                     ));
@@ -215,37 +245,42 @@ impl LlavaPreprocessor {
                 image_token = t.to_string();
             }
         }
+        let mismatch = |m: String| SetupError::Mismatch(m);
         if image_token != IMAGE_TOKEN {
-            return Err(format!(
+            return Err(mismatch(format!(
                 "the processor's image token is {image_token:?}; vlembed expects {IMAGE_TOKEN:?}"
-            ));
+            )));
         }
-        let image_token_id = tok
-            .token_to_id(IMAGE_TOKEN)
-            .ok_or_else(|| format!("{} has no {IMAGE_TOKEN} token", tokenizer.display()))?;
+        let image_token_id = tok.token_to_id(IMAGE_TOKEN).ok_or_else(|| {
+            mismatch(format!(
+                "{} has no {IMAGE_TOKEN} token",
+                tokenizer.display()
+            ))
+        })?;
         if image_token_id != facts.image_token_id {
-            return Err(format!(
+            return Err(mismatch(format!(
                 "the tokenizer's {IMAGE_TOKEN} is id {image_token_id} but config.json's image_token_index is {}",
                 facts.image_token_id
-            ));
+            )));
         }
         let size = Size::square(RESIZE_TO);
         let image_tokens = anyres::processor_feature_count(size, &pinpoints, facts.tile, patch)
-            .ok_or("cannot count the image features")?;
+            .ok_or_else(|| mismatch("cannot count the image features".into()))?;
         if image_tokens != facts.model_features {
-            return Err(format!(
+            return Err(mismatch(format!(
                 "the processor would expand <image> to {image_tokens} tokens but the model makes {} features per image",
                 facts.model_features
-            ));
+            )));
         }
-        let best = select_best_resolution(size, &pinpoints).ok_or("no pinpoints")?;
+        let best = select_best_resolution(size, &pinpoints)
+            .ok_or_else(|| mismatch("image_grid_pinpoints is empty".into()))?;
         let proc_tiles = 1 + best.height.div_ceil(facts.tile) as usize
             * best.width.div_ceil(facts.tile) as usize;
         if proc_tiles != facts.model_tiles {
-            return Err(format!(
+            return Err(mismatch(format!(
                 "the processor makes {proc_tiles} tiles per image but the model expects {}",
                 facts.model_tiles
-            ));
+            )));
         }
         Ok(LlavaPreprocessor {
             tokenizer: tok,
@@ -280,7 +315,7 @@ impl LlavaPreprocessor {
         self.tokenizer
             .plain()
             .encode(text, true)
-            .map_err(|e| PreprocessError::Internal(format!("tokenizer failed: {e}")))
+            .map_err(PreprocessError::Tokenizer)
     }
 
     /// The any-resolution tiles of an RGB image (already resized to 512x512
@@ -333,12 +368,9 @@ impl LlavaPreprocessor {
 
     /// Token ids of the prompt for `input`, `<image>` expanded (when it has an image).
     pub fn prompt_ids(&self, input: &Input, truncate: bool) -> Result<Vec<u32>, PreprocessError> {
-        let has_image = input.image.is_some();
+        let has_image = input.image_part().is_some();
         if has_image {
-            let in_text = input
-                .text
-                .as_deref()
-                .is_some_and(|t| t.contains(IMAGE_TOKEN));
+            let in_text = input.text_part().is_some_and(|t| t.contains(IMAGE_TOKEN));
             let in_instr = input
                 .instruction
                 .as_deref()
@@ -354,7 +386,7 @@ impl LlavaPreprocessor {
             Role::Query => input.instruction.as_deref(),
             Role::Candidate => None,
         };
-        let mut text = input.text.clone();
+        let mut text = input.text_part().map(str::to_string);
         for _ in 0..8 {
             let prompt = build_prompt(input.role, instruction, text.as_deref(), has_image);
             let enc = self.encode(&prompt)?;
@@ -419,50 +451,56 @@ impl LlavaPreprocessor {
         }
         out
     }
+}
 
-    /// The limits images are decoded under.
-    pub fn image_limits(&self) -> &ImageLimits {
-        &self.limits
-    }
-
-    /// Replaces the limits images are decoded under.
-    pub fn set_image_limits(&mut self, limits: ImageLimits) {
-        self.limits = limits;
-    }
+impl Preprocess for LlavaPreprocessor {
+    type Data = LlavaInput;
 
     /// Turns one input into model-ready numbers: the prompt's ids (image
-    /// tokens expanded) and all tiles of the image; `image_size` is the
-    /// size the image processor saw (always 512x512).
-    pub fn prepare(&self, input: &Input, truncate: bool) -> Result<Prepared, PreprocessError> {
-        let modality = input.modality().ok_or(PreprocessError::EmptyInput)?;
-        if input.text.as_deref().is_some_and(|t| t.trim().is_empty()) {
+    /// tokens expanded) and all tiles of the image, which the processor
+    /// saw at 512x512.
+    fn prepare(
+        &self,
+        input: &Input,
+        truncate: bool,
+    ) -> Result<Prepared<LlavaInput>, PreprocessError> {
+        if input.text_part().is_some_and(|t| t.trim().is_empty()) {
             return Err(PreprocessError::EmptyText);
         }
         // The prompt first: it needs only whether there is an image, and
         // its errors are cheaper to find than decoding the image.
         let ids = self.prompt_ids(input, truncate)?;
-        let pixels = match &input.image {
-            Some(bytes) => Some(self.image_pixels(bytes)?),
+        let image = match input.image_part() {
+            Some(bytes) => Some(LlavaImage {
+                tiles: self.image_pixels(bytes)?,
+                size: Size::square(RESIZE_TO),
+            }),
             None => None,
         };
-        let image_ids = if pixels.is_some() {
+        let image_ids = if image.is_some() {
             self.image_tokens
         } else {
             0
         };
         let text_tokens = ids.len().saturating_sub(image_ids);
         let cost = ids.len()
-            + pixels
-                .as_ref()
-                .map_or(0, |p| p.tiles * p.height * p.width / 256);
-        Ok(Prepared {
-            modality,
-            token_ids: Some(ids),
-            image_size: pixels.as_ref().map(|_| Size::square(RESIZE_TO)),
-            pixels,
-            text_tokens,
-            cost: cost.max(1),
-        })
+            + image.as_ref().map_or(0, |im| {
+                im.tiles.tiles * im.tiles.height * im.tiles.width / 256
+            });
+        let data = LlavaInput { ids, image };
+        Ok(Prepared::new(input.modality(), text_tokens, cost, data))
+    }
+
+    fn image_limits(&self) -> &ImageLimits {
+        &self.limits
+    }
+
+    fn set_image_limits(&mut self, limits: ImageLimits) {
+        self.limits = limits;
+    }
+
+    fn prompt_template(&self) -> Option<String> {
+        Some(prompt_template())
     }
 }
 

@@ -1,7 +1,15 @@
-//! The scheduler policy: which queued inputs go into the next batch.
+//! The scheduling rules, in one place: the classes of requests ([`Class`],
+//! and the class of a request that does not say, [`Class::auto`]), which
+//! queued requests the next batch offers a place to ([`order`], with the
+//! starvation bound [`PRIORITY_BURST`]), which of their inputs it takes
+//! ([`select`]), how long a worker waits for work like the batch it just ran
+//! ([`Refill`]), and which batches may be preempted between their layers
+//! and by how much ([`preemptible`], [`PRIORITY_BURST`]).
 //!
-//! A pure function over the queued requests' costs, so it is tested on its
-//! own. It knows nothing of threads, channels or models.
+//! Pure functions and plain values, tested on their own: the queue
+//! ([`super::queue`]) holds the state and applies them; the workers execute
+//! what the queue hands them. It knows nothing of threads, channels or
+//! models.
 //!
 //! The guarantee it gives (documented in the README): batches are filled
 //! round-robin over the requests with queued inputs, one input per request
@@ -16,6 +24,132 @@
 //! `burst` batches in a row: then the starved requests lead, whatever their
 //! class (so bulk work is served at least once every `burst + 1` batches
 //! while priority work keeps arriving).
+
+use std::time::{Duration, Instant};
+
+use crate::input::{Input, Modality, Role};
+
+/// A request's scheduling class (ordered: `Low < Normal < High`). A batch
+/// holds the requests of the highest class with queued inputs, round-robin
+/// within the class; `High` work also runs between the layers of a batch in
+/// progress. The starvation bound: a request passed over by
+/// [`PRIORITY_BURST`] batches in a row leads the next one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// Served when nothing of a higher class waits (or when starved).
+    Low,
+    #[default]
+    Normal,
+    /// Served first, and between the layers of a long batch in progress.
+    High,
+}
+
+/// A priority name that is not `high`, `normal` or `low`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown priority {0:?}: expected \"high\", \"normal\" or \"low\"")]
+pub struct UnknownClass(pub String);
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Low => "low",
+            Class::Normal => "normal",
+            Class::High => "high",
+        }
+    }
+
+    /// The class of a request that does not say: `High` for a single input
+    /// that is a text alone or has the query role (a search query), else
+    /// `Normal`.
+    pub fn auto(inputs: &[Input]) -> Class {
+        match inputs {
+            [one] if one.role == Role::Query => Class::High,
+            [one] if one.modality() == Modality::Text => Class::High,
+            _ => Class::Normal,
+        }
+    }
+}
+
+impl std::str::FromStr for Class {
+    type Err = UnknownClass;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "high" => Ok(Class::High),
+            "normal" => Ok(Class::Normal),
+            "low" => Ok(Class::Low),
+            other => Err(UnknownClass(other.to_string())),
+        }
+    }
+}
+
+/// The starvation bound: a request that this many batches in a row passed
+/// over (because requests of a higher class were served) leads the next
+/// batch. Workers also run at most this many `High` batches between two
+/// layers of a batch in progress, so bulk work always advances.
+pub const PRIORITY_BURST: u32 = 4;
+
+/// Whether a batch of inputs of these classes runs preemptibly: stepped,
+/// with `High` batches run between its layers. A batch holding a `High`
+/// input is not (it is the work that preempts).
+pub fn preemptible(classes: impl IntoIterator<Item = Class>) -> bool {
+    classes.into_iter().all(|c| c < Class::High)
+}
+
+/// What a worker reports of a batch it ran, for the [`Refill`] rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ran {
+    /// The batch's highest class.
+    pub class: Class,
+    /// Its inputs and their cost.
+    pub inputs: usize,
+    pub cost: usize,
+    /// How long its forward pass took, and when it ended.
+    pub took: Duration,
+    pub ended: Instant,
+}
+
+/// What a worker's previous batch lets it expect: the clients it just
+/// answered tend to send their next inputs within milliseconds (a closed
+/// loop: an indexer, a load balancer's keep-alive connections), so a worker
+/// that took what is queued at once would alternate a full batch with a
+/// nearly empty one (32 single-text clients: batches of 31 and 1, 20% below
+/// the model's throughput at 32). With a `Refill` the worker waits, until
+/// `until`, for the queue to hold as many inputs (or as much cost) of the
+/// batch's class as the batch had; it takes what is there when the time is
+/// up, when a higher class arrives, or when a request is owed a batch by the
+/// starvation bound. An idle server never waits: the first input after a
+/// pause finds `until` passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refill {
+    /// The class of the batch that just ran.
+    pub class: Class,
+    /// Its inputs and their cost.
+    pub inputs: usize,
+    pub cost: usize,
+    /// The latest moment to wait to.
+    pub until: Instant,
+}
+
+impl Refill {
+    /// After the batch `ran`: wait at most a quarter of its run time (so
+    /// waiting adds at most a quarter to the latency of work like that which
+    /// just ran), capped by `max_wait`. `None` when that is zero.
+    pub fn after(ran: &Ran, max_wait: Duration) -> Option<Refill> {
+        let wait = (ran.took / 4).min(max_wait);
+        (!wait.is_zero()).then_some(Refill {
+            class: ran.class,
+            inputs: ran.inputs,
+            cost: ran.cost,
+            until: ran.ended + wait,
+        })
+    }
+
+    /// Whether work of `class` queued as `inputs` inputs of total `cost`
+    /// is less than this refill waits for (within one batch's `budget`).
+    pub fn short(&self, inputs: usize, cost: usize, budget: BatchBudget) -> bool {
+        inputs < self.inputs.min(budget.max_items) && cost < self.cost.min(budget.max_cost)
+    }
+}
 
 /// Which requests the next batch offers a place to, in the order it offers
 /// them, from each queued request's `(class, passed_over)` in queue order
@@ -154,6 +288,54 @@ mod tests {
             assert_eq!(w[1] - w[0], burst as usize + 1);
         }
         assert_eq!(bulk_served[0], burst as usize);
+    }
+
+    #[test]
+    fn refill_after_waits_a_quarter_of_the_batch_at_most_the_cap() {
+        let ended = Instant::now();
+        let cap = Duration::from_millis(10);
+        let ran = |inputs, cost, ms| Ran {
+            class: Class::High,
+            inputs,
+            cost,
+            took: Duration::from_millis(ms),
+            ended,
+        };
+        let r = Refill::after(&ran(31, 310, 56), cap).unwrap();
+        assert_eq!((r.class, r.inputs, r.cost), (Class::High, 31, 310));
+        assert_eq!(r.until, ended + cap);
+        let r = Refill::after(&ran(1, 10, 8), cap).unwrap();
+        assert_eq!(r.until, ended + Duration::from_millis(2));
+        assert_eq!(Refill::after(&ran(1, 10, 8), Duration::ZERO), None);
+        // Short of the last batch while below it in inputs and in cost,
+        // each capped by the batch budget.
+        let r = Refill::after(&ran(8, 80, 40), cap).unwrap();
+        assert!(r.short(7, 70, budget(32, 1000)));
+        assert!(!r.short(8, 10, budget(32, 1000)));
+        assert!(!r.short(1, 80, budget(32, 1000)));
+        assert!(!r.short(4, 70, budget(4, 1000)));
+    }
+
+    #[test]
+    fn classes_parse_order_and_decide_preemption() {
+        assert!(Class::Low < Class::Normal && Class::Normal < Class::High);
+        assert_eq!(" HIGH ".parse::<Class>(), Ok(Class::High));
+        assert_eq!(
+            "urgent".parse::<Class>().unwrap_err().to_string(),
+            "unknown priority \"urgent\": expected \"high\", \"normal\" or \"low\""
+        );
+        assert!(preemptible([Class::Normal, Class::Low]));
+        assert!(!preemptible([Class::Normal, Class::High]));
+        assert_eq!(Class::auto(&[Input::text("q")]), Class::High);
+        assert_eq!(
+            Class::auto(&[Input::image(vec![1]).with_role(Role::Query)]),
+            Class::High
+        );
+        assert_eq!(Class::auto(&[Input::image(vec![1])]), Class::Normal);
+        assert_eq!(
+            Class::auto(&[Input::text("a"), Input::text("b")]),
+            Class::Normal
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! LLaVA-NeXT any-resolution geometry: pure arithmetic on image sizes.
 //!
-//! Owns: [`Size`], the grid pinpoints ([`DEFAULT_PINPOINTS`],
+//! Owns: the grid pinpoints ([`DEFAULT_PINPOINTS`],
 //! [`parse_pinpoints`]), the best resolution for an image
 //! ([`select_best_resolution`]), the size an image is resized to inside it
 //! ([`patch_output_size`]), the tile grid ([`grid_shape`]), the unpadding of
@@ -8,44 +8,14 @@
 //! processor ([`processor_feature_count`]) and the model
 //! ([`model_feature_count`]) compute them.
 //!
-//! A leaf: it imports nothing from the crate, so both the preprocessor
-//! (`preprocess::llava`) and the model (`models::llava`) depend on it
+//! Both the preprocessor ([`super::preprocess`]) and the model
+//! ([`super::model`]) depend on it, so the two compute the same geometry
 //! without depending on each other. It knows nothing of pixels or tensors.
 
 use serde_json::Value;
 
-/// An image or tile size in pixels. Always named fields: the Python code
-/// this crate follows mixes `(height, width)` (transformers) and
-/// `(width, height)` (Pillow) tuples, which is what this type replaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Size {
-    pub width: u32,
-    pub height: u32,
-}
-
-impl Size {
-    /// A size of `width` x `height`.
-    pub const fn new(width: u32, height: u32) -> Size {
-        Size { width, height }
-    }
-
-    /// A square of `side` x `side`.
-    pub const fn square(side: u32) -> Size {
-        Size::new(side, side)
-    }
-
-    /// Number of pixels, without overflow.
-    pub fn pixels(self) -> u64 {
-        u64::from(self.width) * u64::from(self.height)
-    }
-}
-
-impl std::fmt::Display for Size {
-    /// `WIDTHxHEIGHT`, as image sizes are usually written.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.width, self.height)
-    }
-}
+use crate::models::error::ConfigError;
+use crate::preprocess::Size;
 
 /// transformers' default `image_grid_pinpoints` (`[height, width]` pairs in
 /// the config: `[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]`).
@@ -58,8 +28,12 @@ pub const DEFAULT_PINPOINTS: [Size; 5] = [
 ];
 
 /// Reads `image_grid_pinpoints`: a non-empty list of `[height, width]` pairs.
-pub fn parse_pinpoints(v: &Value) -> Result<Vec<Size>, String> {
-    let err = || format!("image_grid_pinpoints must be a list of [height, width] pairs, got {v}");
+pub fn parse_pinpoints(v: &Value) -> Result<Vec<Size>, ConfigError> {
+    let err = || {
+        ConfigError::Invalid(format!(
+            "image_grid_pinpoints must be a list of [height, width] pairs, got {v}"
+        ))
+    };
     let list = v.as_array().ok_or_else(err)?;
     let mut out = Vec::with_capacity(list.len());
     for p in list {
@@ -290,11 +264,5 @@ mod tests {
         assert_eq!(unpad_bounds(hw(1000, 200), (72, 48)), (0, 72, 17, 31));
         assert_eq!(unpad_bounds(hw(333, 1000), (24, 72)), (0, 24, 0, 72));
         assert_eq!(unpad_bounds(hw(517, 100), (48, 24)), (0, 48, 7, 17));
-    }
-
-    #[test]
-    fn size_displays_width_first() {
-        assert_eq!(Size::new(640, 480).to_string(), "640x480");
-        assert_eq!(Size::new(640, 480).pixels(), 307_200);
     }
 }

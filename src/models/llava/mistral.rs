@@ -22,8 +22,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::mask::MASKED;
-use super::ConfigError;
+use crate::models::error::ConfigError;
+use crate::models::mask::MASKED;
 
 fn d_vocab() -> usize {
     32000

@@ -1,0 +1,253 @@
+//! The JSON side of request parsing: one streaming visitor per request
+//! object ([`Fields`] read through [`Top`]), and the typed readers of scalar
+//! fields, whose messages name the field and never echo more than a cut
+//! string. Every endpoint's JSON body is read through these.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::super::error::{quote, ApiError};
+use super::super::inputs::{scalars_are_wrong, Key, KeySeed, ParseCtx};
+use super::encoding::EncodingFormat;
+use super::parse_priority;
+use crate::batching::Class;
+
+/// The fields of one request object, read one by one.
+pub(super) trait Fields<'de>: Sized {
+    type Out;
+    const NAMES: &'static [&'static str];
+    /// Whether fields not in `NAMES` are skipped (else refused).
+    const LENIENT: bool = false;
+    fn ctx(&self) -> &ParseCtx<'_>;
+    /// Reads the value of field `NAMES[i]`.
+    fn field<A: MapAccess<'de>>(&mut self, i: usize, map: &mut A) -> Result<(), A::Error>;
+    fn finish<E: de::Error>(self) -> Result<Self::Out, E>;
+}
+
+/// Reads a request object through its [`Fields`].
+pub(super) struct Top<F>(pub(super) F);
+
+impl<'de, F: Fields<'de>> DeserializeSeed<'de> for Top<F> {
+    type Value = F::Out;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<F::Out, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: Fields<'de>> Top<F> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.0.ctx().fail(ApiError::bad_request(format!(
+            "invalid request body: expected a JSON object, found {found}"
+        )))
+    }
+}
+
+impl<'de, F: Fields<'de>> Visitor<'de> for Top<F> {
+    type Value = F::Out;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    scalars_are_wrong!();
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<F::Out, E> {
+        Err(self.wrong_type("a string"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<F::Out, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<F::Out, A::Error> {
+        let mut fields = self.0;
+        let mut seen = vec![false; F::NAMES.len()];
+        while let Some(key) = map.next_key_seed(KeySeed(F::NAMES))? {
+            match key {
+                Key::Known(i) => {
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(fields.ctx().fail(ApiError::bad_request(format!(
+                            "invalid request body: duplicate field `{}`",
+                            F::NAMES[i]
+                        ))));
+                    }
+                    fields.field(i, &mut map)?;
+                }
+                Key::Unknown(_) if F::LENIENT => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Key::Unknown(k) => {
+                    let expected = F::NAMES
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(fields.ctx().fail(ApiError::bad_request(format!(
+                        "invalid request body: unknown field `{k}`, expected one of {expected}"
+                    ))));
+                }
+            }
+        }
+        fields.finish()
+    }
+}
+
+pub(super) fn missing<E: de::Error>(ctx: &ParseCtx, name: &str) -> E {
+    ctx.fail(ApiError::bad_request(format!(
+        "invalid request body: missing field `{name}`"
+    )))
+}
+
+/// A scalar request field (`model`, `normalize`, `top_k`, ...), read with a
+/// message naming the field and never echoing more than a cut string.
+#[derive(Clone, Copy)]
+pub(super) enum Scalar {
+    OptString,
+    Bool,
+    Format,
+    OptUsize,
+}
+
+pub(super) enum ScalarValue {
+    None,
+    String(String),
+    Bool(bool),
+    Format(EncodingFormat),
+    Usize(usize),
+}
+
+pub(super) struct ScalarSeed<'c, 'l> {
+    pub(super) ctx: &'c ParseCtx<'l>,
+    pub(super) name: &'static str,
+    pub(super) kind: Scalar,
+}
+
+impl<'de> DeserializeSeed<'de> for ScalarSeed<'_, '_> {
+    type Value = ScalarValue;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<ScalarValue, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl ScalarSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        let expected = match self.kind {
+            Scalar::OptString => "a string",
+            Scalar::Bool => "true or false",
+            Scalar::Format => EncodingFormat::ALLOWED,
+            Scalar::OptUsize => "a non-negative integer",
+        };
+        self.ctx.fail(ApiError::bad_request(format!(
+            "field {}: expected {expected}, found {found}",
+            self.name
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for ScalarSeed<'_, '_> {
+    type Value = ScalarValue;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "the value of {}", self.name)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<ScalarValue, E> {
+        match self.kind {
+            Scalar::Bool => Ok(ScalarValue::Bool(v)),
+            _ => Err(self.wrong_type("a boolean")),
+        }
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScalarValue, E> {
+        match (self.kind, usize::try_from(v)) {
+            (Scalar::OptUsize, Ok(n)) => Ok(ScalarValue::Usize(n)),
+            _ => Err(self.wrong_type("a number")),
+        }
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<ScalarValue, E> {
+        Err(self.wrong_type("a negative number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<ScalarValue, E> {
+        Err(self.wrong_type("a number with a fraction"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<ScalarValue, E> {
+        match self.kind {
+            Scalar::OptString | Scalar::OptUsize => Ok(ScalarValue::None),
+            _ => Err(self.wrong_type("null")),
+        }
+    }
+    fn visit_none<E: de::Error>(self) -> Result<ScalarValue, E> {
+        self.visit_unit()
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarValue, E> {
+        match self.kind {
+            Scalar::OptString => Ok(ScalarValue::String(v.to_owned())),
+            Scalar::Format => EncodingFormat::parse_field(v, self.name)
+                .map(ScalarValue::Format)
+                .map_err(|e| self.ctx.fail(e)),
+            _ => Err(self.wrong_type(&format!("the string {}", quote(v)))),
+        }
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<ScalarValue, A::Error> {
+        Err(self.wrong_type("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<ScalarValue, A::Error> {
+        Err(self.wrong_type("an object"))
+    }
+}
+
+pub(super) fn scalar<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+    kind: Scalar,
+) -> Result<ScalarValue, A::Error> {
+    map.next_value_seed(ScalarSeed { ctx, name, kind })
+}
+
+pub(super) fn opt_string<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<Option<String>, A::Error> {
+    Ok(match scalar(ctx, map, name, Scalar::OptString)? {
+        ScalarValue::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+pub(super) fn boolean<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<bool, A::Error> {
+    Ok(matches!(
+        scalar(ctx, map, name, Scalar::Bool)?,
+        ScalarValue::Bool(true)
+    ))
+}
+
+pub(super) fn format<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<EncodingFormat, A::Error> {
+    Ok(match scalar(ctx, map, name, Scalar::Format)? {
+        ScalarValue::Format(f) => f,
+        _ => EncodingFormat::default(),
+    })
+}
+
+pub(super) fn opt_usize<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+    name: &'static str,
+) -> Result<Option<usize>, A::Error> {
+    Ok(match scalar(ctx, map, name, Scalar::OptUsize)? {
+        ScalarValue::Usize(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// The `priority` field of a JSON body.
+pub(super) fn opt_priority<'de, A: MapAccess<'de>>(
+    ctx: &ParseCtx,
+    map: &mut A,
+) -> Result<Option<Class>, A::Error> {
+    opt_string(ctx, map, "priority")?
+        .map(|v| parse_priority(&v).map_err(|e| ctx.fail(e)))
+        .transpose()
+}

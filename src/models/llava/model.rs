@@ -1,0 +1,291 @@
+//! [`LlavaModel`]: the BGE-VL-MLLM forward pass (vision tower, projector,
+//! any-resolution packing, Mistral decoder) over [`LlavaInput`]s.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use super::anyres;
+use super::config::LlavaConfig;
+use super::mistral::{DecoderError, MistralModel};
+use super::preprocess::{LlavaImage, LlavaInput};
+use crate::models::clip::ClipVisionTransformer;
+use crate::models::error::ModelError;
+use crate::models::family::{Between, Model};
+use crate::preprocess::Size;
+
+/// Tiles sent through the vision tower at once (bounds activation memory).
+const TILE_CHUNK: usize = 16;
+/// Padded decoder tokens per forward pass when grouping sequences (a
+/// sequence longer than this runs alone).
+const GROUP_TOKENS: usize = 4096;
+
+/// A BGE-VL-MLLM replica on one device.
+pub struct LlavaModel {
+    vision: ClipVisionTransformer,
+    proj1: Linear,
+    proj2: Linear,
+    image_newline: Tensor,
+    decoder: MistralModel,
+    cfg: LlavaConfig,
+    device: Device,
+    dtype: DType,
+}
+
+fn decoder_error(e: DecoderError) -> ModelError {
+    match e {
+        DecoderError::Input(m) => ModelError::Batch(m),
+        DecoderError::Interrupted => ModelError::Interrupted,
+        DecoderError::Candle(e) => ModelError::Candle(e),
+    }
+}
+
+impl LlavaModel {
+    /// `vb` points at the checkpoint's root.
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let vh = cfg.vision_config.hidden_size;
+        let th = cfg.text_config.hidden_size;
+        let vision =
+            ClipVisionTransformer::new(&cfg.vision_config, vb.pp("vision_tower.vision_model"))?;
+        let mp = vb.pp("multi_modal_projector");
+        Ok(LlavaModel {
+            vision,
+            proj1: linear(vh, th, mp.pp("linear_1"))?,
+            proj2: linear(th, th, mp.pp("linear_2"))?,
+            image_newline: vb.get(th, "image_newline")?,
+            decoder: MistralModel::new(&cfg.text_config, vb.pp("language_model.model"))?,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Projected patch features of tiles `[n, 3, S, S]` (f32 data):
+    /// [n, patches, text hidden].
+    fn tile_features(
+        &self,
+        data: &[f32],
+        n: usize,
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, ModelError> {
+        let s = self.cfg.vision_config.image_size;
+        let per = 3 * s * s;
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let k = TILE_CHUNK.min(n - start);
+            let px = Tensor::from_slice(
+                &data[start * per..(start + k) * per],
+                (k, 3, s, s),
+                &self.device,
+            )?
+            .to_dtype(self.dtype)?;
+            let h = self
+                .vision
+                .hidden_states_stepped(&px, self.cfg.vision_layer, between)?;
+            let tokens = h.dim(1)?;
+            let h = h.narrow(1, 1, tokens - 1)?;
+            let h = self.proj2.forward(&self.proj1.forward(&h)?.gelu_erf()?)?;
+            out.push(h);
+            start += k;
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// `pack_image_features` for one image: tiles' features
+    /// [1 + gh * gw, p * p, hidden] -> [features, hidden].
+    fn pack(&self, feats: &Tensor, size: Size) -> Result<Tensor, ModelError> {
+        let (gh, gw) = self
+            .cfg
+            .grid_shape(size)
+            .ok_or_else(|| ModelError::Batch("no image_grid_pinpoints".into()))?;
+        let p = self.cfg.patches_per_side();
+        let (n, _, c) = feats.dims3()?;
+        if n != 1 + gh * gw {
+            return Err(ModelError::Batch(format!(
+                "an image of {size} needs {} tiles, got {n}",
+                1 + gh * gw
+            )));
+        }
+        let base = feats.get(0)?;
+        let grid = feats
+            .narrow(0, 1, gh * gw)?
+            .reshape((gh, gw, p, p, c))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?
+            .reshape((gh * p, gw * p, c))?;
+        let (r0, r1, c0, c1) = anyres::unpad_bounds(size, (gh * p, gw * p));
+        let grid = grid.narrow(0, r0, r1 - r0)?.narrow(1, c0, c1 - c0)?;
+        let rows = r1 - r0;
+        let newline = self
+            .image_newline
+            .reshape((1, 1, c))?
+            .broadcast_as((rows, 1, c))?;
+        let grid = Tensor::cat(&[&grid, &newline], 1)?.reshape((rows * (c1 - c0 + 1), c))?;
+        Ok(Tensor::cat(&[&base, &grid], 0)?)
+    }
+
+    /// Unnormalised embeddings [n, hidden] (f32) of prompts whose `<image>`
+    /// tokens are already expanded; `images[i]` is item `i`'s image, if any.
+    pub fn embed_ids(
+        &self,
+        ids: &[&[u32]],
+        images: &[Option<&LlavaImage>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_ids_stepped(ids, images, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Self::embed_ids`], calling `between` before each layer of the
+    /// vision tower (per chunk of tiles) and of the decoder (per group of
+    /// sequences); see [`Model::embed`].
+    pub fn embed_ids_stepped(
+        &self,
+        ids: &[&[u32]],
+        images: &[Option<&LlavaImage>],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let n = ids.len();
+        if images.len() != n {
+            return Err(ModelError::Batch("ids and images differ in number".into()));
+        }
+        let hidden = self.cfg.text_config.hidden_size;
+        let vocab = self.cfg.text_config.vocab_size as u32;
+        // Vision: all tiles of the batch, then packed per image.
+        let mut all_tiles: Vec<f32> = Vec::new();
+        let mut tile_counts = Vec::new();
+        let s = self.cfg.vision_config.image_size;
+        for (i, im) in images.iter().enumerate() {
+            let Some(im) = im else { continue };
+            let t = &im.tiles;
+            if t.height != s || t.width != s || t.data.len() != t.tiles * 3 * s * s {
+                return Err(ModelError::Batch(format!(
+                    "item {i}: image tiles must be 3x{s}x{s}, got {}x{}",
+                    t.height, t.width
+                )));
+            }
+            all_tiles.extend_from_slice(&t.data);
+            tile_counts.push(t.tiles);
+        }
+        let total_tiles: usize = tile_counts.iter().sum();
+        let mut packed: Vec<Tensor> = Vec::new();
+        if total_tiles > 0 {
+            let feats = self.tile_features(&all_tiles, total_tiles, between)?;
+            let mut at = 0;
+            for im in images.iter().flatten() {
+                packed.push(self.pack(&feats.narrow(0, at, im.tiles.tiles)?, im.size)?);
+                at += im.tiles.tiles;
+            }
+        }
+        // One table holding every token embedding, then every image
+        // feature, then a zero row for padding; sequences are gathered from it.
+        let mut flat: Vec<u32> = Vec::with_capacity(ids.iter().map(|s| s.len()).sum());
+        for (i, s) in ids.iter().enumerate() {
+            if s.is_empty() {
+                return Err(ModelError::Batch(format!("item {i} has no tokens")));
+            }
+            if let Some(bad) = s.iter().find(|&&t| t >= vocab) {
+                return Err(ModelError::Batch(format!(
+                    "item {i}: token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            flat.extend_from_slice(s);
+        }
+        let tok = self.decoder.embed_tokens(&Tensor::from_vec(
+            flat.clone(),
+            flat.len(),
+            &self.device,
+        )?)?;
+        let mut parts = vec![tok];
+        let mut feat_offsets = Vec::with_capacity(packed.len());
+        let mut offset = flat.len();
+        for f in &packed {
+            feat_offsets.push(offset);
+            offset += f.dim(0)?;
+            parts.push(f.to_dtype(self.dtype)?);
+        }
+        let zero_row = offset as u32;
+        parts.push(Tensor::zeros((1, hidden), self.dtype, &self.device)?);
+        let table = Tensor::cat(&parts, 0)?;
+        // Per item: the table row of each position.
+        let mut rows: Vec<Vec<u32>> = Vec::with_capacity(n);
+        let mut img = 0;
+        let mut tok_at = 0usize;
+        for (i, s) in ids.iter().enumerate() {
+            let image_tokens = s
+                .iter()
+                .filter(|&&t| t == self.cfg.image_token_index)
+                .count();
+            let mut r: Vec<u32> = (tok_at..tok_at + s.len()).map(|x| x as u32).collect();
+            if images[i].is_some() {
+                let f = packed[img].dim(0)?;
+                if image_tokens != f {
+                    return Err(ModelError::Batch(format!(
+                        "item {i} has {image_tokens} image tokens but its image gives {f} features"
+                    )));
+                }
+                let mut k = feat_offsets[img];
+                for (row, &t) in r.iter_mut().zip(s.iter()) {
+                    if t == self.cfg.image_token_index {
+                        *row = k as u32;
+                        k += 1;
+                    }
+                }
+                img += 1;
+            }
+            tok_at += s.len();
+            rows.push(r);
+        }
+        // Decoder passes over groups of similar lengths.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); n];
+        let mut g = 0;
+        while g < order.len() {
+            let t = ids[order[g]].len();
+            let mut end = g + 1;
+            while end < order.len() && (end - g + 1) * t <= GROUP_TOKENS {
+                end += 1;
+            }
+            let group = &order[g..end];
+            let mut index = Vec::with_capacity(group.len() * t);
+            let mut lens = Vec::with_capacity(group.len());
+            for &i in group {
+                index.extend_from_slice(&rows[i]);
+                index.extend(std::iter::repeat_n(zero_row, t - rows[i].len()));
+                lens.push(rows[i].len());
+            }
+            let idx = Tensor::from_vec(index, group.len() * t, &self.device)?;
+            let x = table
+                .index_select(&idx, 0)?
+                .reshape((group.len(), t, hidden))?;
+            let h = self
+                .decoder
+                .forward_last_stepped(&x, &lens, between)
+                .map_err(decoder_error)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (&i, v) in group.iter().zip(h) {
+                out[i] = v;
+            }
+            g = end;
+        }
+        Ok(out)
+    }
+}
+
+impl Model for LlavaModel {
+    type Input = LlavaInput;
+
+    /// Stepped before each layer of the vision tower and of the decoder: a
+    /// query waits for one layer of an indexing batch, not for the batch.
+    fn embed(
+        &self,
+        batch: &[&LlavaInput],
+        between: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let ids: Vec<&[u32]> = batch.iter().map(|b| b.ids.as_slice()).collect();
+        let images: Vec<Option<&LlavaImage>> = batch.iter().map(|b| b.image.as_ref()).collect();
+        self.embed_ids_stepped(&ids, &images, between)
+    }
+}
