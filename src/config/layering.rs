@@ -18,6 +18,16 @@ use crate::models::{DeviceSpec, ModelSource, UnknownPrecision};
 /// configuration layers.
 const ENV_NOT_CONFIG: &[&str] = &["VLEMBED_LOG", "VLEMBED_JSON_LOGS", "VLEMBED_CONFIG"];
 
+impl ModelConfig {
+    /// A model with the built-in defaults, named after its source.
+    pub fn with_defaults(source: &str) -> Result<Self, ConfigError> {
+        let defaults = Config::builtin()?.model_defaults;
+        let mut table = defaults;
+        table.insert("source".into(), Value::String(source.to_string()));
+        resolve_model(table, "built-in defaults")
+    }
+}
+
 impl Config {
     /// The built-in defaults alone (no models).
     pub fn builtin() -> Result<Self, ConfigError> {

@@ -7,10 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use toml::{Table, Value};
+use toml::Table;
 
-use super::layering::resolve_model;
-use super::{ConfigError, ENV_PREFIX};
+use super::ENV_PREFIX;
 use crate::models::{DeviceSpec, ModelSource, Precision};
 
 /// The `[server]` section.
@@ -172,14 +171,6 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// A model with the built-in defaults, named after its source.
-    pub fn with_defaults(source: &str) -> Result<Self, ConfigError> {
-        let defaults = Config::builtin()?.model_defaults;
-        let mut table = defaults;
-        table.insert("source".into(), Value::String(source.to_string()));
-        resolve_model(table, "built-in defaults")
-    }
-
     /// Where the model's files come from.
     pub fn model_source(&self) -> ModelSource {
         ModelSource::parse(&self.source, Some(&self.revision))

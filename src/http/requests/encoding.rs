@@ -2,14 +2,9 @@
 //! `embedding_types`), and the rules that tie them to `normalize` (README
 //! "Output encodings").
 
-use std::fmt;
-
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::super::error::{quote, ApiError};
-use super::super::inputs::{scalars_are_wrong, ParseCtx};
-use super::fields::{Scalar, ScalarSeed, ScalarValue};
 
 /// How embeddings are written in responses (README "Output encodings"):
 /// f32 as JSON numbers or base64, or quantised by [`crate::vector`].
@@ -129,53 +124,4 @@ fn check_encoding(normalize: bool, format: EncodingFormat, field: &str) -> Resul
         )));
     }
     Ok(())
-}
-
-/// Cohere's `embedding_types`: a JSON array of distinct encodings (see
-/// [`check_encodings`] for the rest of the rule).
-pub(super) struct TypesSeed<'c, 'l> {
-    pub(super) ctx: &'c ParseCtx<'l>,
-}
-
-impl<'de> DeserializeSeed<'de> for TypesSeed<'_, '_> {
-    type Value = Vec<EncodingFormat>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl TypesSeed<'_, '_> {
-    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
-        self.ctx.fail(ApiError::bad_request(format!(
-            "field embedding_types: expected an array of {}, found {found}",
-            EncodingFormat::ALLOWED
-        )))
-    }
-}
-
-impl<'de> Visitor<'de> for TypesSeed<'_, '_> {
-    type Value = Vec<EncodingFormat>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an array of encodings")
-    }
-    scalars_are_wrong!();
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Err(self.wrong_type("a string"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        Err(self.wrong_type("an object"))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut types = Vec::new();
-        while let Some(v) = seq.next_element_seed(ScalarSeed {
-            ctx: self.ctx,
-            name: "embedding_types",
-            kind: Scalar::Format,
-        })? {
-            if let ScalarValue::Format(f) = v {
-                add_type(&mut types, f).map_err(|e| self.ctx.fail(e))?;
-            }
-        }
-        Ok(types)
-    }
 }

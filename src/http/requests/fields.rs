@@ -9,7 +9,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 
 use super::super::error::{quote, ApiError};
 use super::super::inputs::{scalars_are_wrong, Key, KeySeed, ParseCtx};
-use super::encoding::EncodingFormat;
+use super::encoding::{add_type, EncodingFormat};
 use super::parse_priority;
 use crate::batching::Class;
 
@@ -250,4 +250,53 @@ pub(super) fn opt_priority<'de, A: MapAccess<'de>>(
     opt_string(ctx, map, "priority")?
         .map(|v| parse_priority(&v).map_err(|e| ctx.fail(e)))
         .transpose()
+}
+
+/// Cohere's `embedding_types`: a JSON array of distinct encodings (see
+/// [`check_encodings`] for the rest of the rule).
+pub(super) struct TypesSeed<'c, 'l> {
+    pub(super) ctx: &'c ParseCtx<'l>,
+}
+
+impl<'de> DeserializeSeed<'de> for TypesSeed<'_, '_> {
+    type Value = Vec<EncodingFormat>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl TypesSeed<'_, '_> {
+    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
+        self.ctx.fail(ApiError::bad_request(format!(
+            "field embedding_types: expected an array of {}, found {found}",
+            EncodingFormat::ALLOWED
+        )))
+    }
+}
+
+impl<'de> Visitor<'de> for TypesSeed<'_, '_> {
+    type Value = Vec<EncodingFormat>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of encodings")
+    }
+    scalars_are_wrong!();
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(self.wrong_type("a string"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.wrong_type("an object"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut types = Vec::new();
+        while let Some(v) = seq.next_element_seed(ScalarSeed {
+            ctx: self.ctx,
+            name: "embedding_types",
+            kind: Scalar::Format,
+        })? {
+            if let ScalarValue::Format(f) = v {
+                add_type(&mut types, f).map_err(|e| self.ctx.fail(e))?;
+            }
+        }
+        Ok(types)
+    }
 }
