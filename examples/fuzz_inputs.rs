@@ -28,7 +28,7 @@ use base64::Engine;
 use vlembed::http::body::read_multipart;
 use vlembed::http::error::MAX_MESSAGE_BYTES;
 use vlembed::http::inputs::{parsed_inputs, BodyLimits};
-use vlembed::http::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
+use vlembed::http::requests::{EmbedRequest, EndpointRequest, OpenAiRequest, ScoreRequest};
 use vlembed::input::Input;
 use vlembed::models::clip::ClipInput;
 use vlembed::models::llava::LlavaInput;

@@ -46,6 +46,18 @@ pub struct EmbedOptions {
     pub priority: Option<Class>,
 }
 
+impl EmbedOptions {
+    /// Options with no trace.
+    pub fn new(normalize: bool, truncate: bool, priority: Option<Class>) -> Self {
+        EmbedOptions {
+            normalize,
+            truncate,
+            priority,
+            trace: None,
+        }
+    }
+}
+
 /// A request's embeddings, in input order, with what it used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embedded {

@@ -9,17 +9,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use super::body::Payload;
 use super::error::quote;
 use super::error::{ApiError, ModelLabel};
 use super::inputs::{url_refused, Labeled};
-use super::requests::{EmbedRequest, OpenAiRequest, ScoreRequest};
+use super::requests::{EmbedRequest, OpenAiRequest, Parsed, ScoreRequest};
 use super::responses::{
     BatchingInfo, EmbedResponse, EmbedUsage, Embedding, EmbeddingCacheInfo, Floats, GoldenInfo,
     HealthResponse, InfoLimits, InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse,
@@ -183,22 +182,17 @@ async fn resolve_images(st: &AppState, inputs: Vec<Labeled>) -> Result<Vec<Input
 /// `POST /embed`.
 pub async fn embed(
     State(st): State<AppState>,
-    Extension(trace): Extension<Arc<RequestTrace>>,
-    payload: Payload,
+    Parsed { req, trace, start }: Parsed<EmbedRequest>,
 ) -> Result<Response, ApiError> {
-    let start = Instant::now();
-    let req = match payload {
-        Payload::Json(b) => EmbedRequest::from_json(&b)?,
-        Payload::Multipart(parts) => EmbedRequest::from_multipart(parts)?,
-    };
-    let t = target(&st, req.model.as_deref(), &req.inputs, "inputs", &trace)?;
+    let t = target(
+        &st,
+        req.common.model.as_deref(),
+        &req.inputs,
+        "inputs",
+        &trace,
+    )?;
     let n = req.inputs.len();
-    let opts = EmbedOptions {
-        normalize: req.normalize,
-        truncate: req.truncate,
-        priority: req.priority,
-        ..Default::default()
-    };
+    let opts = EmbedOptions::new(req.normalize, req.truncate, req.common.priority);
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let usage = EmbedUsage {
         images: out.images,
@@ -238,16 +232,10 @@ pub async fn embed(
 /// `POST /score`.
 pub async fn score(
     State(st): State<AppState>,
-    Extension(trace): Extension<Arc<RequestTrace>>,
-    payload: Payload,
+    Parsed { req, trace, start }: Parsed<ScoreRequest>,
 ) -> Result<Response, ApiError> {
-    let start = Instant::now();
-    let req = match payload {
-        Payload::Json(b) => ScoreRequest::from_json(&b)?,
-        Payload::Multipart(parts) => ScoreRequest::from_multipart(parts)?,
-    };
     if req.inputs.len() < 2 {
-        let slot = st.registry.resolve(req.model.as_deref())?;
+        let slot = st.registry.resolve(req.common.model.as_deref())?;
         return Err(
             ApiError::unprocessable("candidates is empty: give at least one candidate")
                 .for_model(slot.name()),
@@ -255,17 +243,12 @@ pub async fn score(
     }
     let t = target(
         &st,
-        req.model.as_deref(),
+        req.common.model.as_deref(),
         &req.inputs,
         "query and candidates",
         &trace,
     )?;
-    let opts = EmbedOptions {
-        normalize: true,
-        truncate: true,
-        priority: req.priority,
-        ..Default::default()
-    };
+    let opts = EmbedOptions::new(true, true, req.common.priority);
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let mut vectors = out.embeddings.into_iter();
     let query = vectors.next().unwrap_or_default();
@@ -293,20 +276,15 @@ pub async fn score(
 /// `POST /v1/embeddings`.
 pub async fn openai_embeddings(
     State(st): State<AppState>,
-    Extension(trace): Extension<Arc<RequestTrace>>,
-    payload: Payload,
+    Parsed { req, trace, start }: Parsed<OpenAiRequest>,
 ) -> Result<Response, ApiError> {
-    let start = Instant::now();
-    let req = match payload {
-        Payload::Json(b) => OpenAiRequest::from_json(&b)?,
-        Payload::Multipart(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "/v1/embeddings takes application/json only",
-            ))
-        }
-    };
-    let t = target(&st, req.model.as_deref(), &req.inputs, "input", &trace)?;
+    let t = target(
+        &st,
+        req.common.model.as_deref(),
+        &req.inputs,
+        "input",
+        &trace,
+    )?;
     if let Some(d) = req.dimensions {
         if d != t.served.info.dimensions {
             return Err(ApiError::bad_request(format!(
@@ -316,12 +294,7 @@ pub async fn openai_embeddings(
             .for_model(&t.name));
         }
     }
-    let opts = EmbedOptions {
-        normalize: true,
-        truncate: true,
-        priority: req.priority,
-        ..Default::default()
-    };
+    let opts = EmbedOptions::new(true, true, req.common.priority);
     let out = run(&st, &t, req.inputs, opts, start, trace).await?;
     let data = out
         .embeddings

@@ -289,23 +289,11 @@ impl<'de> Visitor<'de> for InputSeed<'_, '_> {
                 ))));
             }
             match i {
-                0 => {
-                    text = map.next_value_seed(TextSeed {
-                        ctx,
-                        at,
-                        field: ".text",
-                    })?
-                }
+                0 => text = map.next_value_seed(StrSeed::text(ctx, at, ".text"))?,
                 1 => image = map.next_value_seed(ImageSeed { ctx, at })?,
-                2 => {
-                    instruction = map.next_value_seed(TextSeed {
-                        ctx,
-                        at,
-                        field: ".instruction",
-                    })?
-                }
+                2 => instruction = map.next_value_seed(StrSeed::text(ctx, at, ".instruction"))?,
                 _ => {
-                    if let Some(r) = map.next_value_seed(RoleSeed { ctx, at })? {
+                    if let Some(r) = map.next_value_seed(StrSeed::role(ctx, at))? {
                         role = r;
                     }
                 }
@@ -339,21 +327,53 @@ fn check_text(limits: &BodyLimits, s: &str, at: &str, field: &str) -> Result<Str
     Ok(s.to_owned())
 }
 
-/// A text field (`text`, `instruction`): a string or null.
-struct TextSeed<'c, 'l> {
+/// An input's optional string field (`text`, `instruction`, `role`): a
+/// string, checked and converted by `parse`, or null.
+struct StrSeed<'c, 'l, T> {
     ctx: &'c ParseCtx<'l>,
     at: &'c str,
+    /// `.text`, `.role`, ...
     field: &'static str,
+    /// What a string must be, for the `expecting` of serde's messages.
+    expects: &'static str,
+    /// Checks the string (`ctx`, value, `at`, `field`).
+    parse: fn(&ParseCtx<'l>, &str, &str, &'static str) -> Result<T, ApiError>,
 }
 
-impl<'de> DeserializeSeed<'de> for TextSeed<'_, '_> {
-    type Value = Option<String>;
+impl<'c, 'l> StrSeed<'c, 'l, String> {
+    /// A text (`text`, `instruction`), checked against the character limit.
+    fn text(ctx: &'c ParseCtx<'l>, at: &'c str, field: &'static str) -> Self {
+        StrSeed {
+            ctx,
+            at,
+            field,
+            expects: "a string",
+            parse: |ctx, v, at, field| check_text(ctx.limits, v, at, field),
+        }
+    }
+}
+
+impl<'c, 'l> StrSeed<'c, 'l, Role> {
+    /// A role name.
+    fn role(ctx: &'c ParseCtx<'l>, at: &'c str) -> Self {
+        StrSeed {
+            ctx,
+            at,
+            field: ".role",
+            expects: "\"query\" or \"candidate\"",
+            parse: |_, v, at, field| parse_role(v, &format!("{at}{field}")),
+        }
+    }
+}
+
+impl<'de, T> DeserializeSeed<'de> for StrSeed<'_, '_, T> {
+    type Value = Option<T>;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl TextSeed<'_, '_> {
+impl<T> StrSeed<'_, '_, T> {
     fn wrong_type<E: de::Error>(&self, found: &str) -> E {
         self.ctx.fail(ApiError::bad_request(format!(
             "{}{}: expected a string, found {found}",
@@ -362,55 +382,14 @@ impl TextSeed<'_, '_> {
     }
 }
 
-impl<'de> Visitor<'de> for TextSeed<'_, '_> {
-    type Value = Option<String>;
+impl<'de, T> Visitor<'de> for StrSeed<'_, '_, T> {
+    type Value = Option<T>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a string")
+        f.write_str(self.expects)
     }
     scalars_are_wrong!(null is none);
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        check_text(self.ctx.limits, v, self.at, self.field)
-            .map(Some)
-            .map_err(|e| self.ctx.fail(e))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        Err(self.wrong_type("an array"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        Err(self.wrong_type("an object"))
-    }
-}
-
-/// An input's `role`: a string or null.
-struct RoleSeed<'c, 'l> {
-    ctx: &'c ParseCtx<'l>,
-    at: &'c str,
-}
-
-impl<'de> DeserializeSeed<'de> for RoleSeed<'_, '_> {
-    type Value = Option<Role>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl RoleSeed<'_, '_> {
-    fn wrong_type<E: de::Error>(&self, found: &str) -> E {
-        self.ctx.fail(ApiError::bad_request(format!(
-            "{}.role: expected a string, found {found}",
-            self.at
-        )))
-    }
-}
-
-impl<'de> Visitor<'de> for RoleSeed<'_, '_> {
-    type Value = Option<Role>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("\"query\" or \"candidate\"")
-    }
-    scalars_are_wrong!(null is none);
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        parse_role(v, &format!("{}.role", self.at))
+        (self.parse)(self.ctx, v, self.at, self.field)
             .map(Some)
             .map_err(|e| self.ctx.fail(e))
     }
@@ -598,6 +577,23 @@ impl<'de> DeserializeSeed<'de> for ListSeed<'_, '_> {
 }
 
 impl<'c, 'l> ListSeed<'c, 'l> {
+    /// The list found at `field`. A `/score` candidates list
+    /// ([`ListShape::ArrayOnly`]) leaves one input of the request's limit
+    /// to the query.
+    pub fn new(ctx: &'c ParseCtx<'l>, field: &'c str, shape: ListShape) -> Self {
+        let (max, noun) = match shape {
+            ListShape::ArrayOnly => (ctx.limits.max_inputs.saturating_sub(1), "candidates"),
+            ListShape::OneOrMany | ListShape::OpenAi => (ctx.limits.max_inputs, "inputs"),
+        };
+        ListSeed {
+            ctx,
+            field,
+            shape,
+            max,
+            noun,
+        }
+    }
+
     fn single(&self) -> InputSeed<'c, 'l> {
         InputSeed {
             ctx: self.ctx,

@@ -1,7 +1,7 @@
 //! Unit tests of `http/inputs.rs`.
 
 use super::*;
-use crate::http::requests::EmbedRequest;
+use crate::http::requests::{EmbedRequest, EndpointRequest};
 use serde_json::json;
 
 const LIMITS: BodyLimits = BodyLimits {

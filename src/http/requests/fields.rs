@@ -1,49 +1,77 @@
 //! The JSON side of request parsing: one streaming visitor per request
-//! object ([`Fields`] read through [`Top`]), and the typed readers of scalar
+//! object ([`Fields`], read by [`read_json`]), and the typed readers of scalar
 //! fields, whose messages name the field and never echo more than a cut
 //! string. Every endpoint's JSON body is read through these.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::super::body::decode_seed;
 use super::super::error::{quote, ApiError};
-use super::super::inputs::{scalars_are_wrong, Key, KeySeed, ParseCtx};
+use super::super::inputs::{scalars_are_wrong, BodyLimits, Key, KeySeed, ParseCtx};
 use super::encoding::{add_type, EncodingFormat};
-use super::parse_priority;
+use super::{parse_priority, Common};
 use crate::batching::Class;
 
-/// The fields of one request object, read one by one.
-pub(super) trait Fields<'de>: Sized {
+/// The own fields of one endpoint's request object (besides the
+/// [`Common`] ones every endpoint has), read one by one into `Self` (every
+/// field `None` at first), then checked into the request by `finish`.
+pub(super) trait Fields: Default {
     type Out;
+    /// The endpoint's own field names.
     const NAMES: &'static [&'static str];
-    /// Whether fields not in `NAMES` are skipped (else refused).
+    /// Whether fields not known are skipped (else refused).
     const LENIENT: bool = false;
-    fn ctx(&self) -> &ParseCtx<'_>;
-    /// Reads the value of field `NAMES[i]`.
-    fn field<A: MapAccess<'de>>(&mut self, i: usize, map: &mut A) -> Result<(), A::Error>;
-    fn finish<E: de::Error>(self) -> Result<Self::Out, E>;
+    /// Reads the value of field `name` (one of `NAMES`).
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        ctx: &ParseCtx<'_>,
+        name: &'static str,
+        map: &mut A,
+    ) -> Result<(), A::Error>;
+    fn finish<E: de::Error>(self, ctx: &ParseCtx<'_>, common: Common) -> Result<Self::Out, E>;
+}
+
+/// The fields every endpoint has, read by [`Top`] itself.
+const COMMON: [&str; 2] = ["model", "priority"];
+
+/// Reads a JSON request body through `F` under `limits`.
+pub(super) fn read_json<F: Fields>(bytes: &[u8], limits: &BodyLimits) -> Result<F::Out, ApiError> {
+    let ctx = ParseCtx::new(limits);
+    decode_seed(
+        bytes,
+        &ctx,
+        Top::<F> {
+            ctx: &ctx,
+            fields: PhantomData,
+        },
+    )
 }
 
 /// Reads a request object through its [`Fields`].
-pub(super) struct Top<F>(pub(super) F);
+struct Top<'c, 'l, F> {
+    ctx: &'c ParseCtx<'l>,
+    fields: PhantomData<F>,
+}
 
-impl<'de, F: Fields<'de>> DeserializeSeed<'de> for Top<F> {
+impl<'de, F: Fields> DeserializeSeed<'de> for Top<'_, '_, F> {
     type Value = F::Out;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<F::Out, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de, F: Fields<'de>> Top<F> {
+impl<F: Fields> Top<'_, '_, F> {
     fn wrong_type<E: de::Error>(&self, found: &str) -> E {
-        self.0.ctx().fail(ApiError::bad_request(format!(
+        self.ctx.fail(ApiError::bad_request(format!(
             "invalid request body: expected a JSON object, found {found}"
         )))
     }
 }
 
-impl<'de, F: Fields<'de>> Visitor<'de> for Top<F> {
+impl<'de, F: Fields> Visitor<'de> for Top<'_, '_, F> {
     type Value = F::Out;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
@@ -56,36 +84,49 @@ impl<'de, F: Fields<'de>> Visitor<'de> for Top<F> {
         Err(self.wrong_type("an array"))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<F::Out, A::Error> {
-        let mut fields = self.0;
-        let mut seen = vec![false; F::NAMES.len()];
+        let ctx = self.ctx;
+        let mut fields = F::default();
+        let mut common = Common::default();
+        let mut seen: Vec<&'static str> = Vec::new();
         while let Some(key) = map.next_key_seed(KeySeed(F::NAMES))? {
-            match key {
-                Key::Known(i) => {
-                    if std::mem::replace(&mut seen[i], true) {
-                        return Err(fields.ctx().fail(ApiError::bad_request(format!(
-                            "invalid request body: duplicate field `{}`",
-                            F::NAMES[i]
-                        ))));
+            let name = match key {
+                Key::Known(i) => F::NAMES[i],
+                Key::Unknown(k) => match COMMON.iter().find(|c| **c == k) {
+                    Some(c) => c,
+                    None if F::LENIENT => {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
                     }
-                    fields.field(i, &mut map)?;
-                }
-                Key::Unknown(_) if F::LENIENT => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-                Key::Unknown(k) => {
-                    let expected = F::NAMES
-                        .iter()
-                        .map(|n| format!("`{n}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    return Err(fields.ctx().fail(ApiError::bad_request(format!(
-                        "invalid request body: unknown field `{k}`, expected one of {expected}"
-                    ))));
-                }
+                    None => return Err(unknown_field(ctx, &k, F::NAMES)),
+                },
+            };
+            if seen.contains(&name) {
+                return Err(ctx.fail(ApiError::bad_request(format!(
+                    "invalid request body: duplicate field `{name}`"
+                ))));
+            }
+            seen.push(name);
+            match name {
+                "model" => common.model = opt_string(ctx, &mut map, name)?,
+                "priority" => common.priority = opt_priority(ctx, &mut map)?,
+                _ => fields.field(ctx, name, &mut map)?,
             }
         }
-        fields.finish()
+        fields.finish(ctx, common)
     }
+}
+
+/// Refuses field `key` of a request object whose own fields are `names`.
+fn unknown_field<E: de::Error>(ctx: &ParseCtx<'_>, key: &str, names: &[&str]) -> E {
+    let expected = COMMON
+        .iter()
+        .chain(names)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    ctx.fail(ApiError::bad_request(format!(
+        "invalid request body: unknown field `{key}`, expected one of {expected}"
+    )))
 }
 
 pub(super) fn missing<E: de::Error>(ctx: &ParseCtx, name: &str) -> E {

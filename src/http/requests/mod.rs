@@ -22,10 +22,67 @@ pub use encoding::EncodingFormat;
 pub use openai::OpenAiRequest;
 pub use score::ScoreRequest;
 
-use super::body::Part;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{FromRequest, Request};
+
+use super::body::{self, Part, Payload};
 use super::error::{quote, ApiError};
-use crate::batching::Class;
+use super::inputs::BodyLimits;
+use super::AppState;
+use crate::batching::{Class, RequestTrace};
 use crate::input::{Content, ImageSource};
+
+/// A request of one endpoint, as it reads a body: JSON under the body
+/// limits (checked while parsing), and a multipart form.
+pub trait EndpointRequest: Sized {
+    /// Reads a JSON body of `bytes` under `limits`.
+    fn from_json_with(bytes: &[u8], limits: &BodyLimits) -> Result<Self, ApiError>;
+
+    /// Reads a multipart form (an endpoint that takes JSON only refuses it
+    /// with 415).
+    fn from_multipart(parts: Vec<Part>) -> Result<Self, ApiError>;
+
+    /// Reads a body in the form it came in.
+    fn from_payload(payload: Payload) -> Result<Self, ApiError> {
+        match payload {
+            Payload::Json(b) => Self::from_json_with(&b.bytes, &b.limits),
+            Payload::Multipart(parts) => Self::from_multipart(parts),
+        }
+    }
+}
+
+/// The extractor of the embedding endpoints: the body read under its limits
+/// ([`Payload`]) and parsed into `R`, the request's trace (set by the
+/// access-log middleware), and the moment the body was in: the request's
+/// deadline (`server.request_timeout_ms`) runs from then.
+pub struct Parsed<R> {
+    pub req: R,
+    pub trace: Arc<RequestTrace>,
+    pub start: Instant,
+}
+
+impl<R: EndpointRequest + Send> FromRequest<AppState> for Parsed<R> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        // A request that did not pass the middleware (tests of the router
+        // alone) gets a trace of its own.
+        let trace = req
+            .extensions()
+            .get::<Arc<RequestTrace>>()
+            .cloned()
+            .unwrap_or_default();
+        let payload = Payload::from_request(req, state).await?;
+        let start = Instant::now();
+        Ok(Parsed {
+            req: R::from_payload(payload)?,
+            trace,
+            start,
+        })
+    }
+}
 
 /// The `priority` field's value: "high", "normal" or "low".
 fn parse_priority(v: &str) -> Result<Class, ApiError> {
@@ -37,28 +94,43 @@ fn parse_priority(v: &str) -> Result<Class, ApiError> {
     })
 }
 
-/// The multipart fields of one endpoint.
+/// The fields every endpoint has (JSON and multipart alike).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Common {
+    /// `model`: the served model's name; `None`: the only one.
+    pub model: Option<String>,
+    /// `priority`: the scheduling class; `None`: chosen from the inputs.
+    pub priority: Option<Class>,
+}
+
+/// The multipart field names of one endpoint besides [`Common`]'s.
 struct PartNames {
     known: &'static [&'static str],
     /// Fields that may be given more than once (texts, images).
     repeatable: &'static [&'static str],
 }
 
-/// Hands each part to `field` by its name, one of `names.known`: 400 for an
-/// unknown name (listing the known ones) or a non-repeatable one given
-/// twice.
+/// The multipart field names [`Common`] reads.
+const COMMON_PARTS: [&str; 2] = ["model", "priority"];
+
+/// Reads the [`Common`] fields and hands each other part to `field` by its
+/// name, one of `names.known`: 400 for an unknown name (listing the known
+/// ones) or a non-repeatable one given twice.
 fn read_parts(
     parts: Vec<Part>,
     names: &PartNames,
     mut field: impl FnMut(&'static str, Part) -> Result<(), ApiError>,
-) -> Result<(), ApiError> {
+) -> Result<Common, ApiError> {
+    let mut common = Common::default();
     let mut seen: Vec<&'static str> = Vec::new();
     for part in parts {
-        let Some(&name) = names.known.iter().find(|n| **n == part.name) else {
+        let known = COMMON_PARTS.iter().chain(names.known);
+        let Some(&name) = known.clone().find(|n| **n == part.name) else {
+            let known: Vec<&str> = known.copied().collect();
             return Err(ApiError::bad_request(format!(
                 "unknown multipart field {}; expected one of: {}",
                 quote(&part.name),
-                names.known.join(", ")
+                known.join(", ")
             )));
         };
         if !names.repeatable.contains(&name) {
@@ -70,9 +142,13 @@ fn read_parts(
             }
             seen.push(name);
         }
-        field(name, part)?;
+        match name {
+            "model" => common.model = Some(body::part_text(&part)?),
+            "priority" => common.priority = Some(parse_priority(&body::part_text(&part)?)?),
+            _ => field(name, part)?,
+        }
     }
-    Ok(())
+    Ok(common)
 }
 
 /// The multipart pairing of openapi.yaml and the README's `/embed` section:

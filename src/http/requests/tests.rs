@@ -216,7 +216,7 @@ fn part(name: &str, data: &[u8]) -> Part {
 #[test]
 fn embed_json_defaults() {
     let r = embed(br#"{"inputs": ["a", "b"]}"#).unwrap();
-    assert!(r.normalize && r.truncate && r.model.is_none());
+    assert!(r.normalize && r.truncate && r.common.model.is_none());
     assert_eq!(r.encoding_format, EncodingFormat::Float);
     assert_eq!(r.inputs.len(), 2);
     let e = embed(br#"{"inputs": "a", "encoding_format": "hex"}"#).unwrap_err();
