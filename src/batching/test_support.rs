@@ -1,27 +1,10 @@
 //! Test-only fixtures shared by the queue, worker and cache unit tests.
 
 use crate::input::Modality;
-use crate::preprocess::{Key, Prepared, PreparedData};
-
-/// Prepared data of no family: ids and values, both in the cache key.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TestData {
-    pub ids: Vec<u32>,
-    pub pixels: Vec<f32>,
-}
-
-impl PreparedData for TestData {
-    fn write_key(&self, key: &mut Key<'_>) {
-        key.ids(&self.ids);
-        key.floats(&self.pixels);
-    }
-}
+pub use crate::preprocess::prepared::testing::TestData;
+use crate::preprocess::Prepared;
 
 /// A prepared text input of `cost` tokens.
 pub fn prepared(cost: usize) -> Prepared {
-    let data = TestData {
-        ids: vec![1; cost],
-        pixels: Vec::new(),
-    };
-    Prepared::new(Modality::Text, cost, cost, data).erase()
+    Prepared::new(Modality::Text, cost, cost, TestData::ids(&vec![1; cost])).erase()
 }

@@ -203,16 +203,8 @@ impl<R: Replicas> ReplicaBuilder for ErasedReplicas<R> {
 mod tests {
     use super::*;
     use crate::input::Modality;
+    use crate::preprocess::prepared::testing::TestData;
     use crate::preprocess::Key;
-
-    #[derive(Debug)]
-    struct Ids(Vec<u32>);
-
-    impl PreparedData for Ids {
-        fn write_key(&self, key: &mut Key<'_>) {
-            key.ids(&self.0);
-        }
-    }
 
     #[derive(Debug)]
     struct NotIds;
@@ -225,14 +217,18 @@ mod tests {
     struct Sum;
 
     impl Model for Sum {
-        type Input = Ids;
-        fn embed(&self, batch: &[&Ids], between: Between<'_>) -> Result<Vec<Vec<f32>>, ModelError> {
+        type Input = TestData;
+        fn embed(
+            &self,
+            batch: &[&TestData],
+            between: Between<'_>,
+        ) -> Result<Vec<Vec<f32>>, ModelError> {
             if between().is_break() {
                 return Err(ModelError::Interrupted);
             }
             Ok(batch
                 .iter()
-                .map(|d| vec![d.0.iter().sum::<u32>() as f32])
+                .map(|d| vec![d.ids.iter().sum::<u32>() as f32])
                 .collect())
         }
     }
@@ -240,8 +236,8 @@ mod tests {
     #[test]
     fn an_erased_model_reads_its_own_data_and_refuses_other_data() {
         let m = erase_model(Sum);
-        let a = Prepared::new(Modality::Text, 2, 2, Ids(vec![1, 2])).erase();
-        let b = Prepared::new(Modality::Text, 1, 1, Ids(vec![7])).erase();
+        let a = Prepared::new(Modality::Text, 2, 2, TestData::ids(&[1, 2])).erase();
+        let b = Prepared::new(Modality::Text, 1, 1, TestData::ids(&[7])).erase();
         assert_eq!(m.embed(&[&a, &b]).unwrap(), vec![vec![3.0], vec![7.0]]);
         let stop = m.embed_stepped(&[&a], &mut || ControlFlow::Break(()));
         assert!(matches!(stop, Err(ModelError::Interrupted)));

@@ -79,18 +79,20 @@ impl Default for ClipImageProcessor {
     /// transformers' defaults: shortest edge 224, bicubic, center crop 224x224,
     /// rescale by 1/255, OpenAI CLIP mean and std.
     fn default() -> Self {
-        ClipImageProcessor::build(
-            true,
-            ResizeTo::ShortestEdge(224),
-            Filter::Bicubic,
-            true,
-            (224, 224),
-            true,
-            1.0 / 255.0,
-            true,
-            OPENAI_CLIP_MEAN.map(|v| v as f32),
-            OPENAI_CLIP_STD.map(|v| v as f32),
-        )
+        ClipImageProcessor {
+            do_resize: true,
+            size: ResizeTo::ShortestEdge(224),
+            resample: Filter::Bicubic,
+            do_center_crop: true,
+            crop: (224, 224),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: OPENAI_CLIP_MEAN.map(|v| v as f32),
+            image_std: OPENAI_CLIP_STD.map(|v| v as f32),
+            lut: Box::new([[0.0; 256]; 3]),
+        }
+        .with_lut()
     }
 }
 
@@ -186,21 +188,13 @@ fn parse_triple(v: &Value, key: &str) -> Result<[f32; 3], SetupError> {
 }
 
 impl ClipImageProcessor {
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        do_resize: bool,
-        size: ResizeTo,
-        resample: Filter,
-        do_center_crop: bool,
-        crop: (u32, u32),
-        do_rescale: bool,
-        rescale_factor: f64,
-        do_normalize: bool,
-        image_mean: [f32; 3],
-        image_std: [f32; 3],
-    ) -> Self {
-        let mut lut = Box::new([[0f32; 256]; 3]);
-        for (c, table) in lut.iter_mut().enumerate() {
+    /// The processor with its lookup table filled from its settings (the
+    /// table built with it is a placeholder).
+    fn with_lut(mut self) -> Self {
+        let (do_rescale, rescale_factor) = (self.do_rescale, self.rescale_factor);
+        let (do_normalize, image_mean, image_std) =
+            (self.do_normalize, self.image_mean, self.image_std);
+        for (c, table) in self.lut.iter_mut().enumerate() {
             for (v, out) in table.iter_mut().enumerate() {
                 // numpy: uint8 * python float -> float64, then astype(float32).
                 let x = if do_rescale {
@@ -216,19 +210,7 @@ impl ClipImageProcessor {
                 };
             }
         }
-        ClipImageProcessor {
-            do_resize,
-            size,
-            resample,
-            do_center_crop,
-            crop,
-            do_rescale,
-            rescale_factor,
-            do_normalize,
-            image_mean,
-            image_std,
-            lut,
-        }
+        self
     }
 
     /// Reads a Hub-layout `preprocessor_config.json` (the JSON text).
@@ -305,7 +287,7 @@ impl ClipImageProcessor {
         // `do_convert_rgb` is accepted and ignored: images always reach
         // `preprocess` as RGB.
         get_bool(obj, "do_convert_rgb", true)?;
-        Ok(Self::build(
+        Ok(ClipImageProcessor {
             do_resize,
             size,
             resample,
@@ -316,7 +298,9 @@ impl ClipImageProcessor {
             do_normalize,
             image_mean,
             image_std,
-        ))
+            lut: Box::new([[0.0; 256]; 3]),
+        }
+        .with_lut())
     }
 
     /// The center-crop size as `(height, width)`: the size of every tile

@@ -147,18 +147,41 @@ impl<'a> Key<'a> {
     }
 }
 
+/// Prepared data of no family, for the unit tests of the modules that
+/// move prepared items (queue, worker, cache, the family interface).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Key, PreparedData};
+
+    /// Token ids and values, both in the cache key.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct TestData {
+        pub ids: Vec<u32>,
+        pub pixels: Vec<f32>,
+    }
+
+    impl PreparedData for TestData {
+        fn write_key(&self, key: &mut Key<'_>) {
+            key.ids(&self.ids);
+            key.floats(&self.pixels);
+        }
+    }
+
+    impl TestData {
+        pub fn ids(ids: &[u32]) -> Self {
+            TestData {
+                ids: ids.to_vec(),
+                pixels: Vec::new(),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    struct Ids(Vec<u32>);
-
-    impl PreparedData for Ids {
-        fn write_key(&self, key: &mut Key<'_>) {
-            key.ids(&self.0);
-        }
-    }
+    use super::testing::TestData;
 
     #[derive(Debug)]
     struct Other;
@@ -177,9 +200,9 @@ mod tests {
 
     #[test]
     fn erased_data_is_found_again_only_as_its_own_type() {
-        let p = Prepared::new(Modality::Text, 2, 0, Ids(vec![5, 6])).erase();
+        let p = Prepared::new(Modality::Text, 2, 0, TestData::ids(&[5, 6])).erase();
         assert_eq!(p.cost, 1, "the cost is at least 1");
-        assert_eq!(p.data::<Ids>().map(|d| d.0.clone()), Some(vec![5, 6]));
+        assert_eq!(p.data::<TestData>(), Some(&TestData::ids(&[5, 6])));
         assert!(p.data::<Other>().is_none());
     }
 

@@ -60,6 +60,18 @@ pub enum Filter {
 }
 
 impl Filter {
+    /// Every filter, in Pillow's order of support width.
+    pub const ALL: [Filter; 6] = [
+        Filter::Nearest,
+        Filter::Box,
+        Filter::Bilinear,
+        Filter::Hamming,
+        Filter::Bicubic,
+        Filter::Lanczos,
+    ];
+}
+
+impl Filter {
     /// The filter for Pillow's integer code (`PIL.Image.Resampling` value), as
     /// found in `resample` fields of Hub `preprocessor_config.json` files.
     pub fn from_pil_code(code: i64) -> Option<Filter> {
@@ -398,6 +410,24 @@ impl Region {
     }
 }
 
+/// The `needed` samples a resize reads from `src`: its head, or `src`
+/// padded with zeros when it is short (a caller's buffer shorter than its
+/// stated size reads as black, never out of bounds); `None` when nothing is
+/// needed (an empty image).
+fn source<T: Copy + Default>(src: &[T], needed: usize) -> Option<std::borrow::Cow<'_, [T]>> {
+    if needed == 0 {
+        return None;
+    }
+    Some(match src.get(..needed) {
+        Some(head) => std::borrow::Cow::Borrowed(head),
+        None => {
+            let mut v = src.to_vec();
+            v.resize(needed, T::default());
+            std::borrow::Cow::Owned(v)
+        }
+    })
+}
+
 /// The `region` of [`resize_interleaved`]'s output, computed without the
 /// rest: bit for bit the same samples as resizing the whole image and
 /// cropping, but the work and the memory follow the region (and the input
@@ -429,19 +459,11 @@ pub fn resize_interleaved_region(
         return Vec::new();
     }
     let needed = width * height * channels;
-    if needed == 0 {
+    let Some(src) = source(src, needed) else {
         // Nothing to sample from: Pillow would fill with zeros.
         return vec![0; out_len];
-    }
-    let padded;
-    let src = if src.len() >= needed {
-        &src[..needed]
-    } else {
-        let mut v = src.to_vec();
-        v.resize(needed, 0);
-        padded = v;
-        &padded[..]
     };
+    let src = &src[..];
     if width == new_width && height == new_height {
         return crop(src, width, channels, region);
     }
@@ -505,19 +527,10 @@ pub fn resize_i16(
     if out_len == 0 {
         return Vec::new();
     }
-    let needed = width * height;
-    if needed == 0 {
+    let Some(src) = source(src, width * height) else {
         return vec![0; out_len];
-    }
-    let padded;
-    let src = if src.len() >= needed {
-        &src[..needed]
-    } else {
-        let mut v = src.to_vec();
-        v.resize(needed, 0);
-        padded = v;
-        &padded[..]
     };
+    let src = &src[..];
     if width == new_width && height == new_height {
         return src.to_vec();
     }

@@ -134,18 +134,7 @@ fn push_request(
     q: &Arc<Queue>,
     costs: &[usize],
 ) -> (Admission, Vec<oneshot::Receiver<ItemResult>>) {
-    let mut a = q.admit(costs.len()).unwrap();
-    let mut rxs = Vec::new();
-    let items = costs
-        .iter()
-        .map(|&c| {
-            let (item, rx) = Item::new(prepared(c), far());
-            rxs.push(rx);
-            item
-        })
-        .collect();
-    a.push(items).unwrap();
-    (a, rxs)
+    push_class(q, costs, Class::Normal)
 }
 
 #[test]

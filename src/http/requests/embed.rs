@@ -6,7 +6,7 @@ use super::super::body::{part_bool, part_text, Part};
 use super::super::error::ApiError;
 use super::super::inputs::{parse_role, BodyLimits, Labeled, ListSeed, ListShape, ParseCtx};
 use super::encoding::{add_type, check_encodings, EncodingFormat};
-use super::fields::{boolean, format, missing, read_json, Fields, TypesSeed};
+use super::fields::{boolean, format, missing, read_json, FieldAt, Fields, TypesSeed};
 use super::{pair, read_parts, Common, EndpointRequest, PartNames};
 use crate::input::{Input, Role};
 
@@ -112,12 +112,8 @@ impl Fields for EmbedFields {
         "encoding_format",
         "embedding_types",
     ];
-    fn field<'de, A: MapAccess<'de>>(
-        &mut self,
-        ctx: &ParseCtx<'_>,
-        name: &'static str,
-        map: &mut A,
-    ) -> Result<(), A::Error> {
+    fn field<'de, A: MapAccess<'de>>(&mut self, f: FieldAt<'_, '_, A>) -> Result<(), A::Error> {
+        let FieldAt { ctx, name, map } = f;
         match name {
             "inputs" => {
                 let list = ListSeed::new(ctx, name, ListShape::OneOrMany);

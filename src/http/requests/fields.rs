@@ -24,14 +24,17 @@ pub(super) trait Fields: Default {
     const NAMES: &'static [&'static str];
     /// Whether fields not known are skipped (else refused).
     const LENIENT: bool = false;
-    /// Reads the value of field `name` (one of `NAMES`).
-    fn field<'de, A: MapAccess<'de>>(
-        &mut self,
-        ctx: &ParseCtx<'_>,
-        name: &'static str,
-        map: &mut A,
-    ) -> Result<(), A::Error>;
+    /// Reads the value of field `f.name` (one of `NAMES`).
+    fn field<'de, A: MapAccess<'de>>(&mut self, f: FieldAt<'_, '_, A>) -> Result<(), A::Error>;
     fn finish<E: de::Error>(self, ctx: &ParseCtx<'_>, common: Common) -> Result<Self::Out, E>;
+}
+
+/// One field of a request object, about to be read: its name, the map its
+/// value is read from, and the parse context.
+pub(super) struct FieldAt<'a, 'c, M> {
+    pub(super) ctx: &'a ParseCtx<'c>,
+    pub(super) name: &'static str,
+    pub(super) map: &'a mut M,
 }
 
 /// The fields every endpoint has, read by [`Top`] itself.
@@ -109,7 +112,11 @@ impl<'de, F: Fields> Visitor<'de> for Top<'_, '_, F> {
             match name {
                 "model" => common.model = opt_string(ctx, &mut map, name)?,
                 "priority" => common.priority = opt_priority(ctx, &mut map)?,
-                _ => fields.field(ctx, name, &mut map)?,
+                _ => fields.field(FieldAt {
+                    ctx,
+                    name,
+                    map: &mut map,
+                })?,
             }
         }
         fields.finish(ctx, common)

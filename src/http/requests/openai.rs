@@ -8,7 +8,7 @@ use super::super::body::Part;
 use super::super::error::ApiError;
 use super::super::inputs::{BodyLimits, Labeled, ListSeed, ListShape, ParseCtx};
 use super::encoding::EncodingFormat;
-use super::fields::{format, missing, opt_usize, read_json, Fields};
+use super::fields::{format, missing, opt_usize, read_json, FieldAt, Fields};
 use super::{Common, EndpointRequest};
 
 /// `POST /v1/embeddings` (OpenAI-compatible).
@@ -47,12 +47,8 @@ impl Fields for OpenAiFields {
     const NAMES: &'static [&'static str] =
         &["input", "encoding_format", "dimensions", "embedding_types"];
     const LENIENT: bool = true;
-    fn field<'de, A: MapAccess<'de>>(
-        &mut self,
-        ctx: &ParseCtx<'_>,
-        name: &'static str,
-        map: &mut A,
-    ) -> Result<(), A::Error> {
+    fn field<'de, A: MapAccess<'de>>(&mut self, f: FieldAt<'_, '_, A>) -> Result<(), A::Error> {
+        let FieldAt { ctx, name, map } = f;
         match name {
             "input" => {
                 let list = ListSeed::new(ctx, name, ListShape::OpenAi);

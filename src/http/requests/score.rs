@@ -5,7 +5,7 @@ use serde::de::{self, MapAccess};
 use super::super::body::{part_text, Part};
 use super::super::error::{quote, ApiError};
 use super::super::inputs::{BodyLimits, InputSeed, Labeled, ListSeed, ListShape, Nested, ParseCtx};
-use super::fields::{missing, opt_usize, read_json, Fields};
+use super::fields::{missing, opt_usize, read_json, FieldAt, Fields};
 use super::{pair, read_parts, Common, EndpointRequest, PartNames};
 use crate::input::{Content, ImageSource, Input, RequestInput, Role};
 
@@ -96,12 +96,8 @@ struct ScoreFields {
 impl Fields for ScoreFields {
     type Out = ScoreRequest;
     const NAMES: &'static [&'static str] = &["query", "candidates", "top_k"];
-    fn field<'de, A: MapAccess<'de>>(
-        &mut self,
-        ctx: &ParseCtx<'_>,
-        name: &'static str,
-        map: &mut A,
-    ) -> Result<(), A::Error> {
+    fn field<'de, A: MapAccess<'de>>(&mut self, f: FieldAt<'_, '_, A>) -> Result<(), A::Error> {
+        let FieldAt { ctx, name, map } = f;
         match name {
             "query" => {
                 let nested = Nested::Query;

@@ -155,54 +155,53 @@ fn messages_never_echo_bulk_input() {
 
 #[test]
 fn duplicate_and_wrongly_typed_fields_are_named() {
-    let e = embed(br#"{"inputs": "a", "inputs": "b"}"#).unwrap_err();
+    let cases: [(Result<(), ApiError>, &str); 9] = [
+        (
+            embed(br#"{"inputs": "a", "inputs": "b"}"#).map(drop),
+            "duplicate field `inputs`",
+        ),
+        (
+            embed(br#"{"inputs": "a", "model": "m", "model": "n"}"#).map(drop),
+            "duplicate field `model`",
+        ),
+        (
+            embed(br#"{"inputs": [{"text": "a", "text": "b"}]}"#).map(drop),
+            "inputs[0]: field \"text\" is given more than once",
+        ),
+        (
+            embed(br#"[1]"#).map(drop),
+            "expected a JSON object, found an array",
+        ),
+        (
+            embed(br#"{"normalize": true}"#).map(drop),
+            "missing field `inputs`",
+        ),
+        (
+            score(br#"{"query": "a", "candidates": ["b"], "top_k": -1}"#).map(drop),
+            "field top_k: expected a non-negative integer",
+        ),
+        (
+            embed(br#"{"inputs": [{"image": {"url": 5}}]}"#).map(drop),
+            "inputs[0].image.url: expected a string, found a number",
+        ),
+        (
+            embed(br#"{"inputs": [["a"]]}"#).map(drop),
+            "inputs[0]: expected a string or an object",
+        ),
+        (embed(br#"{"inputs": ["a"] "#).map(drop), "malformed JSON"),
+    ];
+    for (r, needle) in cases {
+        let e = r.unwrap_err();
+        assert!(e.message.contains(needle), "{needle}: {}", e.message);
+    }
+    // An unknown field lists every field, the common ones first.
+    let e = embed(br#"{"inputs": "a", "modle": "m"}"#).unwrap_err();
     assert!(
-        e.message.contains("duplicate field `inputs`"),
+        e.message
+            .contains("unknown field `modle`, expected one of `model`, `priority`, `inputs`"),
         "{}",
         e.message
     );
-    let e = embed(br#"{"inputs": [{"text": "a", "text": "b"}]}"#).unwrap_err();
-    assert!(
-        e.message
-            .contains("inputs[0]: field \"text\" is given more than once"),
-        "{}",
-        e.message
-    );
-    let e = embed(br#"[1]"#).unwrap_err();
-    assert!(
-        e.message.contains("expected a JSON object, found an array"),
-        "{}",
-        e.message
-    );
-    let e = embed(br#"{"normalize": true}"#).unwrap_err();
-    assert!(
-        e.message.contains("missing field `inputs`"),
-        "{}",
-        e.message
-    );
-    let e = score(br#"{"query": "a", "candidates": ["b"], "top_k": -1}"#).unwrap_err();
-    assert!(
-        e.message
-            .contains("field top_k: expected a non-negative integer"),
-        "{}",
-        e.message
-    );
-    let e = embed(br#"{"inputs": [{"image": {"url": 5}}]}"#).unwrap_err();
-    assert!(
-        e.message
-            .contains("inputs[0].image.url: expected a string, found a number"),
-        "{}",
-        e.message
-    );
-    let e = embed(br#"{"inputs": [["a"]]}"#).unwrap_err();
-    assert!(
-        e.message
-            .contains("inputs[0]: expected a string or an object"),
-        "{}",
-        e.message
-    );
-    let e = embed(br#"{"inputs": ["a"] "#).unwrap_err();
-    assert!(e.message.starts_with("malformed JSON"), "{}", e.message);
 }
 
 fn part(name: &str, data: &[u8]) -> Part {

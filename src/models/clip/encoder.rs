@@ -24,33 +24,28 @@ pub(super) struct EncoderConfig {
     pub bf16: bool,
 }
 
-impl ClipTextConfig {
-    pub(super) fn encoder(&self, bf16: bool) -> EncoderConfig {
-        EncoderConfig {
-            layers: self.num_hidden_layers,
-            hidden: self.hidden_size,
-            intermediate: self.intermediate_size,
-            heads: self.num_attention_heads,
-            eps: self.layer_norm_eps,
-            act: self.hidden_act,
-            bf16,
+/// `encoder()` for a tower config: the text and vision configs name their
+/// encoder's shape with the same keys (transformers' `CLIPEncoder` reads
+/// both alike).
+macro_rules! encoder_of {
+    ($($config:ty),*) => {$(
+        impl $config {
+            pub(super) fn encoder(&self, bf16: bool) -> EncoderConfig {
+                EncoderConfig {
+                    layers: self.num_hidden_layers,
+                    hidden: self.hidden_size,
+                    intermediate: self.intermediate_size,
+                    heads: self.num_attention_heads,
+                    eps: self.layer_norm_eps,
+                    act: self.hidden_act,
+                    bf16,
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl ClipVisionConfig {
-    pub(super) fn encoder(&self, bf16: bool) -> EncoderConfig {
-        EncoderConfig {
-            layers: self.num_hidden_layers,
-            hidden: self.hidden_size,
-            intermediate: self.intermediate_size,
-            heads: self.num_attention_heads,
-            eps: self.layer_norm_eps,
-            act: self.hidden_act,
-            bf16,
-        }
-    }
-}
+encoder_of!(ClipTextConfig, ClipVisionConfig);
 
 struct Attention {
     q: Linear,

@@ -283,15 +283,7 @@ fn resize_like_pil_keeps_mode_and_uses_nearest_for_palettes() {
 }
 
 fn noise(n: usize, seed: u32) -> Vec<u8> {
-    let mut s = seed.max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s >> 24) as u8
-        })
-        .collect()
+    crate::preprocess::testing::noise(n, seed)
 }
 
 fn fnv(data: &[u8]) -> u64 {
@@ -363,6 +355,17 @@ fn noisy_rgb(width: u32, height: u32) -> RgbImage {
     RgbImage::from_raw(width, height, data).unwrap()
 }
 
+/// The formats the tests encode images in (BMP last: it cannot be cut
+/// short detectably).
+const LOSSLESS_AND_LOSSY: [ImageFormat; 6] = [
+    ImageFormat::Png,
+    ImageFormat::Jpeg,
+    ImageFormat::WebP,
+    ImageFormat::Gif,
+    ImageFormat::Tiff,
+    ImageFormat::Bmp,
+];
+
 fn is_invalid(r: Result<DecodedImage, PreprocessError>) -> bool {
     matches!(r, Err(PreprocessError::InvalidImage(_)))
 }
@@ -372,13 +375,7 @@ fn is_invalid(r: Result<DecodedImage, PreprocessError>) -> bool {
 #[test]
 fn truncated_files_of_every_format_are_refused() {
     let img = DynamicImage::ImageRgb8(noisy_rgb(64, 48));
-    for format in [
-        ImageFormat::Png,
-        ImageFormat::Jpeg,
-        ImageFormat::WebP,
-        ImageFormat::Gif,
-        ImageFormat::Tiff,
-    ] {
+    for format in LOSSLESS_AND_LOSSY[..5].iter().copied() {
         let bytes = encode(&img, format);
         assert!(
             decode_image(&bytes, &ImageLimits::default()).is_ok(),
@@ -526,14 +523,7 @@ fn jpeg_scans_and_working_memory_are_bounded_before_decoding() {
 #[test]
 fn header_size_reads_every_format_without_decoding() {
     let img = DynamicImage::ImageRgb8(noisy_rgb(37, 23));
-    for format in [
-        ImageFormat::Png,
-        ImageFormat::Jpeg,
-        ImageFormat::WebP,
-        ImageFormat::Gif,
-        ImageFormat::Tiff,
-        ImageFormat::Bmp,
-    ] {
+    for format in LOSSLESS_AND_LOSSY {
         let bytes = encode(&img, format);
         assert_eq!(
             header_size(&bytes).unwrap(),
@@ -631,13 +621,7 @@ fn decodes_a_directory() {
 /// caller: it must not panic on any cut or corrupted stream.
 #[test]
 fn jpeg_marker_walk_survives_corruption() {
-    let mut state = 0x2545_f491u32;
-    let mut rand = |n: usize| -> usize {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        state as usize % n.max(1)
-    };
+    let mut rand = crate::preprocess::testing::xorshift(0x2545_f491);
     for fixture in [BASELINE_JPEG, PROGRESSIVE_JPEG] {
         for cut in (0..fixture.len()).step_by(97) {
             let _ = sniff::jpeg_info(&fixture[..cut]);

@@ -6,15 +6,7 @@ use image::{GrayImage, RgbImage};
 /// A deterministic pseudo-random image (xorshift), the same generator as
 /// the one used to compute the Pillow digests below.
 fn noise(width: usize, height: usize, channels: usize, seed: u32) -> Vec<u8> {
-    let mut s = seed.max(1);
-    (0..width * height * channels)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s >> 24) as u8
-        })
-        .collect()
+    crate::preprocess::testing::noise(width * height * channels, seed)
 }
 
 #[test]
@@ -53,14 +45,7 @@ fn same_size_is_a_copy() {
 #[test]
 fn constant_image_stays_constant() {
     let img = RgbImage::from_pixel(37, 23, image::Rgb([12, 200, 255]));
-    for filter in [
-        Filter::Nearest,
-        Filter::Box,
-        Filter::Bilinear,
-        Filter::Hamming,
-        Filter::Bicubic,
-        Filter::Lanczos,
-    ] {
+    for filter in Filter::ALL {
         for (w, h) in [(5, 3), (80, 61), (37, 9), (1, 1), (100, 23)] {
             let out = resize(&img, w, h, filter);
             assert_eq!(out.dimensions(), (w, h));
@@ -173,21 +158,8 @@ fn crop_of(full: &[u8], width: usize, channels: usize, r: Region) -> Vec<u8> {
 /// (short side to 224, centre crop 224x224) on sizes around it.
 #[test]
 fn region_is_the_crop_of_the_full_resize() {
-    let mut state = 0x9e37_79b9u32;
-    let mut rand = |n: usize| -> usize {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        state as usize % n.max(1)
-    };
-    let filters = [
-        Filter::Nearest,
-        Filter::Box,
-        Filter::Bilinear,
-        Filter::Hamming,
-        Filter::Bicubic,
-        Filter::Lanczos,
-    ];
+    let mut rand = crate::preprocess::testing::xorshift(0x9e37_79b9);
+    let filters = Filter::ALL;
     // (width, height, new_width, new_height)
     let mut cases: Vec<(usize, usize, usize, usize)> = vec![
         (32768, 1, 131072, 4),
