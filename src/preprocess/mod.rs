@@ -257,33 +257,6 @@ impl<'a> dyn Preprocessor + 'a {
     }
 }
 
-/// Shared by the unit tests of the image modules.
-#[cfg(test)]
-pub(crate) mod testing {
-    /// One xorshift32 step.
-    fn step(state: &mut u32) -> u32 {
-        *state ^= *state << 13;
-        *state ^= *state >> 17;
-        *state ^= *state << 5;
-        *state
-    }
-
-    /// A xorshift generator of numbers below `n` (0 when `n` is 0): the
-    /// tests' fuzz loops, reproducible from `seed`.
-    pub fn xorshift(seed: u32) -> impl FnMut(usize) -> usize {
-        let mut state = seed;
-        move |n| step(&mut state) as usize % n.max(1)
-    }
-
-    /// `n` pseudo-random bytes from `seed` (the generator the Pillow
-    /// digests of the resize tests were computed with: the top byte of each
-    /// xorshift32 step).
-    pub fn noise(n: usize, seed: u32) -> Vec<u8> {
-        let mut state = seed.max(1);
-        (0..n).map(|_| (step(&mut state) >> 24) as u8).collect()
-    }
-}
-
 /// A family's [`Preprocess`] as a [`Preprocessor`].
 pub fn erase<P: Preprocess>(p: P) -> Arc<dyn Preprocessor> {
     Arc::new(Erased(p))
@@ -313,5 +286,32 @@ impl<P: Preprocess> Preprocessor for Erased<P> {
 
     fn as_any(&self) -> &dyn Any {
         &self.0
+    }
+}
+
+/// Shared by the unit tests of the image modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// One xorshift32 step.
+    fn step(state: &mut u32) -> u32 {
+        *state ^= *state << 13;
+        *state ^= *state >> 17;
+        *state ^= *state << 5;
+        *state
+    }
+
+    /// A xorshift generator of numbers below `n` (0 when `n` is 0): the
+    /// tests' fuzz loops, reproducible from `seed`.
+    pub fn xorshift(seed: u32) -> impl FnMut(usize) -> usize {
+        let mut state = seed;
+        move |n| step(&mut state) as usize % n.max(1)
+    }
+
+    /// `n` pseudo-random bytes from `seed` (the generator the Pillow
+    /// digests of the resize tests were computed with: the top byte of each
+    /// xorshift32 step).
+    pub fn noise(n: usize, seed: u32) -> Vec<u8> {
+        let mut state = seed.max(1);
+        (0..n).map(|_| (step(&mut state) >> 24) as u8).collect()
     }
 }
