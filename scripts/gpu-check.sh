@@ -530,16 +530,18 @@ unpack() { # file.xz -> dest
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"), 1 << 20)' "$1" "$2" &&
     chmod +x "$2"
 }
+SETUP_ERR="see the lines above"
+setup_error() { SETUP_ERR="$*"; say "$*"; }
 setup() {
   local t0 b
   t0=$(now_s)
   if [ "$MODE" = dry-run ]; then
     # this checkout's CPU release build, packed and unpacked like the bundle
     for b in target/release/vlembed target/release/examples/loadgen; do
-      [ -x "$b" ] || { say "missing $b: cargo build --release --locked --bin vlembed --example loadgen"; return 1; }
+      [ -x "$b" ] || { setup_error "missing $b: cargo build --release --locked --bin vlembed --example loadgen"; return 1; }
     done
     if readelf -d target/release/vlembed 2>/dev/null | grep -q 'libcuda'; then
-      say "target/release/vlembed is a --features cuda build: cargo build --release --locked --bin vlembed --example loadgen"
+      setup_error "target/release/vlembed is a --features cuda build: cargo build --release --locked --bin vlembed --example loadgen"
       return 1
     fi
     mkdir -p "$WORK/bundle"
@@ -554,13 +556,13 @@ setup() {
     PY="$GPU_CHECK_PYTHON"
     say "packing the inputs (scripts/gpu_check.py pack) with $PY"
     timeout 120 "${PACK_PY:-$PY}" "$HELPER" pack --compress --out "$BUNDLE/inputs" >>"$LOGS/pack.log" 2>&1 ||
-      { tail -5 "$LOGS/pack.log"; return 1; }
+      { tail -5 "$LOGS/pack.log"; setup_error "pack failed: $(tail -1 "$LOGS/pack.log" | cut -c1-200)"; return 1; }
   fi
   for b in vlembed loadgen; do
-    [ -f "$BUNDLE/$b.xz" ] || { say "missing $BUNDLE/$b.xz: make the bundle here with scripts/build-gpu-bundle.sh and carry $BUNDLE"; return 1; }
+    [ -f "$BUNDLE/$b.xz" ] || { setup_error "missing $BUNDLE/$b.xz: make the bundle here with scripts/build-gpu-bundle.sh and carry $BUNDLE"; return 1; }
     unpack "$BUNDLE/$b.xz" "$WORK/bin/$b" || return 1
   done
-  [ -f "$BUNDLE/inputs/texts.txt" ] || { say "missing $BUNDLE/inputs (scripts/build-gpu-bundle.sh packs them)"; return 1; }
+  [ -f "$BUNDLE/inputs/texts.txt" ] || { setup_error "missing $BUNDLE/inputs (scripts/build-gpu-bundle.sh packs them)"; return 1; }
   BIN="$WORK/bin/vlembed"
   LOADGEN="$WORK/bin/loadgen"
   INPUTS="$BUNDLE/inputs"
@@ -581,6 +583,20 @@ PY
 )
   fi
   export LD_LIBRARY_PATH="${CUDA_LIB_DIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # The driver's libcuda.so.1: where the loader finds it, else in the usual
+  # container locations (never a toolkit stub).
+  if ldd "$BIN" 2>/dev/null | grep -q 'libcuda.so.1 => not found'; then
+    local d
+    for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat \
+      /usr/local/cuda/lib64; do
+      if [ -e "$d/libcuda.so.1" ]; then
+        export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+        CUDA_LIB_DIRS="$CUDA_LIB_DIRS:$d"
+        say "libcuda.so.1 found in $d"
+        break
+      fi
+    done
+  fi
   local bad=""
   for b in "$BIN" "$LOADGEN"; do
     ldd -r "$b" >"$LOGS/ldd-$(basename "$b").txt" 2>&1
@@ -590,7 +606,7 @@ PY
     say "ldd -r: unresolved libraries or symbols with LD_LIBRARY_PATH=$LD_LIBRARY_PATH:"
     echo "$bad" | head -20
     say "the binary needs: $(readelf -d "$BIN" 2>/dev/null | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
-    say "install the missing NVIDIA wheels (nvidia-cublas, nvidia-cuda-runtime, nvidia-cuda-nvrtc, nvidia-curand) or set CUDA_LIB_DIRS"
+    setup_error "ldd -r: $(echo "$bad" | head -3 | tr '\n\t' '  ' | cut -c1-300) (install the NVIDIA wheels nvidia-cublas, -cuda-runtime, -cuda-nvrtc, -curand, or set CUDA_LIB_DIRS)"
     return 1
   fi
   BIN_INFO="$("$BIN" --version 2>&1 | head -1); NEEDED: $(readelf -d "$BIN" 2>/dev/null | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
@@ -603,7 +619,7 @@ PY
 }
 
 if ! setup; then
-  record setup failed "" "see the lines above"
+  record setup failed "" "$SETUP_ERR"
   exit 3
 fi
 write_meta
@@ -616,7 +632,7 @@ run_phase smoke 60 "$BIN" embed --model tests/fixtures/clip-tiny --device "$DEVI
 run_phase prep-clip 150 "$PY" "$HELPER" make-clip --size "$SIZE" --kinds base,large --out "$WORK/models" \
   --device "$DEVICE" --result "$RESULTS/prep-clip.json" --image-batches "$IMAGE_BATCHES" \
   --text-batches "$TEXT_BATCHES" --min-s "$MIN_S"
-start_bg_phase prep-mllm 240 "$PY" "$HELPER" make-mllm --size "$SIZE" --inputs "$INPUTS" --out "$WORK/models" \
+start_bg_phase prep-mllm 180 "$PY" "$HELPER" make-mllm --size "$SIZE" --inputs "$INPUTS" --out "$WORK/models" \
   --device "$DEVICE" --result "$RESULTS/prep-mllm.json" --batches "$MLLM_BATCHES" --min-s "$MIN_S" \
   --shard-gb "$MLLM_SHARD_GB"
 

@@ -986,6 +986,16 @@ def targets(doc):
         add("preprocessing per 640x480 JPEG (ms per image per core)", ms,
             TARGETS["preprocess_ms_per_image_core"], ms is not None and ms <= TARGETS["preprocess_ms_per_image_core"],
             note)
+        if ms:
+            b = bi["bottleneck"]
+            if b.startswith("preprocessing") or bi["per_s"] >= 0.85 * cap:
+                answer = f"yes: {bi['per_s']:,.0f}/s is {bi['per_s'] / cap:.0%} of what {slots} slots can preprocess"
+            elif b.startswith("model"):
+                answer = "no: the model (GPU worker) is"
+            else:
+                answer = f"no: {b}"
+            out.append({"target": "is preprocessing the bound? (base, best image level)", "value": None,
+                        "bound": "", "verdict": answer, "note": f"{bi['concurrency']} clients"})
     return out
 
 
@@ -1125,8 +1135,8 @@ def cmd_report(a):
     md = render(doc)
     with open(os.path.join(a.out, "gpu-check.md"), "w") as f:
         f.write(md)
-    if a.print:
-        sys.stdout.write(md)
+    if a.print:  # the head of the report (machine, targets, phases): the rest is in the file
+        sys.stdout.write(md.split("\n## Models made on the host")[0].split("\n## Parity")[0])
 
 
 def cmd_selftest(a):
