@@ -74,6 +74,7 @@ C
   cc -o "$link/probe" "$link/probe.c" -lcuda -lcublas -lcurand -lnvrtc -lcudart
   say "link preflight passed (stub libcuda + wheel libraries through LIBRARY_PATH)"
 
+  commit="$(git rev-parse --short=12 HEAD)$( [ -z "$(git status --porcelain --untracked-files=no -- src examples Cargo.toml Cargo.lock build.rs config)" ] || echo ' (+ local changes)')"
   say "cargo build --release --features cuda (sm_${CUDA_COMPUTE_CAP}) in $CARGO_TARGET_DIR"
   t0=$SECONDS
   nice -n 10 cargo build --release --locked --features cuda --bin vlembed --example loadgen
@@ -106,7 +107,7 @@ C
     fi
   done
   {
-    echo "commit: $(git rev-parse --short=12 HEAD)$( [ -z "$(git status --porcelain --untracked-files=no)" ] || echo ' (+ local changes)')"
+    echo "commit: $commit (the source tree when the build started)"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ), cargo build --release --features cuda, sm_${CUDA_COMPUTE_CAP}, CUDA 13.0 wheels, $(rustc --version)"
     echo "build_s: $build_s"
     echo "vlembed: $raw_v bytes stripped, $(stat -c %s "$BUNDLE/vlembed.xz") xz, sha256 $(sha256sum "$tmp/vlembed" | cut -c1-16)"

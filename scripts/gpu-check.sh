@@ -62,6 +62,11 @@ say() { echo "[gpu-check $(ts)] $*"; }
 now_s() { date +%s.%N; }
 left_s() { echo $(( ${1:-$DEADLINE} - $(date +%s) )); }
 note() { echo "$*" >>"$WORK/notes.txt"; say "note: $*"; }
+# the line of a log that most likely says why a step failed
+reason() {
+  { grep -iE 'error|panic|cannot|failed|not found|no such|killed|refused' "$1" | grep -v '^\[gpu-check' ||
+    grep -v '^\[gpu-check' "$1" | grep -v '^\s*$'; } 2>/dev/null | tail -1 | tr '\t' ' ' | cut -c1-240
+}
 
 SERVER_PID=""
 stop_server() {
@@ -129,13 +134,14 @@ start_server() {
     if http_get "$URL/ready" 2 >/dev/null 2>&1; then break; fi
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
       say "server $name exited before it was ready; its log:" >&2
-      tail -15 "$LOGS/server-$name.log" >&2
+      { grep -iE 'error|panic|warn' "$LOGS/server-$name.log" || tail -5 "$LOGS/server-$name.log"; } | tail -5 |
+        sed 's/^/[server log] /' >&2
       SERVER_PID=""
       return 1
     fi
     if [ "$(left_s "$PHASE_DEADLINE")" -le 5 ]; then
       say "server $name not ready before the phase's time ran out" >&2
-      tail -5 "$LOGS/server-$name.log" >&2
+      tail -5 "$LOGS/server-$name.log" | sed 's/^/[server log] /' >&2
       return 1
     fi
     sleep 0.2
@@ -202,55 +208,67 @@ parity() { # model label dtype device [flags] -- reference specs as NAME=FILE
     --device "$device" --result "$RESULTS/parity.json" --timeout 120 "$@" || true
 }
 
+# The parity server's models, one line each:
+# name|source|dtype|device|label|reference|flags
+parity_models() {
+  local m d full="$WORK/models"
+  for m in clip-tiny clip-tiny-eos mllm-tiny-a mllm-tiny-b; do
+    for d in f32 bf16; do
+      echo "fx-$m-$d|$REPO/tests/fixtures/$m|$d|$DEVICE|$m|tests/fixtures/reference/$m.json|"
+    done
+    if [ "$DEVICE" != cpu ]; then
+      for d in f32 bf16; do
+        echo "cpu-$m-$d|$REPO/tests/fixtures/$m|$d|cpu|$m|tests/fixtures/reference/$m.json|--control"
+      done
+    fi
+  done
+  for m in base large; do
+    [ -f "$full/bge-vl-$m/ref-f32.json" ] &&
+      echo "full-$m-f32|$full/bge-vl-$m|f32|$DEVICE|bge-vl-$m (full size)|$full/bge-vl-$m/ref-f32.json|--full"
+  done
+  if [ "$DEVICE" != cpu ] && [ -f "$full/bge-vl-base/ref-f32.json" ]; then
+    echo "cpu-base-f32|$full/bge-vl-base|f32|cpu|bge-vl-base (full size)|$full/bge-vl-base/ref-f32.json|--control --full"
+  fi
+}
+
 phase_parity() {
   trap 'stop_server' EXIT
-  local cfg="$WORK/parity.toml" models="" m d full="$WORK/models"
-  for m in clip-tiny clip-tiny-eos mllm-tiny-a mllm-tiny-b; do
-    for d in f32 bf16; do
-      models+=$'\n'"[[models]]"$'\n'"name = \"fx-$m-$d\""$'\n'"source = \"$REPO/tests/fixtures/$m\""$'\n'"dtype = \"$d\""$'\n'
-    done
-    if [ "$DEVICE" != cpu ]; then
-      for d in f32 bf16; do
-        models+=$'\n'"[[models]]"$'\n'"name = \"cpu-$m-$d\""$'\n'"source = \"$REPO/tests/fixtures/$m\""$'\n'"dtype = \"$d\""$'\n'"devices = [\"cpu\"]"$'\n'
-      done
-    fi
+  local cfg="$WORK/parity.toml" lines name src dtype dev label ref flags models tries failed
+  lines=$(parity_models)
+  # One server for all; a model that fails to load is recorded and left out of the next try.
+  for tries in 1 2 3 4 5 6; do
+    models=""
+    while IFS='|' read -r name src dtype dev label ref flags; do
+      [ -n "$name" ] || continue
+      models+=$'\n'"[[models]]"$'\n'"name = \"$name\""$'\n'"source = \"$src\""$'\n'"dtype = \"$dtype\""$'\n'"devices = [\"$dev\"]"$'\n'
+    done <<<"$lines"
+    [ -n "$models" ] || return 1
+    write_server_config "$cfg" "$(free_port)" 32 1024 "$models"
+    if start_server "parity-$tries" "$cfg"; then break; fi
+    failed=$(sed -n 's/.*model \([^ ]*\) failed to load.*/\1/p' "$LOGS/server-parity-$tries.log" | head -1)
+    [ -n "$failed" ] && grep -q "^$failed|" <<<"$lines" || return 1
+    IFS='|' read -r name src dtype dev label ref flags <<<"$(grep "^$failed|" <<<"$lines")"
+    # shellcheck disable=SC2086
+    python3 "$HELPER" parity --url - --model "$name" --label "$label" --dtype "$dtype" --device "$dev" \
+      --result "$RESULTS/parity.json" --reference "reference=$ref" $flags \
+      --error "failed to load: $(grep 'failed to load: ' "$LOGS/server-parity-$tries.log" | tail -1 | sed 's/.*failed to load: //' | cut -c1-300)"
+    lines=$(grep -v "^$failed|" <<<"$lines")
+    say "left $failed out of the parity server; trying again"
   done
-  for m in base large; do
-    [ -f "$full/bge-vl-$m/ref-f32.json" ] || continue
-    models+=$'\n'"[[models]]"$'\n'"name = \"full-$m-f32\""$'\n'"source = \"$full/bge-vl-$m\""$'\n'"dtype = \"f32\""$'\n'
-  done
-  if [ "$DEVICE" != cpu ] && [ -f "$full/bge-vl-base/ref-f32.json" ]; then
-    models+=$'\n'"[[models]]"$'\n'"name = \"cpu-base-f32\""$'\n'"source = \"$full/bge-vl-base\""$'\n'"dtype = \"f32\""$'\n'"devices = [\"cpu\"]"$'\n'
-  fi
-  write_server_config "$cfg" "$(free_port)" 32 1024 "$models"
-  start_server parity "$cfg" || return 1
+  [ -n "$SERVER_PID" ] || return 1
   say "parity server ready in ${READY_S} s"
-  for m in clip-tiny clip-tiny-eos mllm-tiny-a mllm-tiny-b; do
-    for d in f32 bf16; do
-      parity "fx-$m-$d" "$m" "$d" "$DEVICE" --reference "reference=tests/fixtures/reference/$m.json"
-    done
-    if [ "$DEVICE" != cpu ]; then
-      for d in f32 bf16; do
-        parity "cpu-$m-$d" "$m" "$d" cpu --control --reference "reference=tests/fixtures/reference/$m.json"
-      done
-    fi
-  done
-  for m in base large; do
-    [ -f "$full/bge-vl-$m/ref-f32.json" ] || continue
-    parity "full-$m-f32" "bge-vl-$m (full size)" f32 "$DEVICE" --full \
-      --reference "reference=$full/bge-vl-$m/ref-f32.json"
-  done
-  if [ "$DEVICE" != cpu ] && [ -f "$full/bge-vl-base/ref-f32.json" ]; then
-    parity cpu-base-f32 "bge-vl-base (full size)" f32 cpu --control --full \
-      --reference "reference=$full/bge-vl-base/ref-f32.json"
-  fi
+  while IFS='|' read -r name src dtype dev label ref flags; do
+    [ -n "$name" ] || continue
+    # shellcheck disable=SC2086
+    parity "$name" "$label" "$dtype" "$dev" --reference "reference=$ref" $flags
+  done <<<"$lines"
   stop_server
 }
 
 phase_clip() { # base|large
   trap 'stop_server' EXIT
   local kind="$1" dir="$WORK/models/bge-vl-$1" cfg="$WORK/$1.toml"
-  [ -f "$dir/config.json" ] || { say "no $dir (prep-clip failed?)"; return 1; }
+  [ -f "$dir/config.json" ] || { echo "error: no model in $dir (prep-clip failed)"; return 1; }
   write_server_config "$cfg" "$(free_port)" "$MAX_BATCH_SIZE" 4096 \
     "[[models]]
 name = \"bge-vl-$kind\"
@@ -276,7 +294,7 @@ dtype = \"bf16\""
 phase_mllm() {
   trap 'stop_server' EXIT
   local dir="$WORK/models/bge-vl-mllm" cfg="$WORK/mllm.toml"
-  [ -f "$dir/config.json" ] || { say "no $dir (prep-mllm failed?)"; return 1; }
+  [ -f "$dir/config.json" ] || { echo "error: no model in $dir (prep-mllm failed)"; return 1; }
   write_server_config "$cfg" "$(free_port)" 32 1024 \
     "[[models]]
 name = \"bge-vl-mllm\"
@@ -375,6 +393,7 @@ RESULTS="$WORK/results"
 : >"$WORK/phases.tsv"
 : >"$WORK/pids"
 : >"$WORK/notes.txt"
+export NO_COLOR=1 # plain server logs
 export REPO SELF HELPER WORK OUT LOGS RESULTS DEVICE GPU_INDEX HAVE_GPU DEADLINE PREPROCESS_THREADS \
   MAX_BATCH_SIZE MAX_DELAY_MS LOADGEN_THREADS LEVELS MLLM_LEVELS LOAD_S MLLM_LOAD_S WARM_S MODE
 
@@ -400,14 +419,14 @@ run_phase() {
   local t0 rc
   t0=$(now_s)
   PHASE_DEADLINE=$(( $(date +%s) + limit )) timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOGS/$name.log" |
-    grep --line-buffered '^\[' || true
+    { grep --line-buffered '^\[' || true; }
   rc=${PIPESTATUS[0]}
   local dt
   dt=$(python3 -c "print(f'{$(now_s) - $t0:.1f}')")
   case "$rc" in
     0) record "$name" ok "$dt" ;;
     124 | 137) record "$name" timeout "$dt" "stopped after $limit s"; tail -5 "$LOGS/$name.log" ;;
-    *) record "$name" failed "$dt" "exit $rc: $(grep -v '^\[' "$LOGS/$name.log" | tail -1 | cut -c1-200)"
+    *) record "$name" failed "$dt" "exit $rc: $(reason "$LOGS/$name.log")"
        tail -8 "$LOGS/$name.log" ;;
   esac
   return "$rc"
@@ -440,7 +459,7 @@ wait_bg_phase() {
   case "$rc" in
     0) record "$BG_NAME" ok "$dt" ;;
     124 | 137) record "$BG_NAME" timeout "$dt" ;;
-    *) record "$BG_NAME" failed "$dt" "exit $rc: $(grep -v '^\[' "$LOGS/$BG_NAME.log" | tail -1 | cut -c1-200)"
+    *) record "$BG_NAME" failed "$dt" "exit $rc: $(reason "$LOGS/$BG_NAME.log")"
        tail -8 "$LOGS/$BG_NAME.log" ;;
   esac
   BG_PID=""
@@ -597,6 +616,10 @@ PY
       fi
     done
   fi
+  BIN_INFO="NEEDED: $(readelf -d "$BIN" 2>/dev/null | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  BUNDLE_INFO="$(head -3 "$BUNDLE/BUILD-INFO.txt" 2>/dev/null | tr '\n' ' ')"
+  COMMIT=$(git rev-parse --short HEAD 2>/dev/null || sed -n 's/^commit: //p' "$BUNDLE/BUILD-INFO.txt" 2>/dev/null || echo -)
+  export BIN_INFO BUNDLE_INFO COMMIT
   local bad=""
   for b in "$BIN" "$LOADGEN"; do
     ldd -r "$b" >"$LOGS/ldd-$(basename "$b").txt" 2>&1
@@ -609,9 +632,7 @@ PY
     setup_error "ldd -r: $(echo "$bad" | head -3 | tr '\n\t' '  ' | cut -c1-300) (install the NVIDIA wheels nvidia-cublas, -cuda-runtime, -cuda-nvrtc, -curand, or set CUDA_LIB_DIRS)"
     return 1
   fi
-  BIN_INFO="$("$BIN" --version 2>&1 | head -1); NEEDED: $(readelf -d "$BIN" 2>/dev/null | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
-  BUNDLE_INFO="$(head -3 "$BUNDLE/BUILD-INFO.txt" 2>/dev/null | tr '\n' ' ')"
-  COMMIT=$(git rev-parse --short HEAD 2>/dev/null || sed -n 's/^commit: //p' "$BUNDLE/BUILD-INFO.txt" 2>/dev/null || echo -)
+  BIN_INFO="$("$BIN" --version 2>&1 | head -1); $BIN_INFO"
   export BIN LOADGEN INPUTS CUDA_LIB_DIRS BIN_INFO BUNDLE_INFO COMMIT PY
   say "binaries: $BIN_INFO"
   say "CUDA libraries from: ${CUDA_LIB_DIRS:-(none found; system paths)}"
@@ -644,4 +665,6 @@ wait_bg_phase
 run_phase base 120 "$SELF" --phase base
 run_phase mllm 150 "$SELF" --phase mllm
 run_phase large 120 "$SELF" --phase large
+# exit status: 0 when every phase ran, 1 when one failed or timed out (the report is complete either way)
+if grep -qE $'\t(failed|timeout)\t' "$WORK/phases.tsv"; then exit 1; fi
 exit 0

@@ -747,6 +747,13 @@ def cmd_parity(a):
     todo = check_reference.cases(refs[0][1])
     row = {"model": a.model, "label": a.label, "dtype": a.dtype, "device": a.device, "cases": len(todo),
            "against": {}}
+    if a.error:  # the model could not be served: a row that says so
+        row.update(status="error", error=a.error)
+        rows = read_json(a.result, []) or []
+        rows.append(row)
+        write_json(a.result, rows)
+        log(f"parity {a.label} {a.dtype} on {a.device}: {a.error}")
+        return 1
     try:
         body = {"model": a.model, "inputs": [c[1] for c in todo]}
         req = urllib.request.Request(a.url.rstrip("/") + "/embed", data=json.dumps(body).encode(),
@@ -1244,6 +1251,7 @@ def main():
     p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--control", action="store_true")
     p.add_argument("--full", action="store_true")
+    p.add_argument("--error", default="", help="record this error instead of asking the server")
     p = sub.add_parser("load")
     for k in ("result", "loadgen-json", "metrics-before", "metrics-after", "gpu-samples", "model", "family",
               "dtype", "device", "modality", "concurrency", "t0", "t1", "ticks0", "ticks1", "hz", "cores",
