@@ -224,10 +224,10 @@ parity_models() {
   done
   for m in base large; do
     [ -f "$full/bge-vl-$m/ref-f32.json" ] &&
-      echo "full-$m-f32|$full/bge-vl-$m|f32|$DEVICE|bge-vl-$m (full size)|$full/bge-vl-$m/ref-f32.json|--full"
+      echo "full-$m-f32|$full/bge-vl-$m|f32|$DEVICE|bge-vl-$m ($SIZE_LABEL)|$full/bge-vl-$m/ref-f32.json|--full"
   done
   if [ "$DEVICE" != cpu ] && [ -f "$full/bge-vl-base/ref-f32.json" ]; then
-    echo "cpu-base-f32|$full/bge-vl-base|f32|cpu|bge-vl-base (full size)|$full/bge-vl-base/ref-f32.json|--control --full"
+    echo "cpu-base-f32|$full/bge-vl-base|f32|cpu|bge-vl-base ($SIZE_LABEL)|$full/bge-vl-base/ref-f32.json|--control --full"
   fi
 }
 
@@ -277,7 +277,7 @@ dtype = \"bf16\""
   start_server "$kind" "$cfg" || return 1
   echo "$kind $READY_S" >>"$RESULTS/load-times.tsv"
   say "bge-vl-$kind bf16 ready in ${READY_S} s"
-  parity "bge-vl-$kind" "bge-vl-$kind (full size)" bf16 "$DEVICE" --full \
+  parity "bge-vl-$kind" "bge-vl-$kind ($SIZE_LABEL)" bf16 "$DEVICE" --full \
     --reference "reference=$dir/ref-f32.json" --reference "torch-bf16=$dir/ref-bf16.json"
   local img=(--images-dir "$INPUTS/images") txt=(--texts-file "$INPUTS/texts.txt")
   # warm-up (kernels load, cuBLAS picks its algorithms for the batch shapes): not measured
@@ -306,7 +306,7 @@ dtype = \"bf16\""
   local refs=()
   [ -f "$dir/ref-f32.json" ] && refs+=(--reference "reference=$dir/ref-f32.json")
   refs+=(--reference "torch-bf16=$dir/ref-bf16.json")
-  parity bge-vl-mllm "bge-vl-mllm (full size)" bf16 "$DEVICE" --full "${refs[@]}"
+  parity bge-vl-mllm "bge-vl-mllm ($SIZE_LABEL)" bf16 "$DEVICE" --full "${refs[@]}"
   local args=(--images-dir "$INPUTS/images" --texts-file "$INPUTS/texts.txt" --role query
     --instruction "Retrieve the target image that best meets the combined criteria by using both the provided image and the image retrieval instructions: ")
   timeout --foreground 120 "$LOADGEN" --url "$URL" --kind composed --concurrency 2 --requests 4 --duration 60 "${args[@]}" \
@@ -323,7 +323,7 @@ source = \"$dir\"
 dtype = \"f32\""
     start_server mllm-f32 "$WORK/mllm-f32.toml" || return 0
     say "bge-vl-mllm f32 ready in ${READY_S} s"
-    parity bge-vl-mllm-f32 "bge-vl-mllm (full size)" f32 "$DEVICE" --full \
+    parity bge-vl-mllm-f32 "bge-vl-mllm ($SIZE_LABEL)" f32 "$DEVICE" --full \
       --reference "reference=$dir/ref-f32.json" --reference "torch-bf16=$dir/ref-bf16.json"
     stop_server
   else
@@ -393,7 +393,9 @@ RESULTS="$WORK/results"
 : >"$WORK/phases.tsv"
 : >"$WORK/pids"
 : >"$WORK/notes.txt"
-export NO_COLOR=1 # plain server logs
+SIZE_LABEL="full size"
+[ "$SIZE" = small ] && SIZE_LABEL="small, dry run"
+export NO_COLOR=1 SIZE_LABEL # plain server logs; the label of the made models
 export REPO SELF HELPER WORK OUT LOGS RESULTS DEVICE GPU_INDEX HAVE_GPU DEADLINE PREPROCESS_THREADS \
   MAX_BATCH_SIZE MAX_DELAY_MS LOADGEN_THREADS LEVELS MLLM_LEVELS LOAD_S MLLM_LOAD_S WARM_S MODE
 
