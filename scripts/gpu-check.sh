@@ -44,8 +44,13 @@
 #   MAX_BATCH_SIZE    CLIP model's max_batch_size (256); MAX_DELAY_MS (0)
 #   LOADGEN_THREADS   client threads at >= 64 clients (4)
 #   CUDA_LIB_DIRS     instead of the host's nvidia wheel folders
-#   SKIP              phases to skip, e.g. "large mllm"
+#   SKIP              phases to skip, e.g. "large mllm" (setup, smoke, prep-clip,
+#                     prep-mllm, parity, base, mllm, large)
 #   KEEP_MODELS=1     leave the made models in $WORK
+#   SIZE              full | small (the made models; dry run: small)
+#   PACK_PY           dry run: the Python that packs the inputs (default: as PY)
+# Exit status: 0 when every phase ran, 1 when one failed or timed out, 3 when
+# setup failed (the report is written in every case).
 # Loopback only; every server and client it starts is stopped by PID.
 set -uo pipefail
 
@@ -178,6 +183,8 @@ measure() {
   http_get "$URL/metrics" 10 >"$LOGS/metrics-$tag-before.txt" 2>/dev/null || true
   local ticks0 ticks1 t0 t1 sampler=""
   ticks0=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo "")
+  local stat0 stat1
+  stat0=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit}' /proc/stat)
   : >"$LOGS/gpu-$tag.txt"
   if [ "$HAVE_GPU" = 1 ]; then
     gpu_sampler "$LOGS/gpu-$tag.txt" "$SERVER_PID" &
@@ -190,6 +197,7 @@ measure() {
   t1=$(now_s)
   [ -n "$sampler" ] && { kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; }
   ticks1=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo "")
+  stat1=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit}' /proc/stat)
   http_get "$URL/metrics" 10 >"$LOGS/metrics-$tag-after.txt" 2>/dev/null || true
   [ "$rc" = 0 ] || note "loadgen $tag exited $rc"
   python3 "$HELPER" load --result "$RESULTS/throughput.json" --loadgen-json "$LOGS/loadgen-$tag.json" \
@@ -197,7 +205,7 @@ measure() {
     --gpu-samples "$LOGS/gpu-$tag.txt" --model "$model" --family "$family" --dtype "$dtype" \
     --device "$DEVICE" --modality "$modality" --concurrency "$c" --t0 "$t0" --t1 "$t1" \
     --ticks0 "$ticks0" --ticks1 "$ticks1" --hz "$(getconf CLK_TCK)" --cores "$(nproc)" \
-    --preprocess-threads "$PREPROCESS_THREADS"
+    --preprocess-threads "$PREPROCESS_THREADS" --machine-stat0 "$stat0" --machine-stat1 "$stat1"
 }
 
 parity() { # model label dtype device [flags] -- reference specs as NAME=FILE

@@ -865,6 +865,12 @@ def cmd_load(a):
                         "ms_per_batch": inf_s / batches * 1e3 if batches else None}
     ticks = (int(a.ticks1) - int(a.ticks0)) if a.ticks0 and a.ticks1 else None
     row["server_cpu_cores"] = ticks / int(a.hz) / wall if ticks is not None and wall > 0 else None
+    try:  # the whole machine: "busy idle" jiffies before and after
+        b0, i0 = (int(x) for x in a.machine_stat0.split())
+        b1, i1 = (int(x) for x in a.machine_stat1.split())
+        row["machine_cpu_busy"] = (b1 - b0) / ((b1 - b0) + (i1 - i0))
+    except (ValueError, ZeroDivisionError):
+        row["machine_cpu_busy"] = None
     # GPU samples: "mem_used_mib util_pct proc_mem_mib" per line
     mem, util, pmem = [], [], []
     try:
@@ -905,6 +911,9 @@ def bottleneck(row, cores):
         return "preprocessing ({:.1f} of {} slots busy)".format(pre["busy_slots"], pre["slots"])
     if cpu >= 0.85 * cores:
         return "CPU ({:.1f} of {} cores)".format(cpu, cores)
+    if (row.get("machine_cpu_busy") or 0) >= 0.9:
+        return "CPU (the machine's {} cores {:.0%} busy; the server used {:.1f})".format(
+            cores, row["machine_cpu_busy"], cpu)
     if client >= 0.85 * threads:
         return "load generator ({:.2f} cores of {} threads)".format(client, threads)
     return "none saturated (latency-bound: too few requests in flight)"
@@ -1080,10 +1089,13 @@ def render(doc):
                          fmt(r["gpu"]["util_mean_pct"], 0), fmt(r["preprocess"]["ms_per_input"], 2),
                          f"{fmt(r['preprocess']['busy_slots'], 1)}/{r['preprocess']['slots']}",
                          fmt(r["inference"]["busy_fraction"], 2), fmt(r["server_cpu_cores"], 1),
-                         fmt(r["client_cpu_cores"], 2), r["bottleneck"]])
+                         fmt(r["client_cpu_cores"], 2),
+                         fmt(100 * r["machine_cpu_busy"], 0) if r.get("machine_cpu_busy") is not None else "-",
+                         r["bottleneck"]])
         L += md_table(["model", "dtype", "inputs", "clients", "per s", "p50 ms", "p99 ms", "errors", "mean batch",
                        "batches formed", "GPU MiB", "GPU util %", "preprocess ms/input", "preprocess slots busy",
-                       "inference busy", "server CPU cores", "client CPU cores", "bottleneck"], rows)
+                       "inference busy", "server CPU cores", "client CPU cores", "machine CPU busy %",
+                       "bottleneck"], rows)
     if prep:
         L += ["", "## PyTorch bf16 model alone (same GPU, same call; forward only, inputs already on the device)", ""]
         rows = []
@@ -1193,7 +1205,7 @@ def cmd_selftest(a):
                                 metrics_before=m0, metrics_after=m1, gpu_samples=samples, model="b",
                                 family="base", dtype="bf16", device="cuda:0", modality="image", concurrency="64",
                                 t0="0", t1="1", ticks0="0", ticks1="800", hz="100", cores="16",
-                                preprocess_threads="16")
+                                preprocess_threads="16", machine_stat0="100 900", machine_stat1="500 1000")
         cmd_load(ns)
         row = read_json(ns.result)[0]
         assert row["batches"] == {"count": 10, "mean": 40.0, "hist": {"<=64": 10}}, row["batches"]
@@ -1255,7 +1267,7 @@ def main():
     p = sub.add_parser("load")
     for k in ("result", "loadgen-json", "metrics-before", "metrics-after", "gpu-samples", "model", "family",
               "dtype", "device", "modality", "concurrency", "t0", "t1", "ticks0", "ticks1", "hz", "cores",
-              "preprocess-threads"):
+              "preprocess-threads", "machine-stat0", "machine-stat1"):
         p.add_argument("--" + k, default="")
     p = sub.add_parser("report")
     p.add_argument("--work", required=True)
