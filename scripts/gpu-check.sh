@@ -44,7 +44,7 @@
 #   MAX_BATCH_SIZE    CLIP model's max_batch_size (256); MAX_DELAY_MS (0)
 #   LOADGEN_THREADS   client threads at >= 64 clients (4)
 #   CUDA_LIB_DIRS     instead of the host's nvidia wheel folders
-#   SKIP              phases to skip, e.g. "large mllm" (setup, smoke, prep-clip,
+#   SKIP              phases to skip, e.g. "large mllm" (smoke, prep-clip,
 #                     prep-mllm, parity, base, mllm, large)
 #   KEEP_MODELS=1     leave the made models in $WORK
 #   SIZE              full | small (the made models; dry run: small)
