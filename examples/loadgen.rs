@@ -15,6 +15,12 @@
 //! # texts one after the other (every 100 ms); reports the texts' latency apart
 //! cargo run --release --example loadgen -- --concurrency 32 --duration 30 \
 //!     --images-dir DIR --mixed --texts-file DIR/texts.txt --probe-interval-ms 100
+//! # BGE-VL-MLLM composed queries (image i + text i), 8 clients
+//! cargo run --release --example loadgen -- --kind composed --concurrency 8 \
+//!     --images-dir DIR --texts-file DIR/texts.txt --role query --instruction "Retrieve ..."
+//! # 256 clients sending single texts from a 4-thread client
+//! cargo run --release --example loadgen -- --kind text --concurrency 256 --threads 4 \
+//!     --texts-file DIR/texts.txt
 //! ```
 //!
 //! Only loopback targets are accepted unless `--allow-remote` is given. A
@@ -43,6 +49,9 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(50);
 enum Kind {
     Image,
     Text,
+    /// One image and one text per input (a composed input), with `--role`
+    /// and `--instruction`: BGE-VL-MLLM's composed queries.
+    Composed,
 }
 
 #[derive(Parser, Debug)]
@@ -66,9 +75,20 @@ struct Args {
     /// Per-request timeout in seconds (bounds the wait for requests in flight).
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
-    /// What the main clients send: one image or one text per request.
+    /// What the main clients send: one image, one text, or one composed
+    /// input (image + text, paired in turn) per request.
     #[arg(long, value_enum, default_value_t = Kind::Image)]
     kind: Kind,
+    /// The inputs' `role` (`query` or `candidate`); left out when not given.
+    #[arg(long)]
+    role: Option<String>,
+    /// The inputs' `instruction` (BGE-VL-MLLM queries); left out when not given.
+    #[arg(long)]
+    instruction: Option<String>,
+    /// Threads of the client's runtime (1: a single thread). More than one
+    /// when a single thread cannot keep up (tens of thousands of requests/s).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Image files to send (repeatable); used in turn.
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -112,6 +132,7 @@ fn kind_name(k: Kind) -> &'static str {
     match k {
         Kind::Image => "image",
         Kind::Text => "text",
+        Kind::Composed => "composed",
     }
 }
 
@@ -172,23 +193,61 @@ fn leak(v: Vec<u8>) -> &'static [u8] {
     Box::leak(v.into_boxed_slice())
 }
 
-fn image_bodies(files: &[PathBuf]) -> anyhow::Result<Vec<&'static [u8]>> {
+fn read_b64(p: &PathBuf) -> anyhow::Result<String> {
+    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// `{"inputs": input}`, with `--role` and `--instruction` added to an object
+/// input when given.
+fn body(args: &Args, mut input: Value) -> anyhow::Result<&'static [u8]> {
+    if let Value::Object(m) = &mut input {
+        if let Some(r) = &args.role {
+            m.insert("role".into(), json!(r));
+        }
+        if let Some(i) = &args.instruction {
+            m.insert("instruction".into(), json!(i));
+        }
+    }
+    Ok(leak(serde_json::to_vec(&json!({ "inputs": input }))?))
+}
+
+fn image_bodies(args: &Args, files: &[PathBuf]) -> anyhow::Result<Vec<&'static [u8]>> {
     files
         .iter()
-        .map(|p| {
-            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-            Ok(leak(serde_json::to_vec(
-                &json!({"inputs": {"image": b64}}),
-            )?))
+        .map(|p| body(args, json!({"image": read_b64(p)?})))
+        .collect()
+}
+
+/// Single texts: a bare string unless a role or instruction goes with it.
+fn text_bodies(args: &Args, texts: &[String]) -> anyhow::Result<Vec<&'static [u8]>> {
+    texts
+        .iter()
+        .map(|t| {
+            if args.role.is_none() && args.instruction.is_none() {
+                Ok(leak(serde_json::to_vec(&json!({ "inputs": t }))?))
+            } else {
+                body(args, json!({ "text": t }))
+            }
         })
         .collect()
 }
 
-fn text_bodies(texts: &[String]) -> anyhow::Result<Vec<&'static [u8]>> {
-    texts
-        .iter()
-        .map(|t| Ok(leak(serde_json::to_vec(&json!({"inputs": t}))?)))
+/// Composed inputs: image i with text i (both lists taken in turn, as many
+/// bodies as the longer list).
+fn composed_bodies(
+    args: &Args,
+    files: &[PathBuf],
+    texts: &[String],
+) -> anyhow::Result<Vec<&'static [u8]>> {
+    let images: Vec<String> = files.iter().map(read_b64).collect::<anyhow::Result<_>>()?;
+    (0..images.len().max(texts.len()))
+        .map(|i| {
+            body(
+                args,
+                json!({"text": texts[i % texts.len()], "image": images[i % images.len()]}),
+            )
+        })
         .collect()
 }
 
@@ -308,9 +367,22 @@ fn human(name: &str, r: &Value) -> String {
     )
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let rt = if args.threads > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let base = reqwest::Url::parse(&args.url).with_context(|| format!("bad --url {}", args.url))?;
     if base.scheme() != "http" && base.scheme() != "https" {
         bail!("--url must be http:// or https://");
@@ -339,20 +411,30 @@ async fn main() -> anyhow::Result<()> {
             if files.is_empty() && args.concurrency > 0 {
                 bail!("--kind image needs --image FILE or --images-dir DIR");
             }
-            image_bodies(&files)?
+            image_bodies(&args, &files)?
         }
         Kind::Text => {
             if text_list.is_empty() {
                 bail!("--kind text needs --text T or --texts-file FILE");
             }
-            text_bodies(&text_list)?
+            text_bodies(&args, &text_list)?
+        }
+        Kind::Composed => {
+            let files = image_files(&args)?;
+            if files.is_empty() || text_list.is_empty() {
+                bail!("--kind composed needs images (--image, --images-dir) and texts (--text, --texts-file)");
+            }
+            composed_bodies(&args, &files, &text_list)?
         }
     };
     let probe_bodies = if args.mixed {
         if text_list.is_empty() {
             bail!("--mixed needs --text T or --texts-file FILE for the probe");
         }
-        text_bodies(&text_list)?
+        text_list
+            .iter()
+            .map(|t| Ok(leak(serde_json::to_vec(&json!({ "inputs": t }))?)))
+            .collect::<anyhow::Result<Vec<_>>>()?
     } else {
         Vec::new()
     };
@@ -438,6 +520,7 @@ async fn main() -> anyhow::Result<()> {
         "duration_s": args.duration,
         "request_limit": args.requests,
         "mixed": args.mixed,
+        "threads": args.threads,
     });
     if args.concurrency > 0 {
         let r = report(&samples, last - start);

@@ -11,7 +11,7 @@ set -euo pipefail
 out="$1"
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 version=$(awk '/^name = "cudarc"$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' "$here/Cargo.lock")
-sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$version"/src/driver/sys/mod.rs 2>/dev/null | head -1)
+sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$version"/src/driver/sys/mod.rs 2>/dev/null | head -1 || true)
 if [ -z "$sys" ]; then
   (cd "$here" && cargo fetch --locked >/dev/null)
   sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$version"/src/driver/sys/mod.rs | head -1)
