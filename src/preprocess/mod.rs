@@ -11,6 +11,7 @@ pub mod clip;
 pub mod clip_image;
 pub mod image;
 pub mod llava;
+pub mod qwen_vl;
 pub mod resize;
 pub mod text;
 
