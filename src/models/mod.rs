@@ -19,6 +19,7 @@ pub mod llava;
 mod mask;
 pub mod mistral;
 pub mod ops;
+pub mod qwen_vl;
 pub mod source;
 pub mod weights;
 
