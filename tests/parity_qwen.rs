@@ -476,8 +476,10 @@ fn hostile_sizes_are_bounded() {
     assert_eq!(im.grid.h * im.grid.w * 196, 56 * 6356);
     assert!(t.elapsed().as_secs() < 20, "{:?}", t.elapsed());
     // A header declaring more pixels than the limit: refused before decoding.
-    let mut limits = ImageLimits::default();
-    limits.max_pixels = 10_000;
+    let limits = ImageLimits {
+        max_pixels: 10_000,
+        ..ImageLimits::default()
+    };
     let cfg = config(name);
     let strict = QwenPreprocessor::load(
         &QwenFiles::in_dir(&dir(name)),

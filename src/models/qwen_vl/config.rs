@@ -305,7 +305,7 @@ impl QwenVlConfig {
         let mrope_section: [usize; 3] = section
             .try_into()
             .map_err(|_| ConfigError::from("rope_scaling.mrope_section must be three integers"))?;
-        if head_dim % 2 != 0 || mrope_section.iter().sum::<usize>() != head_dim / 2 {
+        if !head_dim.is_multiple_of(2) || mrope_section.iter().sum::<usize>() != head_dim / 2 {
             return Err(format!(
                 "mrope_section {mrope_section:?} must sum to head_dim / 2 = {}",
                 head_dim / 2

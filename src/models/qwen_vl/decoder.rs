@@ -461,11 +461,11 @@ mod tests {
         // The height axis (section 1) changes the result; the width axis has
         // no frequencies in this config (section [1, 1, 0]).
         let mut ph = pa.clone();
-        ph[5][1] += 3;
+        ph[6][1] += 5;
         let dh = diff(&one(&d, &a, &ph), &sa);
         assert!(dh > 1e-4, "{dh}");
         let mut pw = pa.clone();
-        pw[5][2] += 3;
+        pw[6][2] += 5;
         assert!(diff(&one(&d, &a, &pw), &sa) < 1e-6);
         let mut stop = || ControlFlow::Break(());
         assert!(matches!(

@@ -194,7 +194,7 @@ impl std::fmt::Debug for QwenImageProcessor {
 }
 
 const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 fn bad(msg: impl Into<String>) -> QwenLoadError {
     QwenLoadError::Preprocessor(msg.into())
