@@ -539,6 +539,20 @@ fn token_limit_counts_image_tokens_and_truncates_the_text() {
     assert!(p
         .token_ids
         .ends_with(&tail.token_ids[tail.token_ids.len() - 5..]));
+    // GME's prompt (no template) is cut the same way and still ends with
+    // the pooled <|endoftext|>.
+    let gme = preprocessor(
+        "qwen2-vl-tiny",
+        PromptFormat::Gme,
+        60,
+        QwenOptions::default(),
+    );
+    let g = gme.prepare(&Input::text(long.clone()), true).unwrap();
+    assert!(g.token_ids.len() <= 60, "{}", g.token_ids.len());
+    assert_eq!(
+        g.token_ids.last(),
+        gme.tokenize("<|endoftext|>").unwrap().last()
+    );
     // 640x480 is 54 image tokens here: with text it no longer fits in 60.
     let composed = Input {
         text: Some("a photo of a cat on a mat".into()),
