@@ -22,6 +22,7 @@ pub mod fingerprint;
 pub mod llava;
 mod mask;
 pub mod ops;
+pub mod qwen_vl;
 pub mod source;
 pub mod weights;
 

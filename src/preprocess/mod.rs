@@ -17,6 +17,7 @@
 pub mod clip_image;
 pub mod image;
 pub mod prepared;
+pub mod qwen_vl;
 pub mod resize;
 pub mod size;
 pub mod text;

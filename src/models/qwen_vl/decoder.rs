@@ -1,0 +1,476 @@
+//! The Qwen2 language model of Qwen2-VL / Qwen2.5-VL (transformers 4.51.3
+//! `Qwen2VLModel` / `Qwen2_5_VLModel`) used as an encoder: input embeddings
+//! and three position ids per token in, the final-norm hidden state of each
+//! sequence's last token out.
+//!
+//! Owns: [`RmsNorm`], the decoder layers (RMSNorm, grouped-query attention
+//! with q/k/v biases and multimodal rotary embeddings, SwiGLU MLP), the
+//! final norm, and the M-RoPE tables: frequency `j` of a head rotates by
+//! the temporal, height or width position as `mrope_section` assigns it
+//! (`apply_multimodal_rotary_pos_emb`). No KV cache, no `lm_head` (never read;
+//! tied to the embeddings in the released 2B/3B models anyway).
+//!
+//! Sequences are right-padded and carry their own positions, so an input's
+//! result does not depend on its batch mates (upstream pads on the left;
+//! M-RoPE positions ignore padding there too). Masks are additive with a
+//! large finite negative ([`crate::models::mask`]) and softmax runs in
+//! `f32`, so fully masked padding rows never turn into NaN in f16/bf16.
+//! Attention is computed a block of query rows at a time (at most
+//! [`SCORE_BUDGET`] `f32` scores). Speed: plain candle, like `mistral.rs`;
+//! the `models::ops` kernels are not used yet.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
+
+use super::config::QwenTextConfig;
+use crate::models::mask::MASKED;
+
+/// The most `f32` attention scores one block of query rows may hold (256 MiB).
+pub const SCORE_BUDGET: usize = 1 << 26;
+
+/// transformers' `Qwen2RMSNorm`.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(size, "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// Why a decoder pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error("invalid decoder input: {0}")]
+    Input(String),
+    /// The caller's `between` hook asked the pass to stop.
+    #[error("the pass was interrupted between two layers")]
+    Interrupted,
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Rotary tables of one pass: [b, t, head_dim / 2] for every position and
+/// [b, 1, head_dim / 2] at each sequence's last token.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    last_cos: Tensor,
+    last_sin: Tensor,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    score_budget: usize,
+}
+
+impl Attention {
+    fn new(c: &QwenTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        Ok(Attention {
+            q: linear(c.hidden_size, h * d, vb.pp("q_proj"))?,
+            k: linear(c.hidden_size, kv * d, vb.pp("k_proj"))?,
+            v: linear(c.hidden_size, kv * d, vb.pp("v_proj"))?,
+            o: linear_no_bias(h * d, c.hidden_size, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+            score_budget: SCORE_BUDGET,
+        })
+    }
+
+    /// `x`: [b, t, hidden] (normed) for keys/values; `xq`: the query rows
+    /// [b, tq, hidden] (all, or each sequence's last with `last`); `mask`:
+    /// additive f32 [b, 1, 1, tq, t].
+    fn forward(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        rope: &Rope,
+        last: bool,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let tq = xq.dim(1)?;
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = h / kv;
+        let dtype = x.dtype();
+        let split = |y: Tensor, n: usize, heads: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.q.forward(xq)?, tq, h)?;
+        let k = split(self.k.forward(x)?, t, kv)?;
+        let v = split(self.v.forward(x)?, t, kv)?;
+        let (qc, qs) = if last {
+            (&rope.last_cos, &rope.last_sin)
+        } else {
+            (&rope.cos, &rope.sin)
+        };
+        let q = candle_nn::rotary_emb::rope(&q, qc, qs)?;
+        let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?;
+        let kt = k.t()?;
+        let block = (self.score_budget / (b * h * t).max(1)).max(1);
+        let mut parts = Vec::with_capacity(tq.div_ceil(block));
+        let mut start = 0;
+        while start < tq {
+            let n = block.min(tq - start);
+            let (qb, mb) = if n == tq {
+                (q.clone(), mask.clone())
+            } else {
+                (
+                    q.narrow(2, start, n)?.contiguous()?,
+                    mask.narrow(3, start, n)?,
+                )
+            };
+            // Head `g * rep + r` uses key/value head `g` (transformers' `repeat_kv`).
+            let qb = qb.reshape((b, kv, rep * n, d))?;
+            let scores = (qb.matmul(&kt)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
+            let scores = scores.reshape((b, kv, rep, n, t))?.broadcast_add(&mb)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?
+                .to_dtype(dtype)?
+                .reshape((b, kv, rep * n, t))?;
+            parts.push(probs.matmul(&v)?.reshape((b, h, n, d))?);
+            start += n;
+        }
+        let ctx = match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(&parts, 2)?,
+        };
+        self.o
+            .forward(&ctx.transpose(1, 2)?.reshape((b, tq, h * d))?)
+    }
+}
+
+struct Layer {
+    ln1: RmsNorm,
+    attn: Attention,
+    ln2: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    fn new(c: &QwenTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (hs, is) = (c.hidden_size, c.intermediate_size);
+        Ok(Layer {
+            ln1: RmsNorm::new(hs, c.rms_norm_eps, vb.pp("input_layernorm"))?,
+            attn: Attention::new(c, vb.pp("self_attn"))?,
+            ln2: RmsNorm::new(hs, c.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            gate: linear_no_bias(hs, is, vb.pp("mlp.gate_proj"))?,
+            up: linear_no_bias(hs, is, vb.pp("mlp.up_proj"))?,
+            down: linear_no_bias(is, hs, vb.pp("mlp.down_proj"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rows: Option<&Tensor>,
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let normed = self.ln1.forward(x)?;
+        let (residual, xq) = match rows {
+            None => (x.clone(), normed.clone()),
+            Some(idx) => (gather_rows(x, idx)?, gather_rows(&normed, idx)?),
+        };
+        let a = self
+            .attn
+            .forward(&normed, &xq, rope, rows.is_some(), mask)?;
+        let h = (residual + a)?;
+        let y = self.ln2.forward(&h)?;
+        let m = self
+            .down
+            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
+        h + m
+    }
+}
+
+/// Row `idx[i]` of sequence `i`: [b, t, c] -> [b, 1, c].
+fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b * t, c))?
+        .index_select(idx, 0)?
+        .reshape((b, 1, c))
+}
+
+/// The decoder stack without `lm_head`.
+pub struct QwenDecoder {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    cfg: QwenTextConfig,
+    /// Rotary inverse frequencies, head_dim / 2 of them.
+    inv_freq: Vec<f32>,
+    /// The axis (0 temporal, 1 height, 2 width) of each frequency.
+    axis: Vec<usize>,
+    device: Device,
+    dtype: DType,
+}
+
+impl QwenDecoder {
+    /// `vb` points at the language model (`model` or `model.language_model`).
+    pub fn new(c: &QwenTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| Layer::new(c, vb.pp(format!("layers.{i}"))))
+            .collect::<candle_core::Result<_>>()?;
+        let d = c.head_dim();
+        let base = c.rope_theta as f32;
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let [s0, s1, _] = c.mrope_section;
+        let axis = (0..d / 2)
+            .map(|j| {
+                if j < s0 {
+                    0
+                } else if j < s0 + s1 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        Ok(QwenDecoder {
+            embed_tokens: embedding(c.vocab_size, c.hidden_size, vb.pp("embed_tokens"))?,
+            layers,
+            norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb.pp("norm"))?,
+            cfg: c.clone(),
+            inv_freq,
+            axis,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings of `ids` (a 1-D u32 tensor): [n, hidden].
+    pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// M-RoPE angles' cos and sin for one sequence's positions, appended
+    /// to `cos`/`sin` (head_dim / 2 per position); `pad` rows of zeros'
+    /// angles follow for the padding.
+    fn tables(&self, positions: &[[u32; 3]], pad: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        for p in positions.iter().chain(std::iter::repeat_n(&[0u32; 3], pad)) {
+            for (f, &a) in self.inv_freq.iter().zip(&self.axis) {
+                let angle = p[a] as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+
+    /// The final-norm hidden state of each sequence's last real token,
+    /// [b, hidden], of right-padded input embeddings [b, t, hidden];
+    /// sequence `i` has `positions[i].len()` real tokens with those
+    /// (temporal, height, width) positions. `between` is called before
+    /// each layer; `Break` stops the pass with [`DecoderError::Interrupted`].
+    pub fn forward_last_stepped(
+        &self,
+        embeds: &Tensor,
+        positions: &[&[[u32; 3]]],
+        between: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Tensor, DecoderError> {
+        let (b, t, c) = embeds.dims3()?;
+        if b == 0 || b != positions.len() || c != self.cfg.hidden_size {
+            return Err(DecoderError::Input(format!(
+                "{b} sequences {c} wide for {} position lists and a {}-wide decoder",
+                positions.len(),
+                self.cfg.hidden_size
+            )));
+        }
+        let lens: Vec<usize> = positions.iter().map(|p| p.len()).collect();
+        if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
+            return Err(DecoderError::Input(format!(
+                "a sequence length {bad} is not in 1..={t}"
+            )));
+        }
+        if t > self.cfg.max_position_embeddings {
+            return Err(DecoderError::Input(format!(
+                "sequences of {t} tokens exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let half = self.cfg.head_dim() / 2;
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(b * t * half),
+            Vec::with_capacity(b * t * half),
+        );
+        let (mut lcos, mut lsin) = (Vec::with_capacity(b * half), Vec::with_capacity(b * half));
+        for p in positions {
+            self.tables(p, t - p.len(), &mut cos, &mut sin);
+            self.tables(&p[p.len() - 1..], 0, &mut lcos, &mut lsin);
+        }
+        let dev = &self.device;
+        let to = |v: Vec<f32>, n: usize| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(v, (b, n, half), dev)?.to_dtype(self.dtype)
+        };
+        let rope = Rope {
+            cos: to(cos, t)?,
+            sin: to(sin, t)?,
+            last_cos: to(lcos, 1)?,
+            last_sin: to(lsin, 1)?,
+        };
+        let mask_for = |last_only: bool| -> candle_core::Result<Tensor> {
+            let tq = if last_only { 1 } else { t };
+            let mut m = vec![MASKED; b * tq * t];
+            for (s, &len) in lens.iter().enumerate() {
+                for qi in 0..tq {
+                    let i = if last_only { len - 1 } else { qi };
+                    let hi = (i + 1).min(len);
+                    let row = (s * tq + qi) * t;
+                    m[row..row + hi].fill(0.0);
+                }
+            }
+            Tensor::from_vec(m, (b, 1, 1, tq, t), dev)
+        };
+        let idx: Vec<u32> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i * t + l - 1) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, b, dev)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        let Some((last, rest)) = self.layers.split_last() else {
+            return Err(DecoderError::Input("the decoder has no layers".into()));
+        };
+        if !rest.is_empty() {
+            let mask = mask_for(false)?;
+            for layer in rest {
+                if between().is_break() {
+                    return Err(DecoderError::Interrupted);
+                }
+                x = layer.forward(&x, None, &rope, &mask)?;
+            }
+        }
+        if between().is_break() {
+            return Err(DecoderError::Interrupted);
+        }
+        let x = last.forward(&x, Some(&idx), &rope, &mask_for(true)?)?;
+        Ok(self.norm.forward(&x)?.reshape((b, self.cfg.hidden_size))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn tiny() -> QwenDecoder {
+        let c = QwenTextConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-6,
+            rope_theta: 100.0,
+            mrope_section: [1, 1, 0],
+        };
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let d = QwenDecoder::new(&c, vb).unwrap();
+        for (i, var) in map.all_vars().iter().enumerate() {
+            let n = var.as_tensor().elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|k| (((k * 7919 + i * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.8)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        d
+    }
+
+    fn diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Right padding with per-sequence positions: a sequence's result does
+    /// not depend on its batch mates, blocks of query rows agree with one
+    /// block, and each axis of the positions matters.
+    #[test]
+    fn batch_mates_blocks_and_positions() {
+        let mut d = tiny();
+        let dev = Device::Cpu;
+        let emb = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n * 16)
+                .map(|k| ((k * 31 + seed * 17) as f32 * 0.013).sin())
+                .collect()
+        };
+        let pa: Vec<[u32; 3]> = (0..7).map(|i| [i, i + (i > 2) as u32, i * 2]).collect();
+        let pb: Vec<[u32; 3]> = (0..4).map(|i| [i; 3]).collect();
+        let go = &mut || ControlFlow::Continue(());
+        let one = |d: &QwenDecoder, v: &[f32], p: &[[u32; 3]]| -> Vec<f32> {
+            let x = Tensor::from_vec(v.to_vec(), (1, p.len(), 16), &dev).unwrap();
+            d.forward_last_stepped(&x, &[p], &mut || ControlFlow::Continue(()))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (a, b) = (emb(7, 1), emb(4, 2));
+        let (sa, sb) = (one(&d, &a, &pa), one(&d, &b, &pb));
+        let mut padded = a.clone();
+        padded.extend_from_slice(&b);
+        padded.extend(std::iter::repeat_n(5.0f32, 3 * 16));
+        let x = Tensor::from_vec(padded, (2, 7, 16), &dev).unwrap();
+        let both: Vec<Vec<f32>> = d
+            .forward_last_stepped(&x, &[&pa, &pb], go)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!(diff(&both[0], &sa) < 1e-5 && diff(&both[1], &sb) < 1e-5);
+        for l in &mut d.layers {
+            l.attn.score_budget = 2 * 4 * 7;
+        }
+        let blocked: Vec<Vec<f32>> = d
+            .forward_last_stepped(&x, &[&pa, &pb], go)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!(diff(&blocked[0], &sa) < 1e-5 && diff(&blocked[1], &sb) < 1e-5);
+        // The height axis (section 1) changes the result; the width axis has
+        // no frequencies in this config (section [1, 1, 0]).
+        let mut ph = pa.clone();
+        ph[6][1] += 5;
+        let dh = diff(&one(&d, &a, &ph), &sa);
+        assert!(dh > 1e-4, "{dh}");
+        let mut pw = pa.clone();
+        pw[6][2] += 5;
+        assert!(diff(&one(&d, &a, &pw), &sa) < 1e-6);
+        let mut stop = || ControlFlow::Break(());
+        assert!(matches!(
+            d.forward_last_stepped(&x, &[&pa, &pb], &mut stop),
+            Err(DecoderError::Interrupted)
+        ));
+    }
+}
