@@ -58,10 +58,8 @@ pub fn detect(config: &serde_json::Value, path: &Path) -> Result<&'static dyn Fa
 mod tests {
     use super::*;
 
-    fn arch(v: serde_json::Value) -> Result<&'static str, String> {
-        detect(&v, Path::new("config.json"))
-            .map(|f| f.architecture())
-            .map_err(|e| e.to_string())
+    fn arch(v: serde_json::Value) -> Result<&'static str, ModelError> {
+        detect(&v, Path::new("config.json")).map(|f| f.architecture())
     }
 
     #[test]
@@ -77,7 +75,7 @@ mod tests {
             msg.contains("BertModel") && msg.contains("CLIPModel"),
             "{msg}"
         );
-        let msg = arch(serde_json::json!({})).unwrap_err();
+        let msg = arch(serde_json::json!({})).unwrap_err().to_string();
         assert!(msg.contains("no \"architectures\""), "{msg}");
     }
 
@@ -86,11 +84,11 @@ mod tests {
         let v = serde_json::json!({
             "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next"
         });
-        assert_eq!(arch(v), Ok("LlavaNextForConditionalGeneration"));
+        assert_eq!(arch(v).unwrap(), "LlavaNextForConditionalGeneration");
         let bare = serde_json::json!({"model_type": "llava_next"});
-        assert_eq!(arch(bare), Ok("LlavaNextForConditionalGeneration"));
+        assert_eq!(arch(bare).unwrap(), "LlavaNextForConditionalGeneration");
         let llava15 = serde_json::json!({"architectures": ["LlavaForConditionalGeneration"]});
-        let msg = arch(llava15).unwrap_err();
+        let msg = arch(llava15).unwrap_err().to_string();
         assert!(msg.contains("LlavaNextForConditionalGeneration"), "{msg}");
     }
 
