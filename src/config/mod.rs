@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Table, Value};
 
-use crate::models::{DeviceSpec, ModelSource, Precision};
+use crate::models::{CpuBackend, DeviceSpec, ModelSource, Precision};
 
 /// The built-in defaults, documented key by key.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -199,6 +199,8 @@ pub struct ModelConfig {
     /// `dtype = "auto"` (the default): `dtype` follows the devices (see
     /// [`auto_precision`]), also when `--devices` changes them.
     pub dtype_auto: bool,
+    /// What the CPU replicas' matrix products run on (`auto`: measured at load).
+    pub cpu_backend: CpuBackend,
     pub devices: Vec<DeviceSpec>,
     pub batching: BatchLimits,
     pub max_image_pixels: u64,
@@ -254,6 +256,7 @@ pub struct Overrides {
     pub revision: Option<String>,
     pub devices: Option<Vec<DeviceSpec>>,
     pub dtype: Option<Precision>,
+    pub cpu_backend: Option<CpuBackend>,
     pub otlp_endpoint: Option<String>,
 }
 
@@ -269,6 +272,7 @@ impl Overrides {
             revision: higher.revision.or(self.revision),
             devices: higher.devices.or(self.devices),
             dtype: higher.dtype.or(self.dtype),
+            cpu_backend: higher.cpu_backend.or(self.cpu_backend),
             otlp_endpoint: higher.otlp_endpoint.or(self.otlp_endpoint),
         }
     }
@@ -349,6 +353,7 @@ struct RawModel {
     source: String,
     revision: String,
     dtype: DtypeSetting,
+    cpu_backend: CpuBackend,
     devices: Vec<String>,
     max_batch_size: usize,
     max_batch_cost: usize,
@@ -471,6 +476,9 @@ impl Config {
             if let Some(dtype) = o.dtype {
                 m.dtype = dtype;
                 m.dtype_auto = false;
+            }
+            if let Some(b) = o.cpu_backend {
+                m.cpu_backend = b;
             }
         }
         Ok(())
@@ -698,6 +706,7 @@ fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, ConfigError>
         revision: raw.revision,
         dtype,
         dtype_auto,
+        cpu_backend: raw.cpu_backend,
         devices,
         batching: BatchLimits {
             max_batch_size: raw.max_batch_size,
@@ -821,6 +830,13 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
             "REVISION" => o.revision = Some(value.clone()),
             "DEVICES" => o.devices = Some(parse_devices(value).map_err(bad)?),
             "DTYPE" => o.dtype = Some(value.parse().map_err(bad)?),
+            "CPU_BACKEND" => {
+                o.cpu_backend = Some(
+                    value
+                        .parse::<CpuBackend>()
+                        .map_err(|e| bad(e.to_string()))?,
+                )
+            }
             "OTLP_ENDPOINT" => o.otlp_endpoint = Some(value.clone()),
             _ => tracing::warn!(variable = %name, "ignoring unknown VLEMBED_ environment variable"),
         }
@@ -1017,6 +1033,57 @@ mod tests {
         );
         assert_eq!(c.models[0].dtype, Precision::F32);
         assert_eq!(auto_precision(&[]), Precision::F32);
+    }
+
+    /// `cpu_backend`: `auto` by default, set per model in a file, for every
+    /// model by `VLEMBED_CPU_BACKEND` and by the flag (which wins); a bad
+    /// value names the variable and the choices.
+    #[test]
+    fn cpu_backend_layers() {
+        let file = write_file(
+            "cpu-backend.toml",
+            "[[models]]\nname = \"a\"\nsource = \"org/a\"\ncpu_backend = \"native\"\n\
+             [[models]]\nname = \"b\"\nsource = \"org/b\"\n",
+        );
+        let load = |env_pairs: &[(&str, &str)], flag: Option<CpuBackend>| {
+            Config::load(&Layers {
+                file: Some(file.clone()),
+                env: env(env_pairs),
+                flags: Overrides {
+                    cpu_backend: flag,
+                    ..Default::default()
+                },
+            })
+        };
+        let c = load(&[], None).unwrap();
+        let got: Vec<CpuBackend> = c.models.iter().map(|m| m.cpu_backend).collect();
+        assert_eq!(got, [CpuBackend::Native, CpuBackend::Auto]);
+        let c = load(&[("VLEMBED_CPU_BACKEND", "onednn")], None).unwrap();
+        assert!(c.models.iter().all(|m| m.cpu_backend == CpuBackend::Onednn));
+        let c = load(
+            &[("VLEMBED_CPU_BACKEND", "onednn")],
+            Some(CpuBackend::Native),
+        )
+        .unwrap();
+        assert!(c.models.iter().all(|m| m.cpu_backend == CpuBackend::Native));
+        let err = load(&[("VLEMBED_CPU_BACKEND", "mkl")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("VLEMBED_CPU_BACKEND") && err.contains("auto, native or onednn"),
+            "{err}"
+        );
+        let bad = write_file(
+            "cpu-backend-bad.toml",
+            "[[models]]\nsource = \"org/a\"\ncpu_backend = \"gpu\"\n",
+        );
+        let err = Config::load(&Layers {
+            file: Some(bad),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("auto, native or onednn"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_nn::VarBuilder;
 use serde::Serialize;
 
-use super::{clip, llava, ConfigError, EmbeddingModel, LoadOptions, ModelError, ModelFiles};
+use super::{clip, llava, ops, ConfigError, EmbeddingModel, LoadOptions, ModelError, ModelFiles};
 use crate::preprocess::Preprocessor;
 
 /// Every family, in detection order.
@@ -61,12 +61,21 @@ pub struct FamilyModel {
     pub uses_instructions: bool,
     pub preprocessor: Preprocessor,
     pub replicas: Box<dyn ReplicaBuilder>,
+    /// The matrix products one layer of the replicas' fast CPU encoders
+    /// computes on a typical batch (what `cpu_backend = "auto"` measures);
+    /// empty when the model has none.
+    pub matmuls: Vec<ops::MatmulShape>,
 }
 
 /// Builds one replica of a configured model from its weights.
 pub trait ReplicaBuilder: Send + Sync {
-    /// A replica on `vb`'s device and dtype.
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError>;
+    /// A replica on `vb`'s device and dtype; on the CPU, the fast
+    /// encoders' products run on `backend`.
+    fn build(
+        &self,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> Result<Box<dyn EmbeddingModel>, ModelError>;
 }
 
 /// One of the architectures in [`FAMILIES`], as `config.json` names it.

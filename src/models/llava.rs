@@ -29,7 +29,7 @@ use serde_json::Value;
 use super::clip::{ClipVisionConfig, ClipVisionTransformer};
 use super::family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder};
 use super::mistral::{DecoderError, MistralConfig, MistralModel};
-use super::{source, ConfigError, EmbeddingModel, ModelError};
+use super::{ops, source, ConfigError, EmbeddingModel, ModelError};
 use crate::preprocess::anyres::{self, parse_pinpoints, Size, DEFAULT_PINPOINTS};
 use crate::preprocess::llava as llava_pre;
 use crate::preprocess::{LlavaPreprocessor, Prepared, Preprocessor};
@@ -240,13 +240,18 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
         max_text_tokens: pre.max_text_tokens(),
         uses_instructions: true,
         preprocessor: Preprocessor::Llava(pre),
+        matmuls: cfg.vision_config.matmul_shapes(),
         replicas: Box::new(cfg),
     })
 }
 
 impl ReplicaBuilder for LlavaConfig {
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
-        let model = LlavaModel::new(self, vb).map_err(|e| ModelError::Build {
+    fn build(
+        &self,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+        let model = LlavaModel::with_backend(self, vb, backend).map_err(|e| ModelError::Build {
             family: "LLaVA",
             source: Box::new(e),
         })?;
@@ -293,10 +298,23 @@ fn decoder_error(e: DecoderError) -> ModelError {
 impl LlavaModel {
     /// `vb` points at the checkpoint's root.
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_backend(cfg, vb, ops::Backend::Native)
+    }
+
+    /// [`Self::new`] with the CPU vision encoder's products on `backend`
+    /// (the decoder runs on candle either way).
+    pub fn with_backend(
+        cfg: &LlavaConfig,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> candle_core::Result<Self> {
         let vh = cfg.vision_config.hidden_size;
         let th = cfg.text_config.hidden_size;
-        let vision =
-            ClipVisionTransformer::new(&cfg.vision_config, vb.pp("vision_tower.vision_model"))?;
+        let vision = ClipVisionTransformer::new(
+            &cfg.vision_config,
+            backend,
+            vb.pp("vision_tower.vision_model"),
+        )?;
         let mp = vb.pp("multi_modal_projector");
         Ok(LlavaModel {
             vision,

@@ -25,7 +25,7 @@ pub mod weights;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -34,6 +34,7 @@ use crate::preprocess::{self, Prepared, Preprocessor};
 pub use error::{ConfigError, ModelError};
 pub use family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder, FAMILIES};
 pub use fingerprint::Fingerprint;
+pub use ops::{Backend, BackendChoice, CpuBackend};
 pub use source::{ModelFiles, ModelSource};
 
 /// The floating point type the weights are computed in.
@@ -143,6 +144,9 @@ pub struct ModelInfo {
     pub uses_instructions: bool,
     /// What decides the model's vectors, hashed (see [`fingerprint`]).
     pub fingerprint: Fingerprint,
+    /// What the CPU replicas' matrix products run on and why; `None` until
+    /// a CPU replica is built (see [`LoadedModel::served_info`]).
+    pub cpu_backend: Option<BackendChoice>,
 }
 
 /// A model replica on one device: turns a batch of prepared inputs into one
@@ -182,6 +186,10 @@ pub struct LoadedModel {
     pub preprocessor: Arc<Preprocessor>,
     replicas: Box<dyn ReplicaBuilder>,
     weights: Vec<PathBuf>,
+    /// `LoadOptions::cpu_backend`, resolved at the first CPU replica.
+    cpu_backend: CpuBackend,
+    matmuls: Vec<ops::MatmulShape>,
+    cpu: OnceLock<BackendChoice>,
 }
 
 /// Options that apply when loading a model.
@@ -193,6 +201,9 @@ pub struct LoadOptions {
     /// [`llava::DEFAULT_MAX_INPUT_TOKENS`]), capped at its decoder's
     /// `max_position_embeddings`. Bounds the decoder's attention memory.
     pub max_input_tokens: Option<usize>,
+    /// What the CPU replicas' matrix products run on (`auto`: measured at
+    /// the first CPU replica, see [`ops::backend`]).
+    pub cpu_backend: CpuBackend,
 }
 
 impl LoadedModel {
@@ -249,19 +260,66 @@ impl LoadedModel {
                 max_text_tokens: model.max_text_tokens,
                 uses_instructions: model.uses_instructions,
                 fingerprint,
+                cpu_backend: None,
             },
             preprocessor: Arc::new(model.preprocessor),
             replicas: model.replicas,
             weights,
+            cpu_backend: opts.cpu_backend,
+            matmuls: model.matmuls,
+            cpu: OnceLock::new(),
         })
     }
 
-    /// Maps the weights onto `device` and builds a replica.
+    /// Maps the weights onto `device` and builds a replica. The first CPU
+    /// replica settles the CPU backend (for `auto`, by measuring both: about
+    /// a second for BGE-VL-base), which every later one shares.
     pub fn replica(&self, device: &Device) -> Result<Box<dyn EmbeddingModel>, ModelError> {
         let dtype = self.info.dtype.dtype();
+        let backend = if device.is_cpu() {
+            self.resolve_cpu_backend()?.backend
+        } else {
+            Backend::Native
+        };
         let weights = weights::MappedWeights::open(&self.weights)?;
         let vb = candle_nn::VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-        self.replicas.build(vb)
+        self.replicas.build(vb, backend)
+    }
+
+    fn resolve_cpu_backend(&self) -> Result<&BackendChoice, ModelError> {
+        if let Some(c) = self.cpu.get() {
+            return Ok(c);
+        }
+        // The fast kernels run in f32 and bf16 only: in f16 nothing to measure.
+        let shapes = match self.info.dtype {
+            Precision::F16 => &[][..],
+            Precision::F32 | Precision::Bf16 => &self.matmuls[..],
+        };
+        let bf16 = self.info.dtype == Precision::Bf16;
+        let choice = ops::backend::resolve(self.cpu_backend, bf16, shapes)?;
+        tracing::info!(
+            backend = %choice.backend,
+            requested = %choice.requested,
+            reason = %choice.reason,
+            onednn = choice.onednn.as_deref().unwrap_or("none"),
+            "CPU backend"
+        );
+        // Two first replicas built at once both resolve; the first stored
+        // choice is the one every replica uses.
+        Ok(self.cpu.get_or_init(|| choice))
+    }
+
+    /// The CPU backend, once a CPU replica has been built.
+    pub fn cpu_backend(&self) -> Option<&BackendChoice> {
+        self.cpu.get()
+    }
+
+    /// [`Self::info`] with the CPU backend filled in (once known).
+    pub fn served_info(&self) -> ModelInfo {
+        ModelInfo {
+            cpu_backend: self.cpu.get().cloned(),
+            ..self.info.clone()
+        }
     }
 }
 

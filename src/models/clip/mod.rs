@@ -41,7 +41,7 @@ pub use config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use vision::ClipVisionTransformer;
 
 use super::family::{Architecture, Family, FamilyModel, LoadContext, ReplicaBuilder};
-use super::{source, EmbeddingModel, ModelError};
+use super::{ops, source, EmbeddingModel, ModelError};
 use crate::preprocess::{ClipPreprocessor, Prepared, Preprocessor};
 use text::TextTower;
 use vision::VisionTower;
@@ -80,18 +80,25 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
             pre_path.display()
         )));
     }
+    let mut matmuls = cfg.text_config.matmul_shapes();
+    matmuls.extend(cfg.vision_config.matmul_shapes());
     Ok(FamilyModel {
         dimensions: cfg.projection_dim,
         max_text_tokens: pre.max_text_tokens(),
         uses_instructions: false,
         preprocessor: Preprocessor::Clip(pre),
         replicas: Box::new(cfg),
+        matmuls,
     })
 }
 
 impl ReplicaBuilder for ClipConfig {
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
-        let model = ClipModel::new(self, vb).map_err(|e| ModelError::Build {
+    fn build(
+        &self,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+        let model = ClipModel::with_backend(self, vb, backend).map_err(|e| ModelError::Build {
             family: "CLIP",
             source: Box::new(e),
         })?;
@@ -111,15 +118,25 @@ impl ClipModel {
     /// On the CPU, asking for bf16 (which candle's CPU matmul lacks) builds
     /// an f32 model whose encoder linears run in bf16 with f32
     /// accumulation (see [`super::ops::Linear::into_bf16`]), like PyTorch's bf16
-    /// autocast.
+    /// autocast. The products run on the native kernels.
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_backend(cfg, vb, ops::Backend::Native)
+    }
+
+    /// [`Self::new`] with the CPU encoders' products on `backend`.
+    pub fn with_backend(
+        cfg: &ClipConfig,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> candle_core::Result<Self> {
         let device = vb.device().clone();
         let bf16 = device.is_cpu() && vb.dtype() == DType::BF16;
         let vb = if bf16 { vb.set_dtype(DType::F32) } else { vb };
         let dtype = vb.dtype();
+        let (t, v) = (&cfg.text_config, &cfg.vision_config);
         Ok(ClipModel {
-            text: TextTower::new(&cfg.text_config, cfg.projection_dim, bf16, vb.clone())?,
-            vision: VisionTower::new(&cfg.vision_config, cfg.projection_dim, bf16, vb)?,
+            text: TextTower::new(t, cfg.projection_dim, bf16, backend, vb.clone())?,
+            vision: VisionTower::new(v, cfg.projection_dim, bf16, backend, vb)?,
             device,
             dtype,
         })
