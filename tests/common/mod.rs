@@ -48,8 +48,13 @@ pub mod tol {
     pub const MLLM_BF16_COSINE: f64 = 0.97;
     /// CLIP in bf16 (weights and activations of the encoder products in
     /// bf16, f32 accumulation) against the same model in f32: cosine at
-    /// least this, on every CPU backend.
+    /// least this, on every CPU backend (the full-size model).
     pub const CLIP_BF16_COSINE: f64 = 0.999;
+    /// The same on the tiny fixture: every input but one is above 0.9995;
+    /// its 77-token text (one sentence repeated) reaches 0.99893 on both
+    /// backends alike (the rounding is the same; this tiny random model's
+    /// attention is very sharp, see MLLM_BF16_COSINE).
+    pub const CLIP_TINY_BF16_COSINE: f64 = 0.998;
 }
 
 pub fn repo() -> PathBuf {
