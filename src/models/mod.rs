@@ -304,6 +304,15 @@ impl LoadedModel {
             onednn = choice.onednn.as_deref().unwrap_or("none"),
             "CPU backend"
         );
+        if choice.backend == Backend::Onednn
+            && std::env::var_os("OMP_WAIT_POLICY").is_none()
+            && std::env::var_os("GOMP_SPINCOUNT").is_none()
+        {
+            tracing::warn!(
+                "oneDNN's OpenMP threads spin after each product, on the cores the native \
+                 kernels use next: set OMP_WAIT_POLICY=passive (README, CPU backends)"
+            );
+        }
         // Two first replicas built at once both resolve; the first stored
         // choice is the one every replica uses.
         Ok(self.cpu.get_or_init(|| choice))

@@ -248,8 +248,10 @@ fn use_fast_kernels(vb: &VarBuilder, act: Activation) -> bool {
 /// once (a group holds at least one sequence).
 const GROUP_ROWS: usize = 800;
 
-/// Rows of a typical text batch: 32 short texts of about 16 tokens.
+/// Rows of a typical text batch: 32 short texts of about 16 tokens; and of
+/// one short text (a query).
 const TEXT_ROWS: usize = 512;
+const QUERY_ROWS: usize = 16;
 
 /// The products one fast layer of width `hidden` computes over a group of
 /// `rows` rows (none when the encoder runs on candle), for
@@ -267,15 +269,12 @@ fn layer_shapes(
 }
 
 impl ClipTextConfig {
-    /// A text batch's products per fast layer.
+    /// A text batch's and one short text's products per fast layer.
     pub(crate) fn matmul_shapes(&self) -> Vec<ops::MatmulShape> {
-        let rows = TEXT_ROWS.min(GROUP_ROWS);
-        layer_shapes(
-            self.hidden_act,
-            rows,
-            self.hidden_size,
-            self.intermediate_size,
-        )
+        let (act, h, i) = (self.hidden_act, self.hidden_size, self.intermediate_size);
+        let mut s = layer_shapes(act, TEXT_ROWS.min(GROUP_ROWS), h, i);
+        s.extend(layer_shapes(act, QUERY_ROWS, h, i));
+        s
     }
 }
 

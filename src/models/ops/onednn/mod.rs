@@ -4,9 +4,10 @@
 //! Owns the process's oneDNN state: one CPU engine, one stream behind a
 //! lock (see "Threads"), the weight layouts oneDNN prefers per shape, and a
 //! cache of matmul primitives per shape (creating one compiles kernels:
-//! 0.3-1 ms; executing a cached one costs nothing extra). It may not touch
-//! rayon's pool, the native kernels or anything above `ops`: a
-//! [`Weights`] is what [`super::Linear`] holds when it runs here.
+//! 0.3-1 ms; executing a cached one costs nothing extra). It uses rayon
+//! only to round activations to bf16 (outside the lock), and may not touch
+//! the native kernels or anything above `ops`: a [`Weights`] is what
+//! [`super::Linear`] holds when it runs here.
 //!
 //! What runs: `y[rows, n] (+)= act(x[rows, k] · Wᵀ + b)` with `W` reordered
 //! once, at load, into the blocked layout oneDNN's kernels want for its
