@@ -15,7 +15,10 @@
 //! A [`Linear`] can also hold its weight in bf16 ([`Linear::into_bf16`]):
 //! on CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids) its product
 //! then runs on `vdpbf16ps` — bf16 inputs, f32 accumulation, twice the
-//! multiply-adds per cycle of f32 FMA — like PyTorch's bf16 autocast.
+//! multiply-adds of an f32 FMA per instruction — like PyTorch's bf16
+//! autocast. That pays on AMD Zen 4/5; on Intel Xeons, where the FMA issues
+//! on two ports and `vdpbf16ps` (as far as we know) on one, it does not
+//! (BENCHMARKS.md, issue 20): there oneDNN's AMX products are the fast bf16.
 //! Elsewhere the bf16-rounded weight is kept as f32 and used by `gemm`.
 //!
 //! Every function checks that its slices are long enough for the shapes it
