@@ -19,10 +19,15 @@
 //! one) and by keeping the native kernels unless oneDNN is clearly faster
 //! overall ([`ONEDNN_MIN_SPEEDUP`]) and not clearly slower on any class of
 //! rows ([`ONEDNN_MAX_SLOWDOWN`]): a near tie never flips between two
-//! loads, and a win on images does not buy a loss on queries.
+//! loads, and a win on images does not buy a loss on queries. Products too
+//! small to time (a tiny test model) stay native, and a process decides
+//! once per dtype and shapes, so two models of the same shapes compute the
+//! same vectors.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -143,7 +148,7 @@ pub enum BackendError {
 
 /// One matrix product a model's fast encoder computes per layer: `rows x k`
 /// by `k x n` (rows: a typical batch's, e.g. a group of images' tokens).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MatmulShape {
     pub rows: usize,
     pub k: usize,
@@ -175,6 +180,19 @@ pub const ONEDNN_MAX_SLOWDOWN: f64 = 0.9;
 
 /// Timed rounds per backend (after one untimed round).
 const ROUNDS: usize = 3;
+
+/// Below this many milliseconds of native products per layer (a tiny test
+/// model), timings are noise and fixed costs: `auto` keeps native.
+const MIN_MEASURABLE_MS: f64 = 2.0;
+
+/// `auto`'s decisions in this process, by dtype and shapes: a second model
+/// or replica of the same shapes gets the same backend (and so the same
+/// vectors, bit for bit) without measuring again.
+fn decided() -> &'static Mutex<HashMap<(bool, Vec<MatmulShape>), BackendChoice>> {
+    static DECIDED: OnceLock<Mutex<HashMap<(bool, Vec<MatmulShape>), BackendChoice>>> =
+        OnceLock::new();
+    DECIDED.get_or_init(Default::default)
+}
 
 /// The linked oneDNN, or why it cannot be used.
 fn onednn() -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
@@ -227,6 +245,15 @@ pub fn resolve(
                     Some(info),
                 ));
             }
+            let key = (bf16, shapes.to_vec());
+            let known = decided()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .cloned();
+            if let Some(c) = known {
+                return Ok(c);
+            }
             let t = match calibrate(bf16, shapes) {
                 Ok(t) => t,
                 Err(e) => {
@@ -238,7 +265,9 @@ pub fn resolve(
                 }
             };
             let (native, onednn) = (t.native(), t.onednn());
-            let (backend, verdict) = if native < ONEDNN_MIN_SPEEDUP * onednn {
+            let (backend, verdict) = if native < MIN_MEASURABLE_MS {
+                (Backend::Native, "too small to tell")
+            } else if native < ONEDNN_MIN_SPEEDUP * onednn {
                 (
                     Backend::Native,
                     if onednn < native {
@@ -255,7 +284,7 @@ pub fn resolve(
             } else {
                 (Backend::Onednn, "oneDNN faster")
             };
-            Ok(BackendChoice {
+            let c = BackendChoice {
                 backend,
                 requested,
                 reason: format!(
@@ -267,7 +296,13 @@ pub fn resolve(
                 onednn: Some(info),
                 native_ms: Some(native),
                 onednn_ms: Some(onednn),
-            })
+            };
+            decided()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_insert(c.clone());
+            Ok(c)
         }
     }
 }
@@ -433,9 +468,11 @@ mod tests {
             if cfg!(feature = "onednn") {
                 let (n, o) = (c.native_ms.unwrap(), c.onednn_ms.unwrap());
                 assert!(n > 0.0 && o > 0.0, "{c}");
-                if n < ONEDNN_MIN_SPEEDUP * o {
+                if n < ONEDNN_MIN_SPEEDUP * o || n < MIN_MEASURABLE_MS {
                     assert_eq!(c.backend, Backend::Native, "{c}");
                 }
+                // Decided once per dtype and shapes in a process.
+                assert_eq!(resolve(CpuBackend::Auto, bf16, &shapes).unwrap(), c);
                 if c.backend == Backend::Onednn {
                     assert!(c.reason.ends_with("oneDNN faster"), "{c}");
                 }
