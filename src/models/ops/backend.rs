@@ -181,9 +181,10 @@ pub const ONEDNN_MAX_SLOWDOWN: f64 = 0.9;
 /// Timed rounds per backend (after one untimed round).
 const ROUNDS: usize = 3;
 
-/// Below this many milliseconds of native products per layer (a tiny test
-/// model), timings are noise and fixed costs: `auto` keeps native.
-const MIN_MEASURABLE_MS: f64 = 2.0;
+/// Below this many floating-point operations per layer (a tiny test model;
+/// BGE-VL-base's image group alone is 11 GFLOP) timings are noise and fixed
+/// costs: `auto` keeps native without measuring, whatever the build.
+const MIN_FLOP: f64 = 1e8;
 
 /// `auto`'s decisions in this process, by dtype and shapes: a second model
 /// or replica of the same shapes gets the same backend (and so the same
@@ -245,6 +246,20 @@ pub fn resolve(
                     Some(info),
                 ));
             }
+            let flop: f64 = shapes
+                .iter()
+                .map(|s| 2.0 * (s.rows * s.k * s.n) as f64)
+                .sum();
+            if flop < MIN_FLOP {
+                return Ok(choice(
+                    Backend::Native,
+                    format!(
+                        "products too small to tell ({:.1} MFLOP per layer)",
+                        flop / 1e6
+                    ),
+                    Some(info),
+                ));
+            }
             let key = (bf16, shapes.to_vec());
             let known = decided()
                 .lock()
@@ -265,9 +280,7 @@ pub fn resolve(
                 }
             };
             let (native, onednn) = (t.native(), t.onednn());
-            let (backend, verdict) = if native < MIN_MEASURABLE_MS {
-                (Backend::Native, "too small to tell")
-            } else if native < ONEDNN_MIN_SPEEDUP * onednn {
+            let (backend, verdict) = if native < ONEDNN_MIN_SPEEDUP * onednn {
                 (
                     Backend::Native,
                     if onednn < native {
@@ -460,15 +473,16 @@ mod tests {
     /// `auto` decides, says why, and reports both timings when it measured.
     #[test]
     fn auto_measures_when_it_can_and_falls_back_when_it_cannot() {
-        let mut shapes = MatmulShape::layer(50, 64, 256).to_vec();
-        shapes.extend(MatmulShape::layer(3, 64, 256));
+        // 0.16 GFLOP: measured (a tiny model is not, see below).
+        let mut shapes = MatmulShape::layer(400, 128, 512).to_vec();
+        shapes.extend(MatmulShape::layer(3, 128, 512));
         for bf16 in [false, true] {
             let c = resolve(CpuBackend::Auto, bf16, &shapes).unwrap();
             assert_eq!(c.requested, CpuBackend::Auto);
             if cfg!(feature = "onednn") {
                 let (n, o) = (c.native_ms.unwrap(), c.onednn_ms.unwrap());
                 assert!(n > 0.0 && o > 0.0, "{c}");
-                if n < ONEDNN_MIN_SPEEDUP * o || n < MIN_MEASURABLE_MS {
+                if n < ONEDNN_MIN_SPEEDUP * o {
                     assert_eq!(c.backend, Backend::Native, "{c}");
                 }
                 // Decided once per dtype and shapes in a process.
@@ -485,5 +499,8 @@ mod tests {
         }
         let none = resolve(CpuBackend::Auto, false, &[]).unwrap();
         assert_eq!(none.backend, Backend::Native);
+        let tiny = resolve(CpuBackend::Auto, false, &MatmulShape::layer(50, 32, 64)).unwrap();
+        assert_eq!(tiny.backend, Backend::Native);
+        assert_eq!(tiny.native_ms, None, "{tiny}");
     }
 }
