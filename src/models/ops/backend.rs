@@ -189,11 +189,13 @@ const MIN_FLOP: f64 = 1e8;
 /// `auto`'s decisions in this process, by dtype and shapes: a second model
 /// or replica of the same shapes gets the same backend (and so the same
 /// vectors, bit for bit) without measuring again.
-fn decided() -> &'static Mutex<HashMap<(bool, Vec<MatmulShape>), BackendChoice>> {
-    static DECIDED: OnceLock<Mutex<HashMap<(bool, Vec<MatmulShape>), BackendChoice>>> =
-        OnceLock::new();
+fn decided() -> &'static Mutex<Decisions> {
+    static DECIDED: OnceLock<Mutex<Decisions>> = OnceLock::new();
     DECIDED.get_or_init(Default::default)
 }
+
+/// `auto`'s choices by (bf16, shapes).
+type Decisions = HashMap<(bool, Vec<MatmulShape>), BackendChoice>;
 
 /// The linked oneDNN, or why it cannot be used.
 fn onednn() -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
