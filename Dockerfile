@@ -17,22 +17,32 @@ FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0
+# oneDNN from Debian (the `onednn` feature links libdnnl.so.2; see README,
+# "CPU backends").
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libdnnl-dev \
+    && rm -rf /var/lib/apt/lists/*
 # Dependencies only, built from the manifests with empty sources: this layer
 # is reused until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked --bin vlembed \
+    && cargo build --release --locked --features onednn --bin vlembed \
     && rm -rf src target/release/vlembed target/release/deps/vlembed-* \
         target/release/deps/libvlembed-* target/release/.fingerprint/vlembed-*
 # The crate itself.
 COPY . .
-RUN cargo build --release --locked --bin vlembed \
+RUN cargo build --release --locked --features onednn --bin vlembed \
     && strip target/release/vlembed \
     && target/release/vlembed --version
 
 FROM ${RUNTIME_IMAGE}
+# oneDNN's runtime (libdnnl2 brings GNU OpenMP, libgomp1), the same Debian
+# package the build stage linked.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libdnnl2 \
+    && rm -rf /var/lib/apt/lists/*
 # A numeric non-root user (Kubernetes' runAsNonRoot can verify it); /data is
 # the Hugging Face Hub cache (HF_HOME), a volume so downloads persist.
 RUN groupadd --system --gid 10001 vlembed \
@@ -42,9 +52,13 @@ RUN groupadd --system --gid 10001 vlembed \
     && chown 10001:10001 /data
 COPY --from=build /src/target/release/vlembed /usr/local/bin/vlembed
 USER 10001:10001
+# OMP_WAIT_POLICY: oneDNN's OpenMP threads sleep as soon as a product ends
+# instead of spinning on the cores the native kernels use next (README, "CPU
+# backends").
 ENV HF_HOME=/data \
     VLEMBED_HOST=0.0.0.0 \
-    VLEMBED_PORT=8080
+    VLEMBED_PORT=8080 \
+    OMP_WAIT_POLICY=passive
 EXPOSE 8080
 VOLUME ["/data"]
 # vlembed is PID 1 and handles SIGTERM itself: /ready turns 503, in-flight

@@ -22,7 +22,7 @@ use clap::Parser;
 use serde_json::{json, Map, Value};
 use vlembed::embedder::Embedder;
 use vlembed::input::Input;
-use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
+use vlembed::models::{CpuBackend, DeviceSpec, LoadOptions, ModelSource, Precision};
 use vlembed::preprocess::Prepared;
 
 #[derive(Parser)]
@@ -54,6 +54,9 @@ struct Args {
     dtype: Precision,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// What the CPU matrix products run on: auto, native or onednn.
+    #[arg(long, env = "VLEMBED_CPU_BACKEND", default_value = "auto")]
+    cpu_backend: CpuBackend,
     /// Skip image measurements (e.g. with a dtype whose image path fails on CPU).
     #[arg(long)]
     no_images: bool,
@@ -164,18 +167,23 @@ fn main() -> anyhow::Result<()> {
     let source = ModelSource::parse(&args.model, None);
     let opts = LoadOptions {
         dtype: args.dtype,
+        cpu_backend: args.cpu_backend,
         ..Default::default()
     };
     let t0 = Instant::now();
     let embedder = Embedder::load(&source, args.device, &opts)
         .with_context(|| format!("cannot load {}", args.model))?;
     let load_s = t0.elapsed().as_secs_f64();
+    let backend = embedder.loaded.cpu_backend().cloned();
     eprintln!(
-        "vlembed: loaded {} in {load_s:.1} s ({} dims, {}), candle CPU threads {}",
+        "vlembed: loaded {} in {load_s:.1} s ({} dims, {}), candle CPU threads {}, CPU backend {}",
         args.model,
         embedder.info().dimensions,
         args.dtype,
-        candle_core::utils::get_num_threads()
+        candle_core::utils::get_num_threads(),
+        backend
+            .as_ref()
+            .map_or("none".to_string(), |b| b.to_string()),
     );
 
     let mut res = Map::new();
@@ -269,6 +277,7 @@ fn main() -> anyhow::Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "rayon_num_threads_env": std::env::var("RAYON_NUM_THREADS").ok(),
         "load_s": load_s,
+        "cpu_backend": backend,
         "reps": args.reps,
         "warmup": args.warmup,
         "precisions": { args.dtype.as_str(): Value::Object(res) },

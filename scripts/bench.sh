@@ -21,6 +21,12 @@
 #   VLEMBED_BENCH_PORT     server port (default: a free loopback port)
 #   VLEMBED_BENCH_DTYPE    vlembed's dtype, model alone and server (default f32;
 #                          bf16 uses the AVX512-BF16 kernels where the CPU has them)
+#   VLEMBED_BENCH_BACKENDS the CPU backends the model alone is measured on, in turn
+#                          (default "native onednn" when Debian's libdnnl-dev is
+#                          installed, which also builds with --features onednn;
+#                          else "native")
+#   VLEMBED_BENCH_CPU_BACKEND  the server's --cpu-backend (default auto: it
+#                          measures at load; the choice is in the report)
 #   VLEMBED_BENCH_QUERY_INTERVAL_MS  pause of the query client between two
 #                          single-text requests in the mixed scenario (default 200)
 #   RAYON_NUM_THREADS      passed through to the model and the server
@@ -42,7 +48,7 @@ for arg in "$@"; do
         --quick) QUICK=1 ;;
         --no-reference) REFERENCE=0 ;;
         --no-write) WRITE=0 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -54,6 +60,17 @@ MODEL=${VLEMBED_BENCH_MODEL:-/tmp/bge-vl-$KIND-random}
 DTYPE=${VLEMBED_BENCH_DTYPE:-f32}
 WORK=${VLEMBED_BENCH_WORK:-/tmp/vlembed-bench}
 QUERY_MS=${VLEMBED_BENCH_QUERY_INTERVAL_MS:-200}
+# oneDNN when its headers are there (Debian's libdnnl-dev): built in, measured.
+FEATURES=()
+if [[ -e /usr/include/oneapi/dnnl/dnnl.h ]]; then
+    FEATURES=(--features onednn)
+    BACKENDS=${VLEMBED_BENCH_BACKENDS:-native onednn}
+else
+    BACKENDS=${VLEMBED_BENCH_BACKENDS:-native}
+fi
+SERVER_BACKEND=${VLEMBED_BENCH_CPU_BACKEND:-auto}
+# oneDNN's OpenMP threads sleep as soon as a product ends (README, CPU backends).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 RUN="$WORK/run-$KIND"
 INPUTS="$WORK/inputs"
 HELPER="$REPO/scripts/bench_reference.py"
@@ -154,7 +171,7 @@ if [[ $(find "$INPUTS/images" -name '*.jpg' 2>/dev/null | wc -l) -lt 32 || ! -s 
 fi
 
 log "building (release)"
-timeout 3600 cargo build --release --locked --bin vlembed --example bench_model --example loadgen
+timeout 3600 cargo build --release --locked "${FEATURES[@]}" --bin vlembed --example bench_model --example loadgen
 BIN=$REPO/target/release/vlembed
 EX=$REPO/target/release/examples
 
@@ -166,9 +183,16 @@ EX=$REPO/target/release/examples
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "dirty=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | wc -l)"
-    echo "cpu=$(awk -F': *' '/^model name/{n=$2} /^cpu family/{f=$2} /^model\t/{m=$2} /^cpu MHz/{z=$2}
-        /^flags/{b=($0 ~ / avx512_bf16/) ? ", avx512_bf16" : ($0 ~ / avx2/ ? ", avx2" : "")}
-        END{printf "%s (family %s model %s, %.0f MHz%s)", n, f, m, z, b}' /proc/cpuinfo)"
+    echo "cpu=$(awk -F': *' '/^vendor_id/{v=$2} /^model name/{n=$2} /^cpu family/{f=$2} /^model\t/{m=$2} /^cpu MHz/{z=$2}
+        /^flags/{b=($0 ~ / avx512_bf16/) ? ", avx512_bf16" : ($0 ~ / avx2/ ? ", avx2" : "")
+                 a=($0 ~ / amx_bf16/) ? ", amx_bf16 amx_tile" : ", no AMX"}
+        END{printf "%s %s (family %s model %s, %.0f MHz%s%s)", v, n, f, m, z, b, a}' /proc/cpuinfo)"
+    # One key per CPU kind for BENCHMARKS.md's sections.
+    echo "cpu_key=$(awk -F': *' '/^vendor_id/{v=$2} /^cpu family/{f=$2} /^model\t/{m=$2}
+        END{printf "%s-%s-%s", v, f, m}' /proc/cpuinfo)"
+    echo "backends=$BACKENDS"
+    echo "server_backend=$SERVER_BACKEND"
+    echo "omp_wait_policy=${OMP_WAIT_POLICY:-}"
     echo "cores=$(nproc)"
     echo "mem_gib=$(awk '/MemTotal/{printf "%.0f", $2/1048576}' /proc/meminfo)"
     echo "load_at_start=$LOAD_AT_START"
@@ -190,10 +214,13 @@ cpu_mark before
 sleep 5
 cpu_mark idle-5s
 
-# --- 1. the model alone --------------------------------------------------------
-log "model alone (vlembed, $BATCHES)"
-timeout 3600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --inputs "$INPUTS" --batch-sizes "$BATCHES" \
-    --text-batch-sizes "$TEXT_BATCHES" --reps "$REPS" --warmup "$WARMUP" --text-latency-reps "$TEXT_REPS" --json "$RUN/model.json"
+# --- 1. the model alone, on each CPU backend -------------------------------------
+for backend in $BACKENDS; do
+    log "model alone (vlembed, $backend, $BATCHES)"
+    timeout 3600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --cpu-backend "$backend" --inputs "$INPUTS" \
+        --batch-sizes "$BATCHES" --text-batch-sizes "$TEXT_BATCHES" --reps "$REPS" --warmup "$WARMUP" \
+        --text-latency-reps "$TEXT_REPS" --json "$RUN/model-$backend.json"
+done
 cpu_mark model
 
 # --- 2. the PyTorch reference --------------------------------------------------
@@ -210,7 +237,8 @@ URL="http://127.0.0.1:$PORT"
 log "server on $URL"
 # The embedding cache is off: the benchmark repeats its 32 inputs, and it
 # measures the model behind the server, not cache hits.
-VLEMBED_MODEL_DEFAULTS__EMBEDDING_CACHE_BYTES=0 VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --port "$PORT" \
+VLEMBED_MODEL_DEFAULTS__EMBEDDING_CACHE_BYTES=0 VLEMBED_LOG=${VLEMBED_LOG:-warn} "$BIN" serve --model "$MODEL" --dtype "$DTYPE" \
+    --cpu-backend "$SERVER_BACKEND" --host 127.0.0.1 --port "$PORT" \
     >"$RUN/server.log" 2>&1 &
 SERVER_PID=$!
 echo "$SERVER_PID" >"$RUN/server.pid"
@@ -231,6 +259,14 @@ rss_all() {
 }
 echo "ready $(rss_all)" >"$RUN/rss.txt"
 curl -fsS -m 5 "$URL/info" >"$RUN/info.json" || true
+# The model alone as the server runs it: the backend it settled on.
+CHOSEN=$("$PY" -c 'import json,sys; print((json.load(open(sys.argv[1]))["models"][0].get("cpu_backend") or {}).get("backend", "native"))' "$RUN/info.json" 2>/dev/null || echo native)
+echo "server_backend_chosen=$CHOSEN" >>"$RUN/meta.txt"
+if [[ -f "$RUN/model-$CHOSEN.json" ]]; then
+    cp "$RUN/model-$CHOSEN.json" "$RUN/model.json"
+else
+    cp "$RUN/model-${BACKENDS%% *}.json" "$RUN/model.json"
+fi
 "$PY" "$HELPER" threads --pid "$SERVER_PID" --json "$RUN/threads-idle.json"
 
 # Batches the server formed: counters of its vlembed_batch_size histogram
@@ -278,7 +314,7 @@ done
 # ±10% within minutes, more than the overhead measured, so the server is
 # compared with these two runs rather than with stage 1.
 text_model_mark() {
-    timeout 600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --inputs "$INPUTS" --no-images \
+    timeout 600 "$EX/bench_model" --model "$MODEL" --dtype "$DTYPE" --cpu-backend "$CHOSEN" --inputs "$INPUTS" --no-images \
         --batch-sizes 1 --text-batch-sizes "${TEXT_BATCHES##*,}" --reps "$REPS" --warmup "$WARMUP" \
         --text-latency-reps 1 --json "$RUN/model-texts-$1.json" 2>/dev/null || true
 }

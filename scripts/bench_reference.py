@@ -509,6 +509,18 @@ def render(run):
     out.append(f"- load average at start {meta.get('load_at_start', '?')}; CPU taken by other "
                "processes (cores, average): "
                + ", ".join(f"{n} {o:.2f}" for n, _, o, _ in stages))
+    info = _read_json(os.path.join(run, "info.json")) or {}
+    chosen = (_get(info, "models") or [{}])[0].get("cpu_backend") or {}
+    onednn = next((c.get("onednn") for c in
+                   ((_read_json(os.path.join(run, f"model-{b}.json")) or {}).get("cpu_backend") or {}
+                    for b in meta.get("backends", "").split()) if c.get("onednn")), None)
+    out.append(f"- CPU backends: model alone on {', '.join(meta.get('backends', 'native').split())}"
+               + (f" ({onednn})" if onednn else "")
+               + f"; the server ran `--cpu-backend {meta.get('server_backend', 'auto')}` and used "
+               f"**{chosen.get('backend', meta.get('server_backend_chosen', '?'))}**"
+               + (f" ({chosen['reason']})" if chosen.get("reason") else "")
+               + "; the \"vlembed\" columns below are that backend"
+               + (f"; OMP_WAIT_POLICY={meta['omp_wait_policy']}" if meta.get("omp_wait_policy") else ""))
     out.append(f"- inputs: 640x480 JPEGs (quality 90), short captions; figures are medians of "
                f"{meta.get('reps', '?')} repetitions after {meta.get('warmup', '?')} warm-up "
                f"(texts: twice as many)")
@@ -545,6 +557,22 @@ def render(run):
     out.append("")
     out.append("Ratios above 1 mean vlembed is faster (for times: PyTorch's time ÷ vlembed's).")
     out.append("")
+
+    # model alone per CPU backend
+    per = [(b, _get(_read_json(os.path.join(run, f"model-{b}.json")) or {}, "precisions", vl_dtype) or {})
+           for b in meta.get("backends", "").split()]
+    if len(per) > 1:
+        out.append(f"#### Model alone per CPU backend ({vl_dtype})")
+        out.append("")
+        out.append("| measure | batch | " + " | ".join(b for b, _ in per)
+                   + " | " + " | ".join(f"{b} ÷ {per[0][0]}" for b, _ in per[1:]) + " |")
+        out.append("|---|---:|" + "---:|" * (2 * len(per) - 1))
+        for label, key, sizes in rows:
+            for b in sizes:
+                vals = [_get(d, key, str(b), "per_s") for _, d in per]
+                out.append(f"| {label} | {b} | " + " | ".join(_fmt(v) for v in vals) + " | "
+                           + " | ".join(_fmt(_ratio(v, vals[0])) for v in vals[1:]) + " |")
+        out.append("")
 
     # server
     out.append("#### Server end to end (`POST /embed`, one image per request, keep-alive, loopback)")
@@ -714,8 +742,10 @@ def render(run):
                    "`vlembed-worker-`, truncated to 15 characters by Linux). Involuntary "
                    "switches = preemptions.")
         out.append("")
-    # Each (model, dtype) has its own section in BENCHMARKS.md.
+    # Each (model, dtype, CPU kind) has its own section in BENCHMARKS.md.
     key = kind if vl_dtype == "f32" else f"{kind}-{vl_dtype}"
+    if meta.get("cpu_key"):
+        key += ":" + meta["cpu_key"]
     return key, "\n".join(out) + "\n", busy
 
 

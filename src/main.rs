@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use vlembed::config::{Config, Layers, Overrides};
 use vlembed::embedder::Embedder;
 use vlembed::input::{Content, Input, Role};
-use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
+use vlembed::models::{CpuBackend, DeviceSpec, LoadOptions, ModelSource, Precision};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,9 @@ struct ProbeArgs {
     dtype: Precision,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// What the CPU matrix products run on: auto, native or onednn.
+    #[arg(long, env = "VLEMBED_CPU_BACKEND", default_value = "auto")]
+    cpu_backend: CpuBackend,
     /// Largest allowed difference of one component of a normalised probe
     /// vector when the server compares its probes with this file.
     #[arg(long, default_value_t = vlembed::probe::DEFAULT_TOLERANCE)]
@@ -94,6 +97,10 @@ struct ServeArgs {
     /// Weight precision of every served model.
     #[arg(long)]
     dtype: Option<Precision>,
+    /// What every served model's CPU matrix products run on: auto (measured
+    /// at load), native or onednn.
+    #[arg(long)]
+    cpu_backend: Option<CpuBackend>,
     /// Export traces over OTLP/HTTP to this endpoint (e.g. http://collector:4318).
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -130,6 +137,9 @@ struct EmbedArgs {
     dtype: Precision,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// What the CPU matrix products run on: auto, native or onednn.
+    #[arg(long, env = "VLEMBED_CPU_BACKEND", default_value = "auto")]
+    cpu_backend: CpuBackend,
     /// Return the unnormalised embedding.
     #[arg(long)]
     no_normalize: bool,
@@ -167,6 +177,7 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| source.default_name());
     let opts = LoadOptions {
         dtype: args.dtype,
+        cpu_backend: args.cpu_backend,
         ..Default::default()
     };
     let started = std::time::Instant::now();
@@ -196,6 +207,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let source = ModelSource::parse(&args.model, args.revision.as_deref());
     let opts = LoadOptions {
         dtype: args.dtype,
+        cpu_backend: args.cpu_backend,
         ..Default::default()
     };
     let embedder = Embedder::load(&source, args.device, &opts)
@@ -233,6 +245,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         revision: args.revision,
         devices: args.devices.map(|d| d.0),
         dtype: args.dtype,
+        cpu_backend: args.cpu_backend,
         otlp_endpoint: args.otlp_endpoint,
     };
     let config = Config::load(&Layers::from_process_env(args.config, flags))?;
@@ -241,6 +254,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             model = %m.name,
             source = %m.source,
             dtype = %m.dtype,
+            cpu_backend = %m.cpu_backend,
             devices = ?m.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             "configured model"
         );

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub worker_restarts: IntCounterVec,
     /// `vlembed_build_info{version, commit, features}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `vlembed_cpu_backend{model, backend}`: 1 for the backend a model's
+    /// CPU matrix products run on (`native` or `onednn`).
+    pub cpu_backend: IntGaugeVec,
     /// `vlembed_embedding_cache_hits_total{model}`: inputs answered from the cache.
     pub embedding_cache_hits: IntCounterVec,
     /// `vlembed_embedding_cache_misses_total{model}`: inputs looked up and not found.
@@ -64,6 +67,9 @@ pub fn features() -> String {
     let mut f = Vec::new();
     if cfg!(feature = "cuda") {
         f.push("cuda");
+    }
+    if cfg!(feature = "onednn") {
+        f.push("onednn");
     }
     f.join(",")
 }
@@ -180,6 +186,11 @@ impl Metrics {
                     "vlembed_build_info",
                     "Build facts as labels; always 1",
                     &["version", "commit", "features"],
+                )?,
+                cpu_backend: gauge(
+                    "vlembed_cpu_backend",
+                    "1 for the backend the model's CPU matrix products run on",
+                    &["model", "backend"],
                 )?,
                 embedding_cache_hits: counter(
                     "vlembed_embedding_cache_hits_total",
@@ -401,6 +412,7 @@ mod tests {
             .with_label_values(&["m", reason::QUEUE_FULL])
             .inc();
         m.model_ready.with_label_values(&["m"]).set(1);
+        m.cpu_backend.with_label_values(&["m", "onednn"]).set(1);
         let text = m.render();
         for name in [
             "vlembed_requests_total{endpoint=\"/embed\",model=\"m\",status=\"200\"} 1",
@@ -413,6 +425,7 @@ mod tests {
             "vlembed_inputs_total{modality=\"text\",model=\"m\"} 1",
             "vlembed_rejected_total{model=\"m\",reason=\"queue_full\"} 1",
             "vlembed_model_ready{model=\"m\"} 1",
+            "vlembed_cpu_backend{backend=\"onednn\",model=\"m\"} 1",
             "vlembed_build_info{commit=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -510,6 +510,11 @@ async fn a_summary_line_is_logged_once_ready() {
     let msg = line["fields"]["message"].as_str().unwrap();
     assert!(msg.contains("auth on (1 keys)"), "{msg}");
     assert!(msg.contains("/docs"), "{msg}");
+    // The CPU backend the model settled on (auto: native or onednn).
+    assert!(
+        msg.contains(", cpu backend native") || msg.contains(", cpu backend onednn"),
+        "{msg}"
+    );
     s.stop().await;
 }
 

@@ -14,7 +14,7 @@ use serde_json::Value;
 use vlembed::embedder::{l2_normalize, Embedder};
 use vlembed::input::{Content, Input, Modality};
 use vlembed::models::clip::{ClipInput, ClipPreprocessor};
-use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
 use vlembed::preprocess::{Pixels, Prepared, Preprocessor};
 
 mod common;
@@ -140,9 +140,18 @@ fn pixel_tensors_match_the_reference() {
     assert!(checked >= 12, "only {checked} images checked");
 }
 
-/// From the reference's own ids and pixels, the embeddings agree to 1e-5.
+/// From the reference's own ids and pixels, the embeddings agree to 1e-5,
+/// on every CPU backend.
 fn check_embeddings_from_identical_inputs(model: &str, json: &str) {
-    check_identical(&load(model), &reference_file(json), &ref_pixels(), model);
+    for b in backends() {
+        let e = load_with(model, Precision::F32, b);
+        check_identical(
+            &e,
+            &reference_file(json),
+            &ref_pixels(),
+            &format!("{model} ({b})"),
+        );
+    }
 }
 
 fn check_identical(e: &Embedder, r: &Value, px: &HashMap<String, Tensor>, model: &str) {
@@ -194,7 +203,68 @@ fn first_eos_pooling_variant_matches() {
 
 #[test]
 fn end_to_end_from_bytes_matches() {
-    check_end_to_end(&load("clip-tiny"), &reference_file("clip-tiny.json"));
+    for b in backends() {
+        let e = load_with("clip-tiny", Precision::F32, b);
+        check_end_to_end(&e, &reference_file("clip-tiny.json"));
+    }
+}
+
+/// In bf16 (the encoder products' weights and activations rounded, f32
+/// accumulation), on every CPU backend, the embeddings of the reference's
+/// ids and pixels stay within cosine 0.999 of f32's.
+#[test]
+fn bf16_stays_close_to_f32() {
+    let f32_model = load_with(
+        "clip-tiny",
+        Precision::F32,
+        vlembed::models::CpuBackend::Native,
+    );
+    for b in backends() {
+        let e = load_with("clip-tiny", Precision::Bf16, b);
+        check_bf16(
+            &e,
+            &f32_model,
+            &reference_file("clip-tiny.json"),
+            &ref_pixels(),
+            &format!("clip-tiny ({b})"),
+            tol::CLIP_TINY_BF16_COSINE,
+        );
+    }
+}
+
+fn check_bf16(
+    e: &Embedder,
+    f: &Embedder,
+    r: &Value,
+    px: &HashMap<String, Tensor>,
+    what: &str,
+    bound: f64,
+) {
+    let mut items = Vec::new();
+    for case in r["texts"].as_array().unwrap() {
+        items.push(prepared(Some(ids(&case["ids"])), None));
+    }
+    for case in r["images"].as_array().unwrap() {
+        let key = case["pixels"].as_str().unwrap();
+        items.push(prepared(None, Some(pixels_of(&px[key]))));
+    }
+    let refs: Vec<&Prepared> = items.iter().collect();
+    let low = e.embed_prepared(&refs, true).unwrap();
+    let want = f.embed_prepared(&refs, true).unwrap();
+    let cos: Vec<f64> = low.iter().zip(&want).map(|(a, b)| cosine(a, b)).collect();
+    let worst = cos.iter().copied().fold(1.0, f64::min);
+    for (i, c) in cos.iter().enumerate() {
+        assert!(*c >= bound, "{what} bf16 item {i}: cosine to f32 {c}");
+    }
+    // Not the f32 numbers: bf16 really ran.
+    assert!(
+        low.iter().zip(&want).any(|(a, b)| a != b),
+        "{what}: bf16 equals f32"
+    );
+    eprintln!(
+        "{what}: bf16 vs f32 over {} inputs, worst cosine {worst:.6}",
+        items.len()
+    );
 }
 
 fn check_end_to_end(e: &Embedder, r: &Value) {
@@ -257,7 +327,10 @@ fn check_end_to_end(e: &Embedder, r: &Value) {
 
 #[test]
 fn results_do_not_depend_on_batch_mates() {
-    check_batch_invariance(&load("clip-tiny"), &reference_file("clip-tiny.json"));
+    for b in backends() {
+        let e = load_with("clip-tiny", Precision::F32, b);
+        check_batch_invariance(&e, &reference_file("clip-tiny.json"));
+    }
 }
 
 fn check_batch_invariance(e: &Embedder, r: &Value) {
@@ -385,11 +458,19 @@ fn full_size_model_parity() {
     let dir = std::env::var_os("VLEMBED_PARITY_MODEL")
         .expect("VLEMBED_PARITY_MODEL must name a full-size model directory");
     let dir = PathBuf::from(dir);
-    let e = load_dir(&dir);
     let r = read_json(&dir.join("reference.json"));
-    check_identical(&e, &r, &ref_pixels_in(&dir), &dir.display().to_string());
-    check_end_to_end(&e, &r);
-    check_batch_invariance(&e, &r);
+    let px = ref_pixels_in(&dir);
+    let f32_model = load_dir_with(&dir, Precision::F32, vlembed::models::CpuBackend::Native);
+    for b in backends() {
+        let what = format!("{} ({b})", dir.display());
+        let e = load_dir_with(&dir, Precision::F32, b);
+        check_identical(&e, &r, &px, &what);
+        check_end_to_end(&e, &r);
+        check_batch_invariance(&e, &r);
+        let low = load_dir_with(&dir, Precision::Bf16, b);
+        check_bf16(&low, &f32_model, &r, &px, &what, tol::CLIP_BF16_COSINE);
+    }
+    let e = load_dir(&dir);
     // Time of one batch: 8 images of 640x480 preprocessed, then 8 texts.
     let jpeg =
         std::fs::read(repo().join("tests/fixtures/images/baseline_420_640x480.jpg")).unwrap();

@@ -224,12 +224,18 @@ fn pixel_tiles_match_the_reference() {
     }
 }
 
+/// On every CPU backend (the vision tower's products run on it; the
+/// decoder is candle's either way).
 #[test]
 fn embeddings_from_identical_inputs_match() {
-    for model in MODELS {
-        let e = load(model);
-        let r = mllm_reference(model);
-        let px = ref_pixels(model);
+    for (name, backend) in MODELS
+        .iter()
+        .flat_map(|m| backends().into_iter().map(move |b| (*m, b)))
+    {
+        let e = load_with(name, vlembed::models::Precision::F32, backend);
+        let r = mllm_reference(name);
+        let px = ref_pixels(name);
+        let model = format!("{name} ({backend})");
         let mut worst = [0f32; 3]; // text, image, composed
         let mut worst_raw = [0f32; 3];
         for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {

@@ -326,6 +326,7 @@ fn load_all(
                     architecture = served.info.architecture,
                     dimensions = served.info.dimensions,
                     fingerprint = %served.info.fingerprint,
+                    cpu_backend = served.info.cpu_backend.as_ref().map_or("none", |c| c.backend.as_str()),
                     workers = served.workers.len(),
                     seconds = start.elapsed().as_secs_f64(),
                     "model ready"
@@ -371,6 +372,7 @@ fn load_model(
     let mut opts = LoadOptions {
         dtype: cfg.dtype,
         max_input_tokens: cfg.max_input_tokens,
+        cpu_backend: cfg.cpu_backend,
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;
@@ -452,8 +454,16 @@ fn load_model(
         metrics.clone(),
     )
     .with_cache(cache);
+    // The first CPU worker settled the CPU backend while building its replica.
+    let info = loaded.served_info();
+    if let Some(c) = &info.cpu_backend {
+        metrics
+            .cpu_backend
+            .with_label_values(&[&cfg.name, c.backend.as_str()])
+            .set(1);
+    }
     Ok(ServedModel {
-        info: loaded.info.clone(),
+        info,
         batcher,
         workers,
         probes,

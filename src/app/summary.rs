@@ -1,7 +1,8 @@
 //! The one line an operator reads once the server is ready.
 //!
 //! Owns composing the startup summary (address, models with their
-//! architecture, devices, dtype and fingerprint, auth, UI routes) from the registry. It
+//! architecture, devices, dtype, fingerprint and CPU backend, auth, UI
+//! routes) from the registry. It
 //! changes nothing; [`super::server`] logs it when every model is loaded.
 
 use std::net::SocketAddr;
@@ -22,9 +23,13 @@ pub fn ready_line(registry: &Registry, addr: SocketAddr) -> String {
             let fingerprint = loaded
                 .as_ref()
                 .map_or_else(String::new, |s| format!(", {}", s.info.fingerprint.id));
+            let backend = loaded
+                .as_ref()
+                .and_then(|s| s.info.cpu_backend.as_ref())
+                .map_or_else(String::new, |b| format!(", cpu backend {}", b.backend));
             let devices: Vec<String> = c.devices.iter().map(|d| d.to_string()).collect();
             format!(
-                "{} ({arch}, {} on {}, {}{fingerprint})",
+                "{} ({arch}, {} on {}, {}{fingerprint}{backend})",
                 c.name,
                 c.dtype.as_str(),
                 devices.join("+"),

@@ -12,7 +12,7 @@ use super::{
     auto_precision, invalid, BatchLimits, Config, ConfigError, Layers, ModelConfig, Overrides,
 };
 use super::{DEFAULT_TOML, ENV_PREFIX};
-use crate::models::{DeviceSpec, ModelSource, UnknownPrecision};
+use crate::models::{CpuBackend, DeviceSpec, ModelSource, UnknownPrecision};
 
 /// Environment variables read by other parts of the program, not by the
 /// configuration layers.
@@ -138,6 +138,9 @@ impl Config {
                 m.dtype = dtype;
                 m.dtype_auto = false;
             }
+            if let Some(b) = o.cpu_backend {
+                m.cpu_backend = b;
+            }
         }
         Ok(())
     }
@@ -182,6 +185,7 @@ pub(super) fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, C
         revision: raw.revision,
         dtype,
         dtype_auto,
+        cpu_backend: raw.cpu_backend,
         devices,
         batching: BatchLimits {
             max_batch_size: raw.max_batch_size,
@@ -311,6 +315,13 @@ fn env_layer(env: &[(String, String)]) -> Result<(Table, Overrides), ConfigError
                     value
                         .parse()
                         .map_err(|e: UnknownPrecision| bad(e.to_string()))?,
+                )
+            }
+            "CPU_BACKEND" => {
+                o.cpu_backend = Some(
+                    value
+                        .parse::<CpuBackend>()
+                        .map_err(|e| bad(e.to_string()))?,
                 )
             }
             "OTLP_ENDPOINT" => o.otlp_endpoint = Some(value.clone()),

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use toml::Table;
 
 use super::ENV_PREFIX;
-use crate::models::{DeviceSpec, ModelSource, Precision};
+use crate::models::{CpuBackend, DeviceSpec, ModelSource, Precision};
 
 /// The `[server]` section.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -154,6 +154,8 @@ pub struct ModelConfig {
     /// `dtype = "auto"` (the default): `dtype` follows the devices (see
     /// [`auto_precision`]), also when `--devices` changes them.
     pub dtype_auto: bool,
+    /// What the CPU replicas' matrix products run on (`auto`: measured at load).
+    pub cpu_backend: CpuBackend,
     pub devices: Vec<DeviceSpec>,
     pub batching: BatchLimits,
     pub max_image_pixels: u64,
@@ -201,6 +203,7 @@ pub struct Overrides {
     pub revision: Option<String>,
     pub devices: Option<Vec<DeviceSpec>>,
     pub dtype: Option<Precision>,
+    pub cpu_backend: Option<CpuBackend>,
     pub otlp_endpoint: Option<String>,
 }
 
@@ -216,6 +219,7 @@ impl Overrides {
             revision: higher.revision.or(self.revision),
             devices: higher.devices.or(self.devices),
             dtype: higher.dtype.or(self.dtype),
+            cpu_backend: higher.cpu_backend.or(self.cpu_backend),
             otlp_endpoint: higher.otlp_endpoint.or(self.otlp_endpoint),
         }
     }
@@ -281,6 +285,7 @@ pub(super) struct RawModel {
     pub(super) source: String,
     pub(super) revision: String,
     pub(super) dtype: DtypeSetting,
+    pub(super) cpu_backend: CpuBackend,
     pub(super) devices: Vec<String>,
     pub(super) max_batch_size: usize,
     pub(super) max_batch_cost: usize,

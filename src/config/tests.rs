@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::layering::env_value;
 use super::*;
+use crate::models::CpuBackend;
 use toml::Value;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -418,4 +419,55 @@ fn connection_limits_are_validated() {
         .unwrap_err()
         .to_string()
         .contains("drain_delay_ms"));
+}
+
+/// `cpu_backend`: `auto` by default, set per model in a file, for every
+/// model by `VLEMBED_CPU_BACKEND` and by the flag (which wins); a bad
+/// value names the variable and the choices.
+#[test]
+fn cpu_backend_layers() {
+    let file = write_file(
+        "cpu-backend.toml",
+        "[[models]]\nname = \"a\"\nsource = \"org/a\"\ncpu_backend = \"native\"\n\
+         [[models]]\nname = \"b\"\nsource = \"org/b\"\n",
+    );
+    let load = |env_pairs: &[(&str, &str)], flag: Option<CpuBackend>| {
+        Config::load(&Layers {
+            file: Some(file.clone()),
+            env: env(env_pairs),
+            flags: Overrides {
+                cpu_backend: flag,
+                ..Default::default()
+            },
+        })
+    };
+    let c = load(&[], None).unwrap();
+    let got: Vec<CpuBackend> = c.models.iter().map(|m| m.cpu_backend).collect();
+    assert_eq!(got, [CpuBackend::Native, CpuBackend::Auto]);
+    let c = load(&[("VLEMBED_CPU_BACKEND", "onednn")], None).unwrap();
+    assert!(c.models.iter().all(|m| m.cpu_backend == CpuBackend::Onednn));
+    let c = load(
+        &[("VLEMBED_CPU_BACKEND", "onednn")],
+        Some(CpuBackend::Native),
+    )
+    .unwrap();
+    assert!(c.models.iter().all(|m| m.cpu_backend == CpuBackend::Native));
+    let err = load(&[("VLEMBED_CPU_BACKEND", "mkl")], None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("VLEMBED_CPU_BACKEND") && err.contains("auto, native or onednn"),
+        "{err}"
+    );
+    let bad = write_file(
+        "cpu-backend-bad.toml",
+        "[[models]]\nsource = \"org/a\"\ncpu_backend = \"gpu\"\n",
+    );
+    let err = Config::load(&Layers {
+        file: Some(bad),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("auto, native or onednn"), "{err}");
 }

@@ -422,6 +422,7 @@ pub async fn info(State(st): State<AppState>) -> Response {
                     refill_wait_ms: u64::try_from(c.batching.refill_wait.as_millis())
                         .unwrap_or(u64::MAX),
                 },
+                cpu_backend: info.and_then(|i| i.cpu_backend.clone()),
                 devices: c.devices.iter().map(|d| d.to_string()).collect(),
                 dimensions: info.map(|i| i.dimensions),
                 dtype: c.dtype.as_str(),

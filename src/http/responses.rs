@@ -197,6 +197,9 @@ pub struct InfoLimits {
 pub struct ModelInfo {
     pub architecture: Option<&'static str>,
     pub batching: BatchingInfo,
+    /// What the CPU replicas' matrix products run on and why (`null` until
+    /// a CPU replica is built, and for models on GPUs only).
+    pub cpu_backend: Option<crate::models::BackendChoice>,
     pub devices: Vec<String>,
     pub dimensions: Option<usize>,
     pub dtype: &'static str,
@@ -378,6 +381,7 @@ mod tests {
                     max_queue_inputs: 7,
                     refill_wait_ms: 13,
                 },
+                cpu_backend: None,
                 devices: vec!["cpu".into()],
                 dimensions: Some(16),
                 dtype: "f32",
@@ -407,7 +411,7 @@ mod tests {
                 "name": "m", "source": "dir", "status": "ready", "error": null,
                 "architecture": null, "dimensions": 16, "dtype": "f32", "devices": ["cpu"],
                 "live_workers": 1, "max_text_tokens": 77, "uses_instructions": false,
-                "max_image_pixels": 8, "fingerprint": null, "probes": null,
+                "max_image_pixels": 8, "fingerprint": null, "probes": null, "cpu_backend": null,
                 "max_input_tokens": null, "max_request_image_pixels": 12,
                 "embedding_cache": {"capacity_bytes": 9, "bytes": 0, "entries": 0},
                 "batching": {"max_batch_size": 5, "max_batch_cost": 4,

@@ -77,6 +77,9 @@ pub enum ModelError {
     Interrupted,
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The configured CPU backend cannot run here.
+    #[error(transparent)]
+    CpuBackend(#[from] super::ops::backend::BackendError),
 }
 
 /// What is wrong with a `config.json` (or a part of it).

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use candle_nn::VarBuilder;
 
 use super::error::{ConfigError, ModelError};
+use super::ops::{self, Backend, CpuBackend};
 use super::source::ModelFiles;
 use crate::preprocess::image::ImageLimits;
 use crate::preprocess::{self, Prepared, PreparedData, Preprocess, Preprocessor};
@@ -53,6 +54,9 @@ pub struct LoadOptions {
     /// default), capped at its decoder's `max_position_embeddings`. Bounds
     /// the decoder's attention memory.
     pub max_input_tokens: Option<usize>,
+    /// What the CPU replicas' matrix products run on (`auto`: measured at
+    /// the first CPU replica, see [`ops::backend`]).
+    pub cpu_backend: CpuBackend,
 }
 
 /// What a family's loader reads from.
@@ -91,6 +95,10 @@ pub struct FamilyModel {
     pub facts: Facts,
     pub preprocessor: Arc<dyn Preprocessor>,
     pub replicas: Box<dyn ReplicaBuilder>,
+    /// The matrix products one layer of the replicas' fast CPU encoders
+    /// computes on a typical batch (what `cpu_backend = "auto"` measures);
+    /// empty when the model has none.
+    pub matmuls: Vec<ops::MatmulShape>,
 }
 
 impl FamilyModel {
@@ -106,7 +114,14 @@ impl FamilyModel {
             facts,
             preprocessor: preprocess::erase(preprocessor),
             replicas: Box::new(ErasedReplicas(replicas)),
+            matmuls: Vec::new(),
         }
+    }
+
+    /// The same model, whose fast CPU encoders compute `matmuls` per layer
+    /// (what `cpu_backend = "auto"` times at load).
+    pub fn with_matmuls(self, matmuls: Vec<ops::MatmulShape>) -> Self {
+        FamilyModel { matmuls, ..self }
     }
 }
 
@@ -181,21 +196,30 @@ impl<M: Model> EmbeddingModel for Erased<M> {
 pub trait Replicas: Send + Sync + 'static {
     type Model: Model;
 
-    /// A replica on `vb`'s device and dtype.
-    fn build(&self, vb: VarBuilder) -> Result<Self::Model, ModelError>;
+    /// A replica on `vb`'s device and dtype; on the CPU, the fast encoders'
+    /// products run on `backend` (a family without them ignores it).
+    fn build(&self, vb: VarBuilder, backend: Backend) -> Result<Self::Model, ModelError>;
 }
 
 /// Builds one replica of a configured model, erased.
 pub trait ReplicaBuilder: Send + Sync {
-    /// A replica on `vb`'s device and dtype.
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError>;
+    /// [`Replicas::build`], erased.
+    fn build(
+        &self,
+        vb: VarBuilder,
+        backend: Backend,
+    ) -> Result<Box<dyn EmbeddingModel>, ModelError>;
 }
 
 struct ErasedReplicas<R>(R);
 
 impl<R: Replicas> ReplicaBuilder for ErasedReplicas<R> {
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn EmbeddingModel>, ModelError> {
-        Ok(erase_model(self.0.build(vb)?))
+    fn build(
+        &self,
+        vb: VarBuilder,
+        backend: Backend,
+    ) -> Result<Box<dyn EmbeddingModel>, ModelError> {
+        Ok(erase_model(self.0.build(vb, backend)?))
     }
 }
 

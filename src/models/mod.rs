@@ -27,7 +27,7 @@ pub mod source;
 pub mod weights;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use serde::Serialize;
@@ -40,6 +40,7 @@ pub use family::{
     ReplicaBuilder, Replicas,
 };
 pub use fingerprint::Fingerprint;
+pub use ops::{Backend, BackendChoice, CpuBackend};
 pub use source::{ModelFiles, ModelSource};
 
 /// Facts about a loaded model that front ends report (`/info`, the CLI).
@@ -53,6 +54,9 @@ pub struct ModelInfo {
     pub uses_instructions: bool,
     /// What decides the model's vectors, hashed (see [`fingerprint`]).
     pub fingerprint: Fingerprint,
+    /// What the CPU replicas' matrix products run on and why; `None` until
+    /// a CPU replica is built (see [`LoadedModel::served_info`]).
+    pub cpu_backend: Option<BackendChoice>,
 }
 
 /// A model whose configuration, tokenizer and preprocessing are loaded, and
@@ -62,6 +66,10 @@ pub struct LoadedModel {
     pub preprocessor: Arc<dyn Preprocessor>,
     replicas: Box<dyn ReplicaBuilder>,
     weights: Vec<PathBuf>,
+    /// `LoadOptions::cpu_backend`, resolved at the first CPU replica.
+    cpu_backend: CpuBackend,
+    matmuls: Vec<ops::MatmulShape>,
+    cpu: OnceLock<BackendChoice>,
 }
 
 impl LoadedModel {
@@ -119,18 +127,74 @@ impl LoadedModel {
                 max_text_tokens: model.facts.max_text_tokens,
                 uses_instructions: model.facts.uses_instructions,
                 fingerprint,
+                cpu_backend: None,
             },
             preprocessor: model.preprocessor,
             replicas: model.replicas,
             weights,
+            cpu_backend: opts.cpu_backend,
+            matmuls: model.matmuls,
+            cpu: OnceLock::new(),
         })
     }
 
-    /// Maps the weights onto `device` and builds a replica.
+    /// Maps the weights onto `device` and builds a replica. The first CPU
+    /// replica settles the CPU backend (for `auto`, by measuring both: about
+    /// a second for BGE-VL-base), which every later one shares.
     pub fn replica(&self, device: &Device) -> Result<Box<dyn EmbeddingModel>, ModelError> {
         let dtype = self.info.dtype.dtype();
+        let backend = if device.is_cpu() {
+            self.resolve_cpu_backend()?.backend
+        } else {
+            Backend::Native
+        };
         let weights = weights::MappedWeights::open(&self.weights)?;
         let vb = candle_nn::VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-        self.replicas.build(vb)
+        self.replicas.build(vb, backend)
+    }
+
+    fn resolve_cpu_backend(&self) -> Result<&BackendChoice, ModelError> {
+        if let Some(c) = self.cpu.get() {
+            return Ok(c);
+        }
+        // The fast kernels run in f32 and bf16 only: in f16 nothing to measure.
+        let shapes = match self.info.dtype {
+            Precision::F16 => &[][..],
+            Precision::F32 | Precision::Bf16 => &self.matmuls[..],
+        };
+        let bf16 = self.info.dtype == Precision::Bf16;
+        let choice = ops::backend::resolve(self.cpu_backend, bf16, shapes)?;
+        tracing::info!(
+            backend = %choice.backend,
+            requested = %choice.requested,
+            reason = %choice.reason,
+            onednn = choice.onednn.as_deref().unwrap_or("none"),
+            "CPU backend"
+        );
+        if choice.backend == Backend::Onednn
+            && std::env::var_os("OMP_WAIT_POLICY").is_none()
+            && std::env::var_os("GOMP_SPINCOUNT").is_none()
+        {
+            tracing::warn!(
+                "oneDNN's OpenMP threads spin after each product, on the cores the native \
+                 kernels use next: set OMP_WAIT_POLICY=passive (README, CPU backends)"
+            );
+        }
+        // Two first replicas built at once both resolve; the first stored
+        // choice is the one every replica uses.
+        Ok(self.cpu.get_or_init(|| choice))
+    }
+
+    /// The CPU backend, once a CPU replica has been built.
+    pub fn cpu_backend(&self) -> Option<&BackendChoice> {
+        self.cpu.get()
+    }
+
+    /// [`Self::info`] with the CPU backend filled in (once known).
+    pub fn served_info(&self) -> ModelInfo {
+        ModelInfo {
+            cpu_backend: self.cpu.get().cloned(),
+            ..self.info.clone()
+        }
     }
 }

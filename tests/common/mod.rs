@@ -46,6 +46,15 @@ pub mod tol {
     /// and bf16 0.9732: this tiny random model has very sharp attention.
     pub const MLLM_F16_COSINE: f64 = 0.995;
     pub const MLLM_BF16_COSINE: f64 = 0.97;
+    /// CLIP in bf16 (weights and activations of the encoder products in
+    /// bf16, f32 accumulation) against the same model in f32: cosine at
+    /// least this, on every CPU backend (the full-size model).
+    pub const CLIP_BF16_COSINE: f64 = 0.999;
+    /// The same on the tiny fixture: every input but one is above 0.9995;
+    /// its 77-token text (one sentence repeated) reaches 0.99893 on both
+    /// backends alike (the rounding is the same; this tiny random model's
+    /// attention is very sharp, see MLLM_BF16_COSINE).
+    pub const CLIP_TINY_BF16_COSINE: f64 = 0.998;
 }
 
 pub fn repo() -> PathBuf {
@@ -111,6 +120,49 @@ pub fn load_dir(dir: &Path) -> vlembed::embedder::Embedder {
 /// Loads a fixture model of `tests/fixtures/`.
 pub fn load(model: &str) -> vlembed::embedder::Embedder {
     load_dir(&repo().join("tests/fixtures").join(model))
+}
+
+/// The CPU backends this build can run: the native kernels, and oneDNN in
+/// a build with the `onednn` feature. The parity suites check each.
+pub fn backends() -> Vec<vlembed::models::CpuBackend> {
+    use vlembed::models::CpuBackend;
+    let mut b = vec![CpuBackend::Native];
+    if cfg!(feature = "onednn") {
+        b.push(CpuBackend::Onednn);
+    }
+    b
+}
+
+/// Loads a model directory on the CPU in `dtype` with its products on
+/// `backend` (checked to be the one in use).
+pub fn load_dir_with(
+    dir: &Path,
+    dtype: vlembed::models::Precision,
+    backend: vlembed::models::CpuBackend,
+) -> vlembed::embedder::Embedder {
+    use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+    let src = ModelSource::parse(dir.to_str().unwrap(), None);
+    let opts = LoadOptions {
+        dtype,
+        cpu_backend: backend,
+        ..Default::default()
+    };
+    let e = vlembed::embedder::Embedder::load(&src, DeviceSpec::Cpu, &opts).unwrap();
+    let used = e
+        .loaded
+        .cpu_backend()
+        .expect("a CPU replica settles the backend");
+    assert_eq!(used.backend.as_str(), backend.as_str(), "{used}");
+    e
+}
+
+/// [`load_dir_with`] on a fixture model of `tests/fixtures/`.
+pub fn load_with(
+    model: &str,
+    dtype: vlembed::models::Precision,
+    backend: vlembed::models::CpuBackend,
+) -> vlembed::embedder::Embedder {
+    load_dir_with(&repo().join("tests/fixtures").join(model), dtype, backend)
 }
 
 pub fn fixture_model() -> PathBuf {

@@ -22,6 +22,8 @@ pub(super) struct EncoderConfig {
     pub act: Activation,
     /// Hold the fast layers' linears in bf16 ([`ops::Linear::into_bf16`]).
     pub bf16: bool,
+    /// Where the fast layers' products run ([`ops::Linear::into_backend`]).
+    pub backend: ops::Backend,
 }
 
 /// `encoder()` for a tower config: the text and vision configs name their
@@ -30,7 +32,7 @@ pub(super) struct EncoderConfig {
 macro_rules! encoder_of {
     ($($config:ty),*) => {$(
         impl $config {
-            pub(super) fn encoder(&self, bf16: bool) -> EncoderConfig {
+            pub(super) fn encoder(&self, bf16: bool, backend: ops::Backend) -> EncoderConfig {
                 EncoderConfig {
                     layers: self.num_hidden_layers,
                     hidden: self.hidden_size,
@@ -39,6 +41,7 @@ macro_rules! encoder_of {
                     eps: self.layer_norm_eps,
                     act: self.hidden_act,
                     bf16,
+                    backend,
                 }
             }
         }
@@ -174,20 +177,14 @@ impl FastLayer {
             fast_linear(hidden, hidden, a.pp("k_proj"))?,
             fast_linear(hidden, hidden, a.pp("v_proj"))?,
         ])?;
-        let lin = |l: ops::Linear| {
-            if c.bf16 {
-                l.into_bf16()
-            } else {
-                l.into_packed()
-            }
-        };
+        let lin = |l: ops::Linear| l.into_backend(c.backend, c.bf16);
         Ok(FastLayer {
             ln1: fast_ln(hidden, vb.pp("layer_norm1"))?,
-            qkv: lin(qkv),
-            out: lin(fast_linear(hidden, hidden, a.pp("out_proj"))?),
+            qkv: lin(qkv)?,
+            out: lin(fast_linear(hidden, hidden, a.pp("out_proj"))?)?,
             ln2: fast_ln(hidden, vb.pp("layer_norm2"))?,
-            fc1: lin(fast_linear(hidden, c.intermediate, vb.pp("mlp.fc1"))?),
-            fc2: lin(fast_linear(c.intermediate, hidden, vb.pp("mlp.fc2"))?),
+            fc1: lin(fast_linear(hidden, c.intermediate, vb.pp("mlp.fc1"))?)?,
+            fc2: lin(fast_linear(c.intermediate, hidden, vb.pp("mlp.fc2"))?)?,
             heads: c.heads,
             eps: c.eps as f32,
         })
@@ -227,8 +224,7 @@ impl FastLayer {
         self.out.forward_into(&ctx, out_rows, &mut x, true)?;
         let mut h = ctx;
         ops::layer_norm(&x, &mut h, &self.ln2.0, &self.ln2.1, self.eps)?;
-        let mut f = self.fc1.forward(&h, out_rows)?;
-        ops::quick_gelu_in_place(&mut f);
+        let f = self.fc1.forward_act(&h, out_rows, ops::Act::QuickGelu)?;
         self.fc2.forward_into(&f, out_rows, &mut x, true)?;
         Ok(x)
     }
@@ -245,6 +241,51 @@ fn use_fast_kernels(vb: &VarBuilder, act: Activation) -> bool {
 /// Rows of packed sequences the fast encoder takes through all layers at
 /// once (a group holds at least one sequence).
 const GROUP_ROWS: usize = 800;
+
+/// Rows of a typical text batch: 32 short texts of about 16 tokens; and of
+/// one short text (a query).
+const TEXT_ROWS: usize = 512;
+const QUERY_ROWS: usize = 16;
+
+/// The products one fast layer of width `hidden` computes over a group of
+/// `rows` rows (none when the encoder runs on candle), for
+/// [`ops::backend`]'s measurement.
+fn layer_shapes(
+    act: Activation,
+    rows: usize,
+    hidden: usize,
+    inter: usize,
+) -> Vec<ops::MatmulShape> {
+    if act != Activation::QuickGelu {
+        return Vec::new();
+    }
+    ops::MatmulShape::layer(rows, hidden, inter).to_vec()
+}
+
+impl ClipTextConfig {
+    /// A text batch's and one short text's products per fast layer.
+    pub(crate) fn matmul_shapes(&self) -> Vec<ops::MatmulShape> {
+        let (act, h, i) = (self.hidden_act, self.hidden_size, self.intermediate_size);
+        let mut s = layer_shapes(act, TEXT_ROWS.min(GROUP_ROWS), h, i);
+        s.extend(layer_shapes(act, QUERY_ROWS, h, i));
+        s
+    }
+}
+
+impl ClipVisionConfig {
+    /// An image group's products per fast layer (as many whole images as
+    /// fit in [`GROUP_ROWS`] rows, at least one).
+    pub(crate) fn matmul_shapes(&self) -> Vec<ops::MatmulShape> {
+        let tokens = (self.image_size / self.patch_size.max(1)).pow(2) + 1;
+        let rows = tokens * (GROUP_ROWS / tokens).max(1);
+        layer_shapes(
+            self.hidden_act,
+            rows,
+            self.hidden_size,
+            self.intermediate_size,
+        )
+    }
+}
 
 /// The encoder layers: candle modules, or (see [`use_fast_kernels`]) the
 /// same weights for the CPU kernels.

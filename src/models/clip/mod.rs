@@ -44,7 +44,7 @@ pub use vision::ClipVisionTransformer;
 
 use super::error::ModelError;
 use super::family::{Between, Facts, Family, FamilyModel, LoadContext, Model, Replicas};
-use super::source;
+use super::{ops, source};
 use text::TextTower;
 use vision::VisionTower;
 
@@ -85,15 +85,17 @@ impl Family for Clip {
             max_text_tokens: pre.max_text_tokens(),
             uses_instructions: false,
         };
-        Ok(FamilyModel::new(facts, pre, cfg))
+        let mut matmuls = cfg.text_config.matmul_shapes();
+        matmuls.extend(cfg.vision_config.matmul_shapes());
+        Ok(FamilyModel::new(facts, pre, cfg).with_matmuls(matmuls))
     }
 }
 
 impl Replicas for ClipConfig {
     type Model = ClipModel;
 
-    fn build(&self, vb: VarBuilder) -> Result<ClipModel, ModelError> {
-        ClipModel::new(self, vb).map_err(|e| ModelError::Build {
+    fn build(&self, vb: VarBuilder, backend: ops::Backend) -> Result<ClipModel, ModelError> {
+        ClipModel::with_backend(self, vb, backend).map_err(|e| ModelError::Build {
             family: "CLIP",
             source: Box::new(e),
         })
@@ -112,15 +114,25 @@ impl ClipModel {
     /// On the CPU, asking for bf16 (which candle's CPU matmul lacks) builds
     /// an f32 model whose encoder linears run in bf16 with f32
     /// accumulation (see [`super::ops::Linear::into_bf16`]), like PyTorch's bf16
-    /// autocast.
+    /// autocast. The products run on the native kernels.
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_backend(cfg, vb, ops::Backend::Native)
+    }
+
+    /// [`Self::new`] with the CPU encoders' products on `backend`.
+    pub fn with_backend(
+        cfg: &ClipConfig,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> candle_core::Result<Self> {
         let device = vb.device().clone();
         let bf16 = device.is_cpu() && vb.dtype() == DType::BF16;
         let vb = if bf16 { vb.set_dtype(DType::F32) } else { vb };
         let dtype = vb.dtype();
+        let (t, v) = (&cfg.text_config, &cfg.vision_config);
         Ok(ClipModel {
-            text: TextTower::new(&cfg.text_config, cfg.projection_dim, bf16, vb.clone())?,
-            vision: VisionTower::new(&cfg.vision_config, cfg.projection_dim, bf16, vb)?,
+            text: TextTower::new(t, cfg.projection_dim, bf16, backend, vb.clone())?,
+            vision: VisionTower::new(v, cfg.projection_dim, bf16, backend, vb)?,
             device,
             dtype,
         })

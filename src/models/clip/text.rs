@@ -9,7 +9,7 @@ use super::config::ClipTextConfig;
 use super::encoder::{f32_vec, Encoder, FastEncoder};
 use crate::models::error::ModelError;
 use crate::models::mask::mask_value;
-use crate::models::ops::Span;
+use crate::models::ops::{self, Span};
 
 pub(super) struct TextTower {
     token_embedding: Embedding,
@@ -26,6 +26,7 @@ impl TextTower {
         c: &ClipTextConfig,
         proj: usize,
         bf16: bool,
+        backend: ops::Backend,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let tm = vb.pp("text_model");
@@ -39,7 +40,7 @@ impl TextTower {
                 (c.max_position_embeddings, c.hidden_size),
                 "embeddings.position_embedding.weight",
             )?,
-            encoder: Encoder::new(&c.encoder(bf16), tm.pp("encoder"))?,
+            encoder: Encoder::new(&c.encoder(bf16, backend), tm.pp("encoder"))?,
             final_ln: layer_norm(c.hidden_size, c.layer_norm_eps, tm.pp("final_layer_norm"))?,
             projection: linear_no_bias(c.hidden_size, proj, vb.pp("text_projection"))?,
             eos_token_id: c.eos_token_id,

@@ -9,7 +9,7 @@ use candle_nn::{layer_norm, linear_no_bias, LayerNorm, Linear, VarBuilder};
 use super::config::ClipVisionConfig;
 use super::encoder::{f32_vec, Encoder};
 use crate::models::error::ModelError;
-use crate::models::ops::Span;
+use crate::models::ops::{self, Span};
 
 /// The CLIP vision transformer (`CLIPVisionModel`'s `vision_model`): patch
 /// and position embeddings, `pre_layrnorm`, the encoder and `post_layernorm`.
@@ -27,16 +27,22 @@ pub struct ClipVisionTransformer {
 }
 
 impl ClipVisionTransformer {
-    /// `vb` points at the `vision_model` prefix.
-    pub fn new(c: &ClipVisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        Self::new_with(c, false, vb)
+    /// `vb` points at the `vision_model` prefix; on the CPU kernels the
+    /// encoder's products run on `backend`.
+    pub fn new(
+        c: &ClipVisionConfig,
+        backend: ops::Backend,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Self::new_with(c, false, backend, vb)
     }
 
     /// With `bf16`, the encoder's linears (on the CPU kernels) hold bf16
-    /// weights; see [`crate::models::ops::Linear::into_bf16`].
+    /// weights; see [`crate::models::ops::Linear::into_backend`].
     pub(super) fn new_with(
         c: &ClipVisionConfig,
         bf16: bool,
+        backend: ops::Backend,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let p = c.patch_size;
@@ -59,7 +65,7 @@ impl ClipVisionTransformer {
                 "embeddings.position_embedding.weight",
             )?,
             pre_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
-            encoder: Encoder::new(&c.encoder(bf16), vb.pp("encoder"))?,
+            encoder: Encoder::new(&c.encoder(bf16, backend), vb.pp("encoder"))?,
             post_ln: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             patch: p,
             image_size: c.image_size,
@@ -192,10 +198,11 @@ impl VisionTower {
         c: &ClipVisionConfig,
         proj: usize,
         bf16: bool,
+        backend: ops::Backend,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(VisionTower {
-            transformer: ClipVisionTransformer::new_with(c, bf16, vb.pp("vision_model"))?,
+            transformer: ClipVisionTransformer::new_with(c, bf16, backend, vb.pp("vision_model"))?,
             projection: linear_no_bias(c.hidden_size, proj, vb.pp("visual_projection"))?,
         })
     }

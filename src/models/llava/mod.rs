@@ -39,7 +39,7 @@ pub use preprocess::{LlavaImage, LlavaInput, LlavaPreprocessor};
 
 use crate::models::error::ModelError;
 use crate::models::family::{Facts, Family, FamilyModel, LoadContext, Replicas};
-use crate::models::source;
+use crate::models::{ops, source};
 use crate::preprocess::Size;
 
 /// The longest prompt by default, in tokens: BGE-VL-MLLM's 2928 image
@@ -108,14 +108,15 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
         max_text_tokens: pre.max_text_tokens(),
         uses_instructions: true,
     };
-    Ok(FamilyModel::new(facts, pre, cfg))
+    let matmuls = cfg.vision_config.matmul_shapes();
+    Ok(FamilyModel::new(facts, pre, cfg).with_matmuls(matmuls))
 }
 
 impl Replicas for LlavaConfig {
     type Model = LlavaModel;
 
-    fn build(&self, vb: VarBuilder) -> Result<LlavaModel, ModelError> {
-        LlavaModel::new(self, vb).map_err(|e| ModelError::Build {
+    fn build(&self, vb: VarBuilder, backend: ops::Backend) -> Result<LlavaModel, ModelError> {
+        LlavaModel::with_backend(self, vb, backend).map_err(|e| ModelError::Build {
             family: "LLaVA",
             source: Box::new(e),
         })

@@ -13,6 +13,7 @@ use super::preprocess::{LlavaImage, LlavaInput};
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::error::ModelError;
 use crate::models::family::{Between, Model};
+use crate::models::ops;
 use crate::preprocess::Size;
 
 /// Tiles sent through the vision tower at once (bounds activation memory).
@@ -44,10 +45,23 @@ fn decoder_error(e: DecoderError) -> ModelError {
 impl LlavaModel {
     /// `vb` points at the checkpoint's root.
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_backend(cfg, vb, ops::Backend::Native)
+    }
+
+    /// [`Self::new`] with the CPU vision encoder's products on `backend`
+    /// (the decoder runs on candle either way).
+    pub fn with_backend(
+        cfg: &LlavaConfig,
+        vb: VarBuilder,
+        backend: ops::Backend,
+    ) -> candle_core::Result<Self> {
         let vh = cfg.vision_config.hidden_size;
         let th = cfg.text_config.hidden_size;
-        let vision =
-            ClipVisionTransformer::new(&cfg.vision_config, vb.pp("vision_tower.vision_model"))?;
+        let vision = ClipVisionTransformer::new(
+            &cfg.vision_config,
+            backend,
+            vb.pp("vision_tower.vision_model"),
+        )?;
         let mp = vb.pp("multi_modal_projector");
         Ok(LlavaModel {
             vision,

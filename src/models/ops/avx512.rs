@@ -108,6 +108,19 @@ unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
     pack_pairs(src, dst, 0);
 }
 
+/// `dst[p]` = the bf16 pair of `src[2p]` and `src[2p + 1]` (as [`pair`]
+/// rounds them; zero past the end of `src`): 16 values per instruction
+/// when the CPU has AVX-512F, one at a time otherwise.
+#[cfg_attr(not(feature = "onednn"), allow(dead_code))]
+pub fn bf16_pairs(src: &[f32], dst: &mut [u32]) {
+    if available_f32() {
+        // SAFETY: the CPU has AVX-512F, the one feature `pack_row` needs.
+        unsafe { pack_row(src, dst) }
+    } else {
+        pack_pairs(src, dst, 0);
+    }
+}
+
 /// `dst[p] = pair(src[2p], src[2p + 1])` from word `from` on (zero past
 /// the end of `src`).
 fn pack_pairs(src: &[f32], dst: &mut [u32], from: usize) {

@@ -1,12 +1,16 @@
 //! [`Linear`]: a PyTorch `Linear` whose weight is kept in the layout its
-//! fastest kernel wants ([`Weight`]), and the few-row dot-product kernel.
+//! fastest kernel wants ([`Weight`]), on the native kernels or on oneDNN
+//! ([`Linear::into_backend`]), and the few-row dot-product kernel.
 
 use candle_core::{Error, Result};
 use rayon::prelude::*;
 
 use super::avx512;
+use super::backend::Backend;
 use super::gemm::{MatMul, Output, Rhs, Threads};
-use super::rows::{add_rows, LANES};
+#[cfg(feature = "onednn")]
+use super::onednn;
+use super::rows::{add_rows, quick_gelu_in_place, LANES};
 use super::short;
 
 use crate::simd::simd_fn;
@@ -21,6 +25,17 @@ enum Weight {
     Bf16(avx512::PackedBf16),
     /// f32 packed for the AVX-512 kernel; see [`Linear::into_packed`].
     PackedF32(avx512::PackedF32),
+    /// Reordered for oneDNN's matmul (f32 or bf16); see
+    /// [`Linear::into_backend`].
+    #[cfg(feature = "onednn")]
+    Onednn(onednn::Weights),
+}
+
+/// An activation applied to a product's output ([`Linear::forward_act`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// `x · sigmoid(1.702 x)` (CLIP's MLP).
+    QuickGelu,
 }
 
 /// A PyTorch `Linear`: weight `[out, in]` and an optional bias.
@@ -65,6 +80,8 @@ impl Linear {
             Weight::Bf16(_) => return self,
             Weight::PackedF32(p) => p.unpack(),
             Weight::RowMajor(w) => w,
+            #[cfg(feature = "onednn")]
+            Weight::Onednn(_) => return self,
         };
         let weight = match avx512::PackedBf16::new(&w, n, k) {
             Some(p) => Weight::Bf16(p),
@@ -95,9 +112,61 @@ impl Linear {
         }
     }
 
+    /// The same linear with its weight laid out for `backend`: the native
+    /// kernels ([`Self::into_bf16`] with `bf16`, else [`Self::into_packed`])
+    /// or oneDNN (weights reordered once into its layout, in bf16 with
+    /// `bf16`: activations then rounded to bf16 too, accumulation f32).
+    /// oneDNN fails without the `onednn` feature or when it cannot run the
+    /// shape. Call after [`Self::concat`].
+    pub fn into_backend(self, backend: Backend, bf16: bool) -> Result<Self> {
+        match backend {
+            Backend::Native if bf16 => Ok(self.into_bf16()),
+            Backend::Native => Ok(self.into_packed()),
+            Backend::Onednn => self.into_onednn(bf16),
+        }
+    }
+
+    #[cfg(feature = "onednn")]
+    fn into_onednn(self, bf16: bool) -> Result<Self> {
+        let w = match &self.weight {
+            Weight::RowMajor(w) => std::borrow::Cow::Borrowed(w.as_slice()),
+            Weight::PackedF32(p) => std::borrow::Cow::Owned(p.unpack()),
+            Weight::Bf16(_) | Weight::Onednn(_) => {
+                return Err(Error::Msg(
+                    "ops: a linear moves to oneDNN from its f32 weight only".into(),
+                ))
+            }
+        };
+        let dtype = if bf16 {
+            onednn::Dtype::Bf16
+        } else {
+            onednn::Dtype::F32
+        };
+        let weights = onednn::Weights::new(&w, self.bias.clone(), self.out_dim, self.in_dim, dtype)
+            .map_err(Error::wrap)?;
+        Ok(Linear {
+            weight: Weight::Onednn(weights),
+            ..self
+        })
+    }
+
+    #[cfg(not(feature = "onednn"))]
+    fn into_onednn(self, _bf16: bool) -> Result<Self> {
+        Err(Error::wrap(super::backend::BackendError::NotBuilt))
+    }
+
     /// Whether products run on the bf16 kernel.
     pub fn is_bf16(&self) -> bool {
         matches!(self.weight, Weight::Bf16(_))
+    }
+
+    /// The backend its products run on.
+    pub fn backend(&self) -> Backend {
+        match self.weight {
+            #[cfg(feature = "onednn")]
+            Weight::Onednn(_) => Backend::Onednn,
+            _ => Backend::Native,
+        }
     }
 
     /// Stacks linears with the same input along the output dimension (a
@@ -166,6 +235,15 @@ impl Linear {
         let w = match &self.weight {
             Weight::Bf16(p) => return p.matmul(x, rows, y, self.bias.as_deref(), accumulate),
             Weight::PackedF32(p) => return p.matmul(x, rows, y, self.bias.as_deref(), accumulate),
+            #[cfg(feature = "onednn")]
+            Weight::Onednn(p) => {
+                let post = if accumulate {
+                    onednn::Post::Accumulate
+                } else {
+                    onednn::Post::Store
+                };
+                return p.matmul(x, rows, y, post).map_err(Error::wrap);
+            }
             Weight::RowMajor(w) => w,
         };
         if rows <= SMALL_ROWS {
@@ -232,6 +310,26 @@ impl Linear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let mut y = vec![0.0; rows * self.out_dim];
         self.forward_into(x, rows, &mut y, false)?;
+        Ok(y)
+    }
+
+    /// `act(x[rows, in] · Wᵀ + b)` in a new buffer: on oneDNN the
+    /// activation is fused into the product (a post-op), on the native
+    /// kernels it is a second pass.
+    pub fn forward_act(&self, x: &[f32], rows: usize, act: Act) -> Result<Vec<f32>> {
+        #[cfg(feature = "onednn")]
+        if let (Weight::Onednn(p), Act::QuickGelu) = (&self.weight, act) {
+            if self.in_dim > 0 {
+                let mut y = vec![0.0; rows * self.out_dim];
+                p.matmul(x, rows, &mut y, onednn::Post::Swish(1.702))
+                    .map_err(Error::wrap)?;
+                return Ok(y);
+            }
+        }
+        let mut y = self.forward(x, rows)?;
+        match act {
+            Act::QuickGelu => quick_gelu_in_place(&mut y),
+        }
         Ok(y)
     }
 }
@@ -376,6 +474,57 @@ mod tests {
         assert!(max_diff(&got, &want) < 1e-4, "{}", max_diff(&got, &want));
         let bf = packed.into_bf16();
         assert!(!matches!(bf.weight, Weight::PackedF32(_)));
+    }
+
+    /// On oneDNN a linear computes what the native one does, in f32 and in
+    /// bf16, with the residual and with the fused quick-GELU; it reports
+    /// its backend; a weight already packed for bf16 does not move.
+    #[cfg(feature = "onednn")]
+    #[test]
+    fn onednn_linear_matches_native() {
+        for (rows, i, o) in [(1, 64, 48), (9, 100, 70), (197, 96, 200)] {
+            let x = rand(rows * i, 31);
+            let w = rand(o * i, 32);
+            let b = rand(o, 33);
+            for bf16 in [false, true] {
+                let lin = Linear::new(w.clone(), Some(b.clone()), i, o).unwrap();
+                let native = lin.clone().into_backend(Backend::Native, bf16).unwrap();
+                let dnnl = lin.into_backend(Backend::Onednn, bf16).unwrap();
+                assert_eq!(
+                    (native.backend(), dnnl.backend()),
+                    (Backend::Native, Backend::Onednn)
+                );
+                let mut want = rand(rows * o, 34);
+                let mut got = want.clone();
+                native.forward_into(&x, rows, &mut want, true).unwrap();
+                dnnl.forward_into(&x, rows, &mut got, true).unwrap();
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4, "{rows}x{i}x{o} bf16 {bf16}: {d}");
+                let want = native.forward_act(&x, rows, Act::QuickGelu).unwrap();
+                let got = dnnl.forward_act(&x, rows, Act::QuickGelu).unwrap();
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4, "{rows}x{i}x{o} bf16 {bf16} gelu: {d}");
+            }
+        }
+        let packed = Linear::new(rand(64 * 64, 35), None, 64, 64)
+            .unwrap()
+            .into_bf16();
+        if packed.is_bf16() {
+            assert!(packed.into_backend(Backend::Onednn, true).is_err());
+        }
+    }
+
+    /// Without the `onednn` feature asking for oneDNN is an error that says
+    /// how to get it.
+    #[cfg(not(feature = "onednn"))]
+    #[test]
+    fn onednn_needs_the_feature() {
+        let lin = Linear::new(rand(16, 36), None, 4, 4).unwrap();
+        let err = lin
+            .into_backend(Backend::Onednn, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--features onednn"), "{err}");
     }
 
     /// The bf16 linear equals an f32 product of bf16-rounded inputs (to

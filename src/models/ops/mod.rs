@@ -9,33 +9,49 @@
 //! else is plain Rust written to auto-vectorise, compiled twice: once for
 //! AVX2+FMA (picked at run time when the CPU has them) and once for the
 //! baseline target. Work is spread over rayon's global pool, the only
-//! thread pool in use while these kernels run.
+//! thread pool in use while these kernels run (oneDNN's products, when
+//! chosen, run on an OpenMP team of the same size, one product at a time).
 //!
 //! A [`Linear`] can also hold its weight in bf16 ([`Linear::into_bf16`]):
 //! on CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids) its product
 //! then runs on `vdpbf16ps` — bf16 inputs, f32 accumulation, twice the
-//! multiply-adds per cycle of f32 FMA — like PyTorch's bf16 autocast.
+//! multiply-adds of an f32 FMA per instruction — like PyTorch's bf16
+//! autocast. That pays on AMD Zen 4/5; on Intel Xeons, where the FMA issues
+//! on two ports and `vdpbf16ps` (as far as we know) on one, it does not
+//! (BENCHMARKS.md, issue 20): there oneDNN's AMX products are the fast bf16.
 //! Elsewhere the bf16-rounded weight is kept as f32 and used by `gemm`.
 //!
 //! Every function checks that its slices are long enough for the shapes it
 //! is given and returns an error otherwise, so no call can read or write out
 //! of bounds.
 //!
+//! With the `onednn` build feature the products of a [`Linear`] can run on
+//! oneDNN's matmul instead ([`Linear::into_backend`], module `onednn`): on Intel
+//! Xeons with AMX its bf16 products use the matrix tiles. Which one a model
+//! uses is [`backend`]'s decision (`cpu_backend`: `auto` measures both at
+//! load). Everything but the products (layer norm, attention, GELU where
+//! not fused) stays on the native kernels either way.
+//!
 //! Layout: [`gemm`] (the strided product descriptor), [`linear`] (weights
 //! in their kernel's layout), [`avx512`] (packed weights and their
-//! kernels), [`rows`] (element-wise and per-row kernels), [`attention`].
+//! kernels), [`rows`] (element-wise and per-row kernels), [`attention`],
+//! [`backend`] (the choice), `onednn` (the bindings, feature `onednn`).
 
 use candle_core::Error;
 
 mod attention;
 mod avx512;
+pub mod backend;
 mod gemm;
 mod linear;
+#[cfg(feature = "onednn")]
+pub mod onednn;
 mod rows;
 
 pub use attention::{attention, Queries, Span};
+pub use backend::{Backend, BackendChoice, CpuBackend, MatmulShape};
 pub use gemm::{MatMul, Output, Rhs, Threads};
-pub use linear::Linear;
+pub use linear::{Act, Linear};
 pub use rows::{add_rows, exp, layer_norm, quick_gelu_in_place, softmax_in_place};
 
 fn short(what: &str, need: usize, have: usize) -> Error {
