@@ -1,7 +1,8 @@
 //! No client, connection pattern or fault can deny service to the others:
 //! slow uploads, idle and slow-header connections, a large request ahead of
 //! a small one, cancelled requests holding capacity, a poisoned input in a
-//! shared batch, panicking workers, shutdown under load and empty key lists.
+//! shared batch, panicking workers, shutdown under load, empty key lists and
+//! the resolved configuration (`vlembed config`).
 //! Against a real server on a loopback port with the fixture model; faults
 //! are injected by wrapping the real replica (test code only).
 
@@ -368,6 +369,51 @@ async fn a_worker_that_cannot_be_rebuilt_turns_health_unhealthy() {
     assert_eq!(s.get("/ready").await.status, 503);
     assert_eq!(builds.load(Ordering::SeqCst), 3);
     s.stop().await;
+}
+
+/// `vlembed config` resolves the GPU defaults without opening the device or
+/// the (nonexistent) model, and its output is a config file `serve` reads.
+#[test]
+fn the_config_command_prints_the_resolved_configuration_without_the_device() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlembed"))
+        .args([
+            "config",
+            "--model",
+            "/nonexistent/bge-vl-mllm",
+            "--devices",
+            "cuda:0,cuda:1",
+        ])
+        .env("VLEMBED_MODEL_DEFAULTS__MAX_BATCH_SIZE", "100")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: toml::Table = text.parse().unwrap();
+    let m = &doc["models"].as_array().unwrap()[0];
+    assert_eq!(m["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(m["dtype"].as_str(), Some("bf16"));
+    assert_eq!(m["max_batch_size"].as_integer(), Some(100), "explicit wins");
+    assert_eq!(m["max_batch_cost"].as_integer(), Some(65536));
+    assert_eq!(m["decoder_group_tokens"].as_integer(), Some(16384));
+    assert!(doc["server"]["preprocess_threads"].as_integer().unwrap() >= 1);
+    assert!(
+        text.contains("auto: dtype, max_batch_cost, decoder_group_tokens, vision_tile_chunk"),
+        "{text}"
+    );
+    let file = std::env::temp_dir().join(format!("vlembed-resolved-{}.toml", std::process::id()));
+    std::fs::write(&file, text.as_bytes()).unwrap();
+    let again = Config::load(&Layers {
+        file: Some(file.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(again.models[0].batching.max_batch_size, 100);
+    assert_eq!(again.models[0].batching.max_batch_cost, 65536);
+    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,7 +150,13 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     log_auth(&config.server.api_keys, addr);
 
     let (fatal_tx, fatal_rx) = oneshot::channel::<(String, LoadError)>();
-    let pool = PreprocessPool::new(config.server.preprocess_concurrency());
+    let pool = PreprocessPool::new(registry.preprocess_threads);
+    tracing::info!(
+        threads = registry.preprocess_threads,
+        auto = config.server.preprocess_threads == 0,
+        class = config.device_class().as_str(),
+        "preprocessing threads (server.preprocess_threads)"
+    );
     let loader_registry = Arc::clone(&registry);
     std::thread::Builder::new()
         .name("vlembed-loader".into())
@@ -371,6 +377,7 @@ fn load_model(
     let mut opts = LoadOptions {
         dtype: cfg.dtype,
         max_input_tokens: cfg.max_input_tokens,
+        pass: cfg.pass,
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;

@@ -6,14 +6,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Table;
 
+use super::auto::{AutoCount, AutoKeys};
 use super::ENV_PREFIX;
-use crate::models::{DeviceSpec, ModelSource, Precision};
+use crate::models::{DeviceSpec, ModelSource, PassLimits, Precision};
 
 /// The `[server]` section.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub host: String,
@@ -29,6 +30,9 @@ pub struct ServerConfig {
     /// checked while the body is read (413 above it).
     pub max_image_bytes: usize,
     pub request_timeout_ms: u64,
+    /// Inputs preprocessed at once; 0 (`"auto"` in a layer): resolved from
+    /// the cores and the models' devices ([`super::Config::preprocess_threads`]).
+    #[serde(deserialize_with = "super::auto::threads")]
     pub preprocess_threads: usize,
     pub retry_after_s: u64,
     pub shutdown_timeout_ms: u64,
@@ -60,6 +64,9 @@ pub struct ServerConfig {
     /// OTLP/HTTP endpoint traces are exported to (e.g.
     /// "http://collector:4318"); empty: no export.
     pub otlp_endpoint: String,
+    /// Let cuBLAS compute f32 matmuls with TF32 tensor cores (CUDA only; a
+    /// process-wide switch). Off: f32 stays the parity reference.
+    pub allow_tf32: bool,
 }
 
 impl ServerConfig {
@@ -78,23 +85,11 @@ impl ServerConfig {
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(self.drain_delay_ms)
     }
-
-    /// Preprocessing concurrency; `0` means a quarter of the CPU cores (at
-    /// least one), so preprocessing does not preempt the model's rayon
-    /// threads: the pool's matmuls run at the speed of their slowest thread.
-    pub fn preprocess_concurrency(&self) -> usize {
-        if self.preprocess_threads > 0 {
-            self.preprocess_threads
-        } else {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / 4).max(1)
-        }
-    }
 }
 
 /// The `[fetch]` section: how image URLs are fetched when
 /// `server.fetch_image_urls` is on (see `crate::fetch`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FetchConfig {
     /// Hosts that may be fetched from (exact names, `*.example.com`,
@@ -156,6 +151,12 @@ pub struct ModelConfig {
     pub dtype_auto: bool,
     pub devices: Vec<DeviceSpec>,
     pub batching: BatchLimits,
+    /// How much of a batch one step of the forward pass holds
+    /// (`decoder_group_tokens`, `vision_tile_chunk`).
+    pub pass: PassLimits,
+    /// Which device-dependent keys were `"auto"`: they follow `devices`
+    /// (see [`super::auto`]), also when `--devices` changes them.
+    pub auto: AutoKeys,
     pub max_image_pixels: u64,
     /// Most pixels the images of one request may declare in all.
     pub max_request_image_pixels: u64,
@@ -282,8 +283,10 @@ pub(super) struct RawModel {
     pub(super) revision: String,
     pub(super) dtype: DtypeSetting,
     pub(super) devices: Vec<String>,
-    pub(super) max_batch_size: usize,
-    pub(super) max_batch_cost: usize,
+    pub(super) max_batch_size: AutoCount,
+    pub(super) max_batch_cost: AutoCount,
+    pub(super) decoder_group_tokens: AutoCount,
+    pub(super) vision_tile_chunk: AutoCount,
     pub(super) max_queue_inputs: usize,
     pub(super) max_delay_ms: u64,
     pub(super) refill_wait_ms: u64,

@@ -120,6 +120,36 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// What kind of devices a model runs on, for the defaults that depend on
+/// it (`dtype`, batch limits, pass sizes, preprocessing threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceClass {
+    /// At least one device is the CPU (or the list is empty): the CPU's
+    /// defaults, which a mixed model's slowest replica needs.
+    Cpu,
+    /// Every device is a GPU.
+    Gpu,
+}
+
+impl DeviceClass {
+    /// The class of a model's device list.
+    pub fn of(devices: &[DeviceSpec]) -> DeviceClass {
+        if !devices.is_empty() && devices.iter().all(|d| matches!(d, DeviceSpec::Cuda(_))) {
+            DeviceClass::Gpu
+        } else {
+            DeviceClass::Cpu
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceClass::Cpu => "cpu",
+            DeviceClass::Gpu => "gpu",
+        }
+    }
+}
+
 /// A device that could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open {device}: {source}")]

@@ -33,11 +33,11 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::preprocess::Preprocessor;
-pub use device::{BadDevice, DeviceError, DeviceSpec, Precision, UnknownPrecision};
+pub use device::{BadDevice, DeviceClass, DeviceError, DeviceSpec, Precision, UnknownPrecision};
 pub use error::{ConfigError, ModelError};
 pub use family::{
     Between, EmbeddingModel, Facts, Family, FamilyModel, LoadContext, LoadOptions, Model,
-    ReplicaBuilder, Replicas,
+    PassLimits, ReplicaBuilder, Replicas,
 };
 pub use fingerprint::Fingerprint;
 pub use source::{ModelFiles, ModelSource};

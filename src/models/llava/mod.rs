@@ -38,7 +38,7 @@ pub use model::LlavaModel;
 pub use preprocess::{LlavaImage, LlavaInput, LlavaPreprocessor};
 
 use crate::models::error::ModelError;
-use crate::models::family::{Facts, Family, FamilyModel, LoadContext, Replicas};
+use crate::models::family::{Facts, Family, FamilyModel, LoadContext, PassLimits, Replicas};
 use crate::models::source;
 use crate::preprocess::Size;
 
@@ -108,14 +108,25 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
         max_text_tokens: pre.max_text_tokens(),
         uses_instructions: true,
     };
-    Ok(FamilyModel::new(facts, pre, cfg))
+    let replicas = LlavaReplicas {
+        cfg,
+        pass: cx.opts.pass,
+    };
+    Ok(FamilyModel::new(facts, pre, replicas))
 }
 
-impl Replicas for LlavaConfig {
+/// What every replica is built from: the config and the pass sizes of the
+/// model's devices.
+struct LlavaReplicas {
+    cfg: LlavaConfig,
+    pass: PassLimits,
+}
+
+impl Replicas for LlavaReplicas {
     type Model = LlavaModel;
 
     fn build(&self, vb: VarBuilder) -> Result<LlavaModel, ModelError> {
-        LlavaModel::new(self, vb).map_err(|e| ModelError::Build {
+        LlavaModel::new(&self.cfg, self.pass, vb).map_err(|e| ModelError::Build {
             family: "LLaVA",
             source: Box::new(e),
         })
