@@ -1,8 +1,8 @@
 //! No client, connection pattern or fault can deny service to the others:
 //! slow uploads, idle and slow-header connections, a large request ahead of
 //! a small one, cancelled requests holding capacity, a poisoned input in a
-//! shared batch, panicking workers, shutdown under load, empty key lists and
-//! the resolved configuration (`vlembed config`).
+//! shared batch, panicking workers, sticky device errors, shutdown under
+//! load, empty key lists and the resolved configuration (`vlembed config`).
 //! Against a real server on a loopback port with the fixture model; faults
 //! are injected by wrapping the real replica (test code only).
 
@@ -368,6 +368,46 @@ async fn a_worker_that_cannot_be_rebuilt_turns_health_unhealthy() {
     assert_conforms(&openapi(), "GET", "/health", 503, &health.body);
     assert_eq!(s.get("/ready").await.status, 503);
     assert_eq!(builds.load(Ordering::SeqCst), 3);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_device_error_rebuilds_the_replica_with_ready_503_meanwhile() {
+    let mut c = config();
+    // A back-off long enough to see the model unready.
+    c.server.worker_restart_backoff_ms = 400;
+    let faults = Arc::new(Faults::default());
+    let builds = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&builds);
+    let injected = Arc::clone(&faults);
+    let hooks = wrap_replicas(move |_name, inner| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Faulty::new(inner, &injected)
+    });
+    let s = TestServer::ready(c, hooks).await;
+    faults.sticky.store(true, Ordering::SeqCst);
+    let r = s
+        .post_json("/embed", &json!({"inputs": ["a", "b", "c"]}))
+        .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(r.error_message().contains("sticky"), "{}", r.text);
+    // Not retried in halves on the poisoned replica: rebuilt instead.
+    let ready = s.get("/ready").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert_eq!(
+        s.get("/health").await.status,
+        200,
+        "rebuilding is not unhealthy"
+    );
+    s.wait_ready().await;
+    assert_eq!(builds.load(Ordering::SeqCst), 2);
+    let r = s.post_json("/embed", &json!({"inputs": "after"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(&text, "vlembed_worker_restarts_total{model=\"clip-tiny\"}"),
+        Some(1.0)
+    );
     s.stop().await;
 }
 

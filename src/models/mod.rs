@@ -11,13 +11,15 @@
 //! Layout: `family` (what a family provides; a leaf), `families` (the
 //! table), one module per family (`clip`; `llava` with its Mistral
 //! decoder), `ops` (fast CPU kernels), `device` (devices and precisions),
-//! `weights` and `source` (files), `error`, `mask`, `fingerprint`.
+//! `weights` and `source` (files), `error`, `fault` (what a failure means
+//! for the replica), `mask`, `fingerprint`.
 
 pub mod clip;
 pub mod device;
 mod error;
 pub mod families;
 pub mod family;
+pub mod fault;
 pub mod fingerprint;
 pub mod llava;
 mod mask;
@@ -39,6 +41,7 @@ pub use family::{
     Between, EmbeddingModel, Facts, Family, FamilyModel, LoadContext, LoadOptions, Model,
     PassLimits, ReplicaBuilder, Replicas,
 };
+pub use fault::Fault;
 pub use fingerprint::Fingerprint;
 pub use source::{ModelFiles, ModelSource};
 

@@ -158,6 +158,17 @@ pub struct Faults {
     pub fail: AtomicBool,
     /// Panic in the next batch (once).
     pub panic: AtomicBool,
+    /// Fail the next batch (once) with a sticky CUDA error (an illegal
+    /// address: the device context is poisoned).
+    pub sticky: AtomicBool,
+}
+
+/// A candle error worded as cudarc words a driver error with `code` (e.g.
+/// `CUDA_ERROR_ILLEGAL_ADDRESS`): what a CUDA replica returns, made on CPU.
+pub fn cuda_error(code: &str) -> ModelError {
+    ModelError::Candle(candle_core::Error::Cuda(Box::new(std::io::Error::other(
+        format!("DriverError({code}, \"injected\")"),
+    ))))
 }
 
 /// Hooks that wrap every replica of the served models: `wrap(model name,
@@ -204,6 +215,9 @@ impl EmbeddingModel for Faulty {
         }
         if self.faults.fail.load(Ordering::SeqCst) {
             return Err(ModelError::Batch("injected failure".into()));
+        }
+        if self.faults.sticky.swap(false, Ordering::SeqCst) {
+            return Err(cuda_error("CUDA_ERROR_ILLEGAL_ADDRESS"));
         }
         self.inner.embed_stepped(batch, between)
     }
