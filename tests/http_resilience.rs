@@ -1,8 +1,9 @@
 //! No client, connection pattern or fault can deny service to the others:
 //! slow uploads, idle and slow-header connections, a large request ahead of
 //! a small one, cancelled requests holding capacity, a poisoned input in a
-//! shared batch, panicking workers, sticky device errors, shutdown under
-//! load, empty key lists and the resolved configuration (`vlembed config`).
+//! shared batch, panicking workers, sticky device errors, a missing GPU at
+//! startup, shutdown under load, empty key lists and the resolved
+//! configuration (`vlembed config`).
 //! Against a real server on a loopback port with the fixture model; faults
 //! are injected by wrapping the real replica (test code only).
 
@@ -409,6 +410,39 @@ async fn a_sticky_device_error_rebuilds_the_replica_with_ready_503_meanwhile() {
         Some(1.0)
     );
     s.stop().await;
+}
+
+/// `--devices cuda:0` on a build without CUDA: the start fails at once,
+/// naming the device and the cause, before the model is looked at (the
+/// model path does not even exist).
+#[test]
+fn a_missing_gpu_fails_the_start_in_well_under_a_second() {
+    if candle_core::utils::cuda_is_available() {
+        return; // a CUDA build: the check depends on the machine
+    }
+    let start = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlembed"))
+        .args([
+            "serve",
+            "--model",
+            "/nonexistent/bge-vl-base",
+            "--devices",
+            "cuda:0",
+        ])
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .env("VLEMBED_LOG", "warn")
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(err.contains("cannot open cuda:0"), "{err}");
+    assert!(err.contains("built without CUDA support"), "{err}");
+    assert!(
+        !err.contains("config.json"),
+        "no model file was looked for: {err}"
+    );
 }
 
 /// `vlembed config` resolves the GPU defaults without opening the device or

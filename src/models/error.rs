@@ -77,6 +77,15 @@ pub enum ModelError {
     Interrupted,
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A batch a replica runs before it serves failed (`crate::warmup`):
+    /// the probe or shape, its inputs, and why.
+    #[error("warm-up batch {shape} ({inputs} inputs) failed: {source}")]
+    Warmup {
+        shape: String,
+        inputs: usize,
+        #[source]
+        source: Box<ModelError>,
+    },
 }
 
 /// What is wrong with a `config.json` (or a part of it).

@@ -163,6 +163,7 @@ impl ModelError {
             ModelError::Candle(e) => candle_fault(e),
             ModelError::Build { source, .. } => candle_fault(source),
             ModelError::Device(d) => candle_fault(&d.source),
+            ModelError::Warmup { source, .. } => source.fault(),
             _ => Fault::Ordinary,
         }
     }
