@@ -15,15 +15,24 @@
 //! real token, so the two agree up to float rounding. Masks are additive with
 //! a large finite negative and softmax runs in `f32` (as upstream upcasts it),
 //! so fully masked rows never turn into NaN in f16/bf16.
+//!
+//! Device-side setup: a pass's masks are made on the replica's device from
+//! the positions and the sequence lengths (comparison kernels, no `t x t`
+//! host buffer) and kept by shape ([`ShapeCache`]); the rotary tables are
+//! computed once on the host in f32 (exactly transformers' values, the same
+//! on every device) for the longest batch seen so far, kept on the device,
+//! and each pass reads the rows it needs there. No batch copies either to
+//! the device.
 
 use std::ops::ControlFlow;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::models::error::ConfigError;
-use crate::models::mask::MASKED;
+use crate::models::mask::{self, ShapeCache, MASKED};
 
 fn d_vocab() -> usize {
     32000
@@ -167,7 +176,9 @@ pub fn attends(i: usize, j: usize, len: usize, window: Option<usize>) -> bool {
 }
 
 /// The keys `lo..hi` a query at position `i` attends to (see [`attends`]);
-/// empty when it attends to none (a padding row past the window).
+/// empty when it attends to none (a padding row past the window). The
+/// reference the device-made masks are tested against.
+#[cfg(test)]
 fn attended_keys(i: usize, len: usize, window: Option<usize>) -> (usize, usize) {
     let hi = (i + 1).min(len);
     let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
@@ -405,6 +416,22 @@ pub struct MistralModel {
     cfg: MistralConfig,
     device: Device,
     dtype: DType,
+    /// Additive masks by (sequence lengths, padded length, last row only).
+    masks: ShapeCache<(Vec<usize>, usize, bool)>,
+    /// Rotary `cos`/`sin` tables [positions, head_dim / 2] in the model's
+    /// dtype, on its device, for the longest pass so far.
+    rope: Mutex<Option<RopeTable>>,
+}
+
+/// Bytes of masks a decoder keeps: one 4096-token sequence's full mask.
+const MASK_CACHE_BYTES: usize = 64 << 20;
+
+/// The rotary tables of positions `0..len`, on the device.
+#[derive(Clone)]
+struct RopeTable {
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl MistralModel {
@@ -420,6 +447,8 @@ impl MistralModel {
             cfg: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            masks: ShapeCache::new(MASK_CACHE_BYTES),
+            rope: Mutex::new(None),
         })
     }
 
@@ -432,6 +461,64 @@ impl MistralModel {
         self.embed_tokens.forward(ids)
     }
 
+    /// Rotary tables covering positions `0..t`: the kept ones, or new ones
+    /// for the next power of two (at most `max_position_embeddings`),
+    /// computed on the host once and uploaded.
+    fn rope_table(&self, t: usize) -> candle_core::Result<RopeTable> {
+        let mut kept = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(table) = kept.as_ref().filter(|r| r.len >= t) {
+            return Ok(table.clone());
+        }
+        let len = t
+            .next_power_of_two()
+            .min(self.cfg.max_position_embeddings)
+            .max(t);
+        let d = self.cfg.head_dim();
+        let (cos, sin) = rope_tables(self.cfg.rope_theta, d, len);
+        let to = |v: Vec<f32>| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(v, (len, d / 2), &self.device)?.to_dtype(self.dtype)
+        };
+        let table = RopeTable {
+            len,
+            cos: to(cos)?,
+            sin: to(sin)?,
+        };
+        *kept = Some(table.clone());
+        Ok(table)
+    }
+
+    /// The additive mask (f32) for right-padded sequences of `lens` real
+    /// tokens in rows of `t`: [b, 1, 1, t, t] for every query row, or
+    /// [b, 1, 1, 1, t] for each sequence's last real token when
+    /// `last_only`. Made on the device from positions and lengths (see
+    /// [`attends`]) and kept by shape.
+    fn mask(&self, lens: &[usize], t: usize, last_only: bool) -> candle_core::Result<Tensor> {
+        self.masks.get_or_make((lens.to_vec(), t, last_only), || {
+            let dev = &self.device;
+            let b = lens.len();
+            let keys = mask::positions(t, dev)?.reshape((1, 1, t))?;
+            let upload = |v: Vec<u32>| Tensor::from_vec(v, (b, 1, 1), dev);
+            let lens_t = upload(lens.iter().map(|&l| l as u32).collect())?;
+            // Query positions: every row, or each sequence's last real token.
+            let queries = if last_only {
+                upload(lens.iter().map(|&l| l.saturating_sub(1) as u32).collect())?
+            } else {
+                mask::positions(t, dev)?.reshape((1, t, 1))?
+            };
+            // Causal (key <= query) and not padding (key < len).
+            let mut keep = keys
+                .broadcast_le(&queries)?
+                .broadcast_mul(&keys.broadcast_lt(&lens_t)?)?;
+            if let Some(w) = self.cfg.sliding_window.filter(|&w| w < t) {
+                // Within the window: query - key < w, i.e. key + w > query.
+                let shifted = Tensor::arange(w as u32, (w + t) as u32, dev)?.reshape((1, 1, t))?;
+                keep = keep.broadcast_mul(&shifted.broadcast_gt(&queries)?)?;
+            }
+            let tq = if last_only { 1 } else { t };
+            mask::additive(&keep, MASKED)?.reshape((b, 1, 1, tq, t))
+        })
+    }
+
     /// Rotary tables and the additive mask for right-padded sequences of
     /// `lens` real tokens in rows of `t`; the mask is for every query row, or
     /// only for the last real token of each sequence when `last_only`.
@@ -442,40 +529,25 @@ impl MistralModel {
         last_only: bool,
     ) -> candle_core::Result<(Rope, Tensor)> {
         let b = lens.len();
-        let d = self.cfg.head_dim();
-        let half = d / 2;
-        let (cos, sin) = rope_tables(self.cfg.rope_theta, d, t);
-        let mut last_cos = Vec::with_capacity(b * half);
-        let mut last_sin = Vec::with_capacity(b * half);
-        for &len in lens {
-            let p = len.saturating_sub(1);
-            last_cos.extend_from_slice(&cos[p * half..(p + 1) * half]);
-            last_sin.extend_from_slice(&sin[p * half..(p + 1) * half]);
-        }
-        let dev = &self.device;
-        let to = |v: Vec<f32>, shape: &[usize]| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(v, shape, dev)?.to_dtype(self.dtype)
+        let half = self.cfg.head_dim() / 2;
+        let table = self.rope_table(t)?;
+        let last: Vec<u32> = lens.iter().map(|&l| l.saturating_sub(1) as u32).collect();
+        let last = Tensor::from_vec(last, b, &self.device)?;
+        let rows = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                x.narrow(0, 0, t)?,
+                x.index_select(&last, 0)?.reshape((b, 1, half))?,
+            ))
         };
+        let (cos, last_cos) = rows(&table.cos)?;
+        let (sin, last_sin) = rows(&table.sin)?;
         let rope = Rope {
-            cos: to(cos, &[t, half])?,
-            sin: to(sin, &[t, half])?,
-            last_cos: to(last_cos, &[b, 1, half])?,
-            last_sin: to(last_sin, &[b, 1, half])?,
+            cos,
+            sin,
+            last_cos,
+            last_sin,
         };
-        let w = self.cfg.sliding_window;
-        let tq = if last_only { 1 } else { t };
-        // Added to f32 scores (see `Attention::forward`).
-        let mut mask = vec![MASKED; b * tq * t];
-        for (s, &len) in lens.iter().enumerate() {
-            for qi in 0..tq {
-                let i = if last_only { len.saturating_sub(1) } else { qi };
-                let (lo, hi) = attended_keys(i, len, w);
-                let row = (s * tq + qi) * t;
-                mask[row + lo..row + hi].fill(0.0);
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, tq, t), dev)?;
-        Ok((rope, mask))
+        Ok((rope, self.mask(lens, t, last_only)?))
     }
 
     fn check(&self, embeds: &Tensor, lens: &[usize]) -> Result<(usize, usize), DecoderError> {
@@ -681,6 +753,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The mask as it was filled on the host before (every batch): the
+    /// device-made one must equal it bit for bit, padding rows included.
+    fn host_mask(lens: &[usize], t: usize, last_only: bool, w: Option<usize>) -> Vec<f32> {
+        let tq = if last_only { 1 } else { t };
+        let mut mask = vec![MASKED; lens.len() * tq * t];
+        for (s, &len) in lens.iter().enumerate() {
+            for qi in 0..tq {
+                let i = if last_only { len.saturating_sub(1) } else { qi };
+                let (lo, hi) = attended_keys(i, len, w);
+                let row = (s * tq + qi) * t;
+                mask[row + lo..row + hi].fill(0.0);
+            }
+        }
+        mask
+    }
+
+    #[test]
+    fn device_masks_equal_the_host_masks_and_are_kept_by_shape() {
+        for window in [None, Some(1), Some(3), Some(40)] {
+            let m = tiny(window);
+            for (lens, t) in [
+                (vec![7, 4], 7),
+                (vec![1], 1),
+                (vec![9, 9, 2], 9),
+                (vec![5], 12),
+            ] {
+                for last_only in [false, true] {
+                    let got: Vec<f32> = m
+                        .mask(&lens, t, last_only)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let want = host_mask(&lens, t, last_only, window);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "window {window:?} lens {lens:?} t {t} last {last_only}"
+                    );
+                }
+            }
+            assert_eq!(m.masks.len(), 8);
+            m.mask(&[7, 4], 7, true).unwrap();
+            assert_eq!(m.masks.len(), 8, "a kept shape is not made again");
+        }
+    }
+
+    #[test]
+    fn rotary_rows_come_from_one_table_grown_on_demand() {
+        let m = tiny(None);
+        let (rope, _) = m.setup(&[3, 2], 3, false).unwrap();
+        let (cos, sin) = rope_tables(1000000.0, 4, 3);
+        let got: Vec<f32> = rope.cos.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, cos);
+        let last: Vec<f32> = rope.last_sin.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(last, [&sin[4..6], &sin[2..4]].concat());
+        assert_eq!(m.rope_table(3).unwrap().len, 4);
+        assert_eq!(m.rope_table(9).unwrap().len, 16);
+        assert_eq!(m.rope_table(5).unwrap().len, 16, "kept, not shrunk");
     }
 
     fn tiny(window: Option<usize>) -> MistralModel {
