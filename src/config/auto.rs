@@ -23,13 +23,13 @@
 //!
 //! A model is of the GPU class when every one of its devices is a GPU
 //! ([`DeviceClass::of`]); the server's preprocessing threads take the GPU
-//! value when every served model is.
+//! value when every served model is. This module holds the rules and the
+//! `"auto"` spelling; the values are set on the configuration by
+//! [`super::ModelConfig::resolve_auto`] and [`super::Config::preprocess_threads`].
 
 use serde::de::{self, Deserializer, Visitor};
 
-use super::schema::ModelConfig;
-use super::{auto_precision, Config};
-use crate::models::{DeviceClass, DeviceSpec, PassLimits};
+use crate::models::{DeviceClass, PassLimits};
 
 /// A count as written in a config layer: `"auto"` or a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl<'de> serde::Deserialize<'de> for AutoCount {
 }
 
 /// `server.preprocess_threads`: `"auto"` (or `0`, its older spelling) is
-/// stored as 0 and resolved by [`Config::preprocess_threads`].
+/// stored as 0 and resolved by [`super::Config::preprocess_threads`].
 pub(super) fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     Ok(d.deserialize_any(AutoCountVisitor)?.or(0))
 }
@@ -127,56 +127,13 @@ impl DeviceDefaults {
 }
 
 /// Which of a model's device-dependent keys were `"auto"` (and so follow
-/// its devices); `dtype` is [`ModelConfig::dtype_auto`].
+/// its devices); `dtype` is [`super::ModelConfig::dtype_auto`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AutoKeys {
     pub max_batch_size: bool,
     pub max_batch_cost: bool,
     pub decoder_group_tokens: bool,
     pub vision_tile_chunk: bool,
-}
-
-impl ModelConfig {
-    /// The class of the model's devices.
-    pub fn device_class(&self) -> DeviceClass {
-        DeviceClass::of(&self.devices)
-    }
-
-    /// Sets every key that was `"auto"` from the model's devices.
-    pub fn resolve_auto(&mut self) {
-        let d = DeviceDefaults::for_class(self.device_class());
-        if self.dtype_auto {
-            self.dtype = auto_precision(&self.devices);
-        }
-        let a = self.auto;
-        if a.max_batch_size {
-            self.batching.max_batch_size = d.max_batch_size;
-        }
-        if a.max_batch_cost {
-            self.batching.max_batch_cost = d.max_batch_cost;
-        }
-        if a.decoder_group_tokens {
-            self.pass.decoder_group_tokens = d.pass.decoder_group_tokens;
-        }
-        if a.vision_tile_chunk {
-            self.pass.vision_tile_chunk = d.pass.vision_tile_chunk;
-        }
-    }
-
-    /// The keys resolved from the devices, in the order of the config file.
-    pub fn auto_keys(&self) -> Vec<&'static str> {
-        let a = self.auto;
-        [
-            ("dtype", self.dtype_auto),
-            ("max_batch_size", a.max_batch_size),
-            ("max_batch_cost", a.max_batch_cost),
-            ("decoder_group_tokens", a.decoder_group_tokens),
-            ("vision_tile_chunk", a.vision_tile_chunk),
-        ]
-        .into_iter()
-        .filter_map(|(k, on)| on.then_some(k))
-        .collect()
-    }
 }
 
 /// Cores kept for the HTTP runtime when preprocessing takes the rest: an
@@ -203,35 +160,6 @@ pub fn preprocess_threads(class: DeviceClass, cores: usize, device_workers: usiz
 /// The machine's cores as the process sees them.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-impl Config {
-    /// The class of the whole server: GPU when every device of every model
-    /// is a GPU.
-    pub fn device_class(&self) -> DeviceClass {
-        let all: Vec<DeviceSpec> = self
-            .models
-            .iter()
-            .flat_map(|m| m.devices.iter().copied())
-            .collect();
-        DeviceClass::of(&all)
-    }
-
-    /// Preprocessing concurrency: `server.preprocess_threads`, or when it is
-    /// auto ([`preprocess_threads`]) resolved for this machine and the
-    /// served models' devices.
-    pub fn preprocess_threads(&self) -> usize {
-        self.preprocess_threads_on(cores())
-    }
-
-    /// [`Self::preprocess_threads`] on a machine of `cores` cores.
-    pub fn preprocess_threads_on(&self, cores: usize) -> usize {
-        if self.server.preprocess_threads > 0 {
-            return self.server.preprocess_threads;
-        }
-        let workers = self.models.iter().map(|m| m.devices.len()).sum();
-        preprocess_threads(self.device_class(), cores, workers)
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The configuration's sections as typed values: what each key means and
-//! its type. Defaults live in `config/default.toml`; how the sources are
-//! merged is [`super::layering`], what is checked beyond types
+//! its type, and the keys that follow the devices resolved from them
+//! ([`ModelConfig::resolve_auto`], [`Config::preprocess_threads`], by the
+//! rules of [`super::auto`]). Defaults live in `config/default.toml`; how the
+//! sources are merged is [`super::layering`], what is checked beyond types
 //! [`super::validate`].
 
 use std::path::PathBuf;
@@ -9,9 +11,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Table;
 
-use super::auto::{AutoCount, AutoKeys};
-use super::ENV_PREFIX;
-use crate::models::{DeviceSpec, ModelSource, PassLimits, Precision};
+use super::auto::{self, AutoCount, AutoKeys, DeviceDefaults};
+use super::{auto_precision, ENV_PREFIX};
+use crate::models::{DeviceClass, DeviceSpec, ModelSource, PassLimits, Precision};
 
 /// The `[server]` section.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -172,6 +174,47 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The class of the model's devices.
+    pub fn device_class(&self) -> DeviceClass {
+        DeviceClass::of(&self.devices)
+    }
+
+    /// Sets every key that was `"auto"` from the model's devices.
+    pub fn resolve_auto(&mut self) {
+        let d = DeviceDefaults::for_class(self.device_class());
+        if self.dtype_auto {
+            self.dtype = auto_precision(&self.devices);
+        }
+        let a = self.auto;
+        if a.max_batch_size {
+            self.batching.max_batch_size = d.max_batch_size;
+        }
+        if a.max_batch_cost {
+            self.batching.max_batch_cost = d.max_batch_cost;
+        }
+        if a.decoder_group_tokens {
+            self.pass.decoder_group_tokens = d.pass.decoder_group_tokens;
+        }
+        if a.vision_tile_chunk {
+            self.pass.vision_tile_chunk = d.pass.vision_tile_chunk;
+        }
+    }
+
+    /// The keys resolved from the devices, in the order of the config file.
+    pub fn auto_keys(&self) -> Vec<&'static str> {
+        let a = self.auto;
+        [
+            ("dtype", self.dtype_auto),
+            ("max_batch_size", a.max_batch_size),
+            ("max_batch_cost", a.max_batch_cost),
+            ("decoder_group_tokens", a.decoder_group_tokens),
+            ("vision_tile_chunk", a.vision_tile_chunk),
+        ]
+        .into_iter()
+        .filter_map(|(k, on)| on.then_some(k))
+        .collect()
+    }
+
     /// Where the model's files come from.
     pub fn model_source(&self) -> ModelSource {
         ModelSource::parse(&self.source, Some(&self.revision))
@@ -301,5 +344,32 @@ impl Config {
     /// Looks a model up by name.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The class of the whole server: GPU when every device of every model
+    /// is a GPU.
+    pub fn device_class(&self) -> DeviceClass {
+        let all: Vec<DeviceSpec> = self
+            .models
+            .iter()
+            .flat_map(|m| m.devices.iter().copied())
+            .collect();
+        DeviceClass::of(&all)
+    }
+
+    /// Preprocessing concurrency: `server.preprocess_threads`, or when it is
+    /// auto ([`auto::preprocess_threads`]) resolved for this machine and the
+    /// served models' devices.
+    pub fn preprocess_threads(&self) -> usize {
+        self.preprocess_threads_on(auto::cores())
+    }
+
+    /// [`Self::preprocess_threads`] on a machine of `cores` cores.
+    pub fn preprocess_threads_on(&self, cores: usize) -> usize {
+        if self.server.preprocess_threads > 0 {
+            return self.server.preprocess_threads;
+        }
+        let workers = self.models.iter().map(|m| m.devices.len()).sum();
+        auto::preprocess_threads(self.device_class(), cores, workers)
     }
 }

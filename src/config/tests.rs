@@ -136,17 +136,21 @@ fn fetch_keys_come_from_files_and_the_environment() {
     assert_eq!(c.fetch.timeout(), Duration::from_millis(2500));
 }
 
+/// The configuration from a file of `file_text` (written as `name`) and
+/// `flags`.
+fn load_file(name: &str, file_text: &str, flags: Overrides) -> Config {
+    let file = write_file(name, file_text);
+    Config::load(&Layers {
+        file: Some(file),
+        flags,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 #[test]
 fn auto_dtype_follows_the_devices_and_explicit_wins() {
-    let load = |file_text: &str, flags: Overrides| {
-        let file = write_file("auto-dtype.toml", file_text);
-        Config::load(&Layers {
-            file: Some(file),
-            flags,
-            ..Default::default()
-        })
-        .unwrap()
-    };
+    let load = |file_text: &str, flags: Overrides| load_file("auto-dtype.toml", file_text, flags);
     let one = "[[models]]\nsource = \"org/a\"\n";
     assert_eq!(
         load(one, Overrides::default()).models[0].dtype,
@@ -424,15 +428,8 @@ fn connection_limits_are_validated() {
 fn batch_and_pass_defaults_follow_the_devices_and_explicit_values_win() {
     use crate::config::auto::DeviceDefaults;
     use crate::models::DeviceClass;
-    let load = |file_text: &str, flags: Overrides| {
-        let file = write_file("auto-batching.toml", file_text);
-        Config::load(&Layers {
-            file: Some(file),
-            flags,
-            ..Default::default()
-        })
-        .unwrap()
-    };
+    let load =
+        |file_text: &str, flags: Overrides| load_file("auto-batching.toml", file_text, flags);
     let cuda = Overrides {
         devices: Some(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]),
         ..Default::default()

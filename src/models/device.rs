@@ -186,7 +186,7 @@ impl DeviceSpec {
                 Ok(opened) => opened.map_err(fail),
                 Err(panic) => Err(fail(candle_core::Error::Msg(format!(
                     "the CUDA driver could not be loaded: {}",
-                    panic_text(panic.as_ref())
+                    panic_message(panic.as_ref())
                 )))),
             },
         }
@@ -219,8 +219,9 @@ impl DeviceSpec {
     }
 }
 
-/// The message of a caught panic.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+/// The message of a panic caught around model code (a forward pass, a
+/// replica's build, a driver library that would not load).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

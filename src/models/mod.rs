@@ -35,7 +35,9 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::preprocess::Preprocessor;
-pub use device::{BadDevice, DeviceClass, DeviceError, DeviceSpec, Precision, UnknownPrecision};
+pub use device::{
+    panic_message, BadDevice, DeviceClass, DeviceError, DeviceSpec, Precision, UnknownPrecision,
+};
 pub use error::{ConfigError, ModelError};
 pub use family::{
     Between, EmbeddingModel, Facts, Family, FamilyModel, LoadContext, LoadOptions, Model,

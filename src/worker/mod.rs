@@ -51,7 +51,7 @@ use crate::batching::schedule::{self, Ran};
 use crate::batching::trace::{self, RequestTrace};
 use crate::batching::{Item, ItemError, ItemResult, Queue, WorkerId, WorkerState};
 use crate::metrics::Metrics;
-use crate::models::{Between, DeviceSpec, EmbeddingModel, Fault, ModelError};
+use crate::models::{panic_message, Between, DeviceSpec, EmbeddingModel, Fault, ModelError};
 use crate::preprocess::Prepared;
 
 /// Builds a model replica (and warms it up); runs on the worker's own
@@ -542,16 +542,6 @@ fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, 
 
 fn fail_all(batch: Vec<Item>, error: ItemError, out: &mut Answers) {
     out.extend(batch.into_iter().map(|i| (i, Err(error.clone()))));
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
 }
 
 #[cfg(test)]
