@@ -25,7 +25,9 @@ use crate::batching::{Batcher, EmbeddingCache, PreprocessPool, Queue};
 use crate::config::{Config, ServerConfig};
 use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
-use crate::models::{DeviceSpec, EmbeddingModel, LoadOptions, LoadedModel, ModelError};
+use crate::models::{
+    DeviceError, DeviceSpec, EmbeddingModel, LoadOptions, LoadedModel, ModelError,
+};
 use crate::probe::{self, GoldenFile, ProbeError, ProbeResult};
 use crate::registry::{GoldenReport, ModelSlot, ProbeReport, Registry, ServedModel};
 use crate::warmup::Warmup;
@@ -340,6 +342,7 @@ fn load_all(
     addr: SocketAddr,
 ) {
     if let Err((slot, e)) = check_devices(registry) {
+        let e = LoadError::Model(ModelError::Device(e));
         slot.set_failed(e.to_string());
         let _ = fatal.send((slot.config.name.clone(), e));
         return;
@@ -382,7 +385,7 @@ fn load_all(
 /// downloaded: `--devices cuda:0` on a machine or build without CUDA fails
 /// here, in milliseconds, naming the device and the cause. Returns the
 /// first model using a device that failed.
-fn check_devices(registry: &Registry) -> Result<(), (Arc<ModelSlot>, LoadError)> {
+fn check_devices(registry: &Registry) -> Result<(), (Arc<ModelSlot>, DeviceError)> {
     let start = Instant::now();
     let mut checked: Vec<DeviceSpec> = Vec::new();
     for slot in registry.models() {
@@ -392,7 +395,7 @@ fn check_devices(registry: &Registry) -> Result<(), (Arc<ModelSlot>, LoadError)>
             }
             if let Err(e) = device.check() {
                 tracing::error!(model = %slot.config.name, %device, error = %e, "a device cannot be used");
-                return Err((Arc::clone(slot), LoadError::Model(ModelError::Device(e))));
+                return Err((Arc::clone(slot), e));
             }
             checked.push(device);
         }

@@ -7,7 +7,9 @@
 //! prints them without opening a device, reading a model file or touching
 //! the network. The output is itself a valid `--config` file that gives the
 //! same models (with every auto key fixed to its value); a comment header
-//! says which keys were auto and for which device class.
+//! says which keys were auto and for which device class. API keys are
+//! secrets and are not written: the header gives their number (give them
+//! through `VLEMBED_API_KEYS` when the output is used as a config file).
 
 use serde::Serialize;
 
@@ -117,6 +119,13 @@ impl Config {
             "# server.preprocess_threads = {} ({threads})",
             self.preprocess_threads_on(cores)
         ));
+        if !self.server.api_keys.is_empty() {
+            lines.push(format!(
+                "# server.api_keys: {} keys set, not written here (give them through \
+                 VLEMBED_API_KEYS; without them this file serves without authentication)",
+                self.server.api_keys.len()
+            ));
+        }
         for (i, m) in self.models.iter().enumerate() {
             let devices: Vec<String> = m.devices.iter().map(|d| d.to_string()).collect();
             let auto = m.auto_keys();

@@ -21,6 +21,8 @@ use crate::models::{DeviceClass, DeviceSpec, ModelSource, PassLimits, Precision}
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
+    /// Secrets: never written out (`vlembed config` names only their count).
+    #[serde(skip_serializing)]
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,

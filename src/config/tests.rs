@@ -551,7 +551,10 @@ fn preprocess_threads_resolve_for_the_served_devices() {
 #[test]
 fn the_resolved_toml_reloads_to_the_same_models() {
     let layers = Layers {
-        env: env(&[("VLEMBED_SERVER__ALLOW_TF32", "true")]),
+        env: env(&[
+            ("VLEMBED_SERVER__ALLOW_TF32", "true"),
+            ("VLEMBED_API_KEYS", "secret-key-1,secret-key-2"),
+        ]),
         flags: Overrides {
             model: Some("/nonexistent/models/bge-vl-large".into()),
             devices: Some(vec![DeviceSpec::Cuda(0)]),
@@ -569,6 +572,11 @@ fn the_resolved_toml_reloads_to_the_same_models() {
     assert!(text.contains("max_batch_cost = 65536"), "{text}");
     assert!(text.contains("dtype = \"bf16\""), "{text}");
     assert!(text.contains("allow_tf32 = true"), "{text}");
+    assert!(
+        !text.contains("secret-key"),
+        "API keys are never written: {text}"
+    );
+    assert!(text.contains("# server.api_keys: 2 keys set"), "{text}");
     let file = write_file("resolved.toml", &text);
     let again = Config::load(&Layers {
         file: Some(file),

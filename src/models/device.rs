@@ -204,7 +204,7 @@ impl DeviceSpec {
             (&t + &t)?.sum_all()?.to_scalar::<f32>()
         };
         match probe() {
-            Ok(v) if v == 6.0 => Ok(()),
+            Ok(6.0) => Ok(()),
             Ok(v) => Err(DeviceError {
                 device: self,
                 source: Box::new(candle_core::Error::Msg(format!(
