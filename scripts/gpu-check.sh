@@ -40,8 +40,11 @@
 #                     scripts/requirements-gpu-check.txt)
 #   LEVELS            CLIP client counts ("1 64 256"); MLLM_LEVELS ("1 8 32")
 #   LOAD_S            seconds per CLIP level (6); MLLM_LOAD_S (10)
-#   PREPROCESS_THREADS server.preprocess_threads (default: the cores)
-#   MAX_BATCH_SIZE    CLIP model's max_batch_size (256); MAX_DELAY_MS (0)
+#   PREPROCESS_THREADS server.preprocess_threads (default: vlembed's "auto": on
+#                     a GPU all cores but HTTP's and the worker's; /info's
+#                     resolved value goes to the report)
+#   MAX_BATCH_SIZE    CLIP model's max_batch_size (default: "auto", 256 on a
+#                     GPU); MAX_DELAY_MS (0)
 #   LOADGEN_THREADS   client threads at >= 64 clients (4)
 #   CUDA_LIB_DIRS     instead of the host's nvidia wheel folders
 #   SKIP              phases to skip, e.g. "large mllm" (smoke, prep-clip,
@@ -95,10 +98,13 @@ fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# write_config FILE PORT [model-defaults TOML lines...] -- models TOML
-write_server_config() { # file port max_batch_size max_queue_inputs models-toml
+# The batch limits and preprocessing threads are vlembed's device-dependent
+# defaults ("auto": the GPU's on $DEVICE = cuda:N; `vlembed config`, logged per
+# server, and /info show what they resolved to); only what a load test needs
+# beyond them is written here.
+write_server_config() { # file port max_batch_size (empty: auto) max_queue_inputs models-toml
   cat >"$1" <<TOML
-# written by scripts/gpu-check.sh: loopback, limits raised, cache off
+# written by scripts/gpu-check.sh: loopback, request limits raised, cache off
 [server]
 host = "127.0.0.1"
 port = $2
@@ -106,14 +112,13 @@ max_concurrent_requests = 1024
 max_inputs_per_request = 256
 max_connections = 2048
 request_timeout_ms = 120000
-preprocess_threads = $PREPROCESS_THREADS
+preprocess_threads = ${PREPROCESS_THREADS:-\"auto\"}
 access_log = false
 shutdown_timeout_ms = 20000
 
 [model_defaults]
 devices = ["$DEVICE"]
-max_batch_size = $3
-max_batch_cost = 65536
+max_batch_size = ${3:-\"auto\"}
 max_queue_inputs = $4
 max_delay_ms = $MAX_DELAY_MS
 embedding_cache_bytes = 0
@@ -122,7 +127,8 @@ $5
 TOML
 }
 
-# start_server NAME CONFIG: sets SERVER_PID, URL and READY_S (seconds from start to /ready)
+# start_server NAME CONFIG: sets SERVER_PID, URL, READY_S (seconds from start to /ready) and
+# SERVER_THREADS (the preprocessing threads it resolved)
 start_server() {
   local name="$1" cfg="$2" port
   port=$(sed -n 's/^port = //p' "$cfg" | head -1)
@@ -154,6 +160,8 @@ start_server() {
   t1=$(now_s)
   http_get "$URL/info" 5 >"$LOGS/info-$name.json" 2>/dev/null || true
   READY_S=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+  SERVER_THREADS=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["server"]["preprocess_threads"])' \
+    "$LOGS/info-$name.json" 2>/dev/null) || SERVER_THREADS="${PREPROCESS_THREADS:-$(nproc)}"
 }
 
 gpu_sampler() { # out-file pid: "mem_used_mib util_pct server_mem_mib" every second
@@ -205,7 +213,7 @@ measure() {
     --gpu-samples "$LOGS/gpu-$tag.txt" --model "$model" --family "$family" --dtype "$dtype" \
     --device "$DEVICE" --modality "$modality" --concurrency "$c" --t0 "$t0" --t1 "$t1" \
     --ticks0 "$ticks0" --ticks1 "$ticks1" --hz "$(getconf CLK_TCK)" --cores "$(nproc)" \
-    --preprocess-threads "$PREPROCESS_THREADS" --machine-stat0 "$stat0" --machine-stat1 "$stat1"
+    --preprocess-threads "${SERVER_THREADS:-${PREPROCESS_THREADS:-$(nproc)}}" --machine-stat0 "$stat0" --machine-stat1 "$stat1"
 }
 
 parity() { # model label dtype device [flags] -- reference specs as NAME=FILE
@@ -251,7 +259,7 @@ phase_parity() {
       models+=$'\n'"[[models]]"$'\n'"name = \"$name\""$'\n'"source = \"$src\""$'\n'"dtype = \"$dtype\""$'\n'"devices = [\"$dev\"]"$'\n'
     done <<<"$lines"
     [ -n "$models" ] || return 1
-    write_server_config "$cfg" "$(free_port)" 32 1024 "$models"
+    write_server_config "$cfg" "$(free_port)" "" 1024 "$models"
     if start_server "parity-$tries" "$cfg"; then break; fi
     failed=$(sed -n 's/.*model \([^ ]*\) failed to load.*/\1/p' "$LOGS/server-parity-$tries.log" | head -1)
     [ -n "$failed" ] && grep -q "^$failed|" <<<"$lines" || return 1
@@ -303,7 +311,7 @@ phase_mllm() {
   trap 'stop_server' EXIT
   local dir="$WORK/models/bge-vl-mllm" cfg="$WORK/mllm.toml"
   [ -f "$dir/config.json" ] || { echo "error: no model in $dir (prep-mllm failed)"; return 1; }
-  write_server_config "$cfg" "$(free_port)" 32 1024 \
+  write_server_config "$cfg" "$(free_port)" "" 1024 \
     "[[models]]
 name = \"bge-vl-mllm\"
 source = \"$dir\"
@@ -379,7 +387,7 @@ else
   : "${LOAD_S:=2}" "${MLLM_LOAD_S:=2}" "${WARM_S:=1}" "${IMAGE_BATCHES:=1,4}" "${TEXT_BATCHES:=4,16}"
   : "${MLLM_BATCHES:=1,2}" "${MIN_S:=0.2}" "${MLLM_SHARD_GB:=0.004}" "${WORK:=/tmp/vlembed-gpu-dry-run}"
 fi
-: "${PREPROCESS_THREADS:=$(nproc)}" "${MAX_BATCH_SIZE:=256}" "${MAX_DELAY_MS:=0}" "${LOADGEN_THREADS:=4}"
+: "${PREPROCESS_THREADS:=}" "${MAX_BATCH_SIZE:=}" "${MAX_DELAY_MS:=0}" "${LOADGEN_THREADS:=4}"
 : "${BUNDLE:=dist/gpu-bundle}" "${SKIP:=}"
 OUT="${OUT:-${OUT_DIR:-$WORK/out}}"
 DEADLINE=$((START + BUDGET_S))

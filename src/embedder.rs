@@ -32,14 +32,16 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    /// Loads `source` onto `device`.
+    /// Loads `source` onto `device`. The device is opened first: a missing
+    /// GPU fails before any model file is read or downloaded.
     pub fn load(
         source: &ModelSource,
         device: DeviceSpec,
         opts: &LoadOptions,
     ) -> Result<Self, ModelError> {
+        let opened = device.open()?;
         let loaded = LoadedModel::open(source, opts)?;
-        let replica = loaded.replica(&device.open()?)?;
+        let replica = loaded.replica(&opened)?;
         Ok(Embedder { loaded, replica })
     }
 

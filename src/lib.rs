@@ -21,6 +21,7 @@
 //!   selection, request re-assembly.
 //! - [`worker`]: one OS thread per device owning a model replica.
 //! - [`probe`]: startup probe inputs and golden-vector files.
+//! - [`warmup`]: the batch shapes every replica runs before it serves.
 //! - [`registry`]: the served models, their state and readiness (below both
 //!   `http` and `app`).
 //! - [`http`]: the axum router, request parsing, errors, auth.
@@ -42,4 +43,5 @@ pub mod probe;
 pub mod registry;
 mod simd;
 pub mod vector;
+pub mod warmup;
 pub mod worker;

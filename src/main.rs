@@ -1,6 +1,7 @@
 //! The `vlembed` command line: `serve` (the HTTP server, the default),
-//! `embed` (one input, printed as JSON) and `probe` (the startup probes,
-//! written as a golden-vectors file).
+//! `config` (the resolved configuration, printed as TOML), `embed` (one
+//! input, printed as JSON) and `probe` (the startup probes, written as a
+//! golden-vectors file).
 //!
 //! Owns argument parsing, logging setup, the tokio runtime and OS signals;
 //! the server itself is [`vlembed::app`], configured by [`vlembed::config`].
@@ -15,7 +16,9 @@ use clap::{Args, Parser, Subcommand};
 use vlembed::config::{Config, Layers, Overrides};
 use vlembed::embedder::Embedder;
 use vlembed::input::{Content, Input, Role};
-use vlembed::models::{CpuBackend, DeviceSpec, LoadOptions, ModelSource, Precision};
+use vlembed::models::{
+    CpuBackend, DeviceClass, DeviceSpec, LoadOptions, ModelSource, PassLimits, Precision,
+};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +42,10 @@ struct Cli {
 enum Command {
     /// Run the HTTP server (the default command).
     Serve(ServeArgs),
+    /// Print the configuration `serve` would run with these arguments, every
+    /// "auto" key resolved for the devices, as TOML; opens no device, reads
+    /// no model file and touches no network.
+    Config(ServeArgs),
     /// Embed one input and print {"model", "dimensions", "embedding"} on stdout.
     Embed(EmbedArgs),
     /// Embed the built-in startup probes and write them as a golden-vectors
@@ -178,6 +185,7 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype,
         cpu_backend: args.cpu_backend,
+        pass: PassLimits::for_class(DeviceClass::of(&[args.device])),
         ..Default::default()
     };
     let started = std::time::Instant::now();
@@ -208,6 +216,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         dtype: args.dtype,
         cpu_backend: args.cpu_backend,
+        pass: PassLimits::for_class(DeviceClass::of(&[args.device])),
         ..Default::default()
     };
     let embedder = Embedder::load(&source, args.device, &opts)
@@ -235,7 +244,8 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The configuration of `serve` and `config`: every layer, validated.
+fn load_config(args: ServeArgs) -> anyhow::Result<Config> {
     let flags = Overrides {
         host: args.host,
         port: args.port,
@@ -248,7 +258,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cpu_backend: args.cpu_backend,
         otlp_endpoint: args.otlp_endpoint,
     };
-    let config = Config::load(&Layers::from_process_env(args.config, flags))?;
+    Ok(Config::load(&Layers::from_process_env(args.config, flags))?)
+}
+
+/// `vlembed config`: the resolved configuration on stdout.
+fn print_config(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(args)?;
+    print!("{}", config.to_resolved_toml()?);
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(args)?;
     for m in &config.models {
         tracing::info!(
             model = %m.name,
@@ -256,6 +277,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             dtype = %m.dtype,
             cpu_backend = %m.cpu_backend,
             devices = ?m.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            class = m.device_class().as_str(),
+            max_batch_size = m.batching.max_batch_size,
+            max_batch_cost = m.batching.max_batch_cost,
+            auto = ?m.auto_keys(),
             "configured model"
         );
     }
@@ -328,6 +353,7 @@ fn main() -> ExitCode {
         Some(Command::Embed(args)) => embed(args),
         Some(Command::Probe(args)) => probe(args),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Config(args)) => print_config(args),
         None => serve(cli.serve),
     };
     match result {

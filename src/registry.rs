@@ -201,6 +201,9 @@ pub enum ResolveError {
 /// Every served model, and the server-wide state handlers need.
 pub struct Registry {
     pub server: ServerConfig,
+    /// `server.preprocess_threads` as resolved for the served models'
+    /// devices and this machine ([`Config::preprocess_threads`]).
+    pub preprocess_threads: usize,
     pub metrics: Metrics,
     models: Vec<Arc<ModelSlot>>,
     /// Shutdown began: not ready, but requests may still be served.
@@ -232,6 +235,7 @@ impl Registry {
             .collect();
         Registry {
             server: config.server.clone(),
+            preprocess_threads: config.preprocess_threads(),
             metrics,
             models,
             draining: AtomicBool::new(false),

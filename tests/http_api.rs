@@ -338,6 +338,25 @@ async fn operations_endpoints() {
     assert_eq!(m["uses_instructions"], false);
     assert_eq!(m["devices"], json!(["cpu"]));
     assert_eq!(m["batching"]["max_batch_size"], 32);
+    // What the device-dependent "auto" keys resolved to (CPU values).
+    assert_eq!(m["device_class"], "cpu");
+    assert_eq!(m["batching"]["max_batch_cost"], 1024);
+    assert_eq!(m["batching"]["decoder_group_tokens"], 4096);
+    assert_eq!(m["batching"]["vision_tile_chunk"], 16);
+    assert_eq!(
+        m["auto"],
+        json!([
+            "dtype",
+            "max_batch_size",
+            "max_batch_cost",
+            "decoder_group_tokens",
+            "vision_tile_chunk"
+        ])
+    );
+    // tests/common's config() sets 2 threads.
+    assert_eq!(r.body["server"]["preprocess_threads"], 2);
+    assert_eq!(r.body["server"]["preprocess_threads_auto"], false);
+    assert_eq!(r.body["server"]["allow_tf32"], false);
     assert_eq!(r.body["version"], env!("CARGO_PKG_VERSION"));
     let r = s.get("/openapi.json").await;
     assert_eq!(r.status, 200);
@@ -813,12 +832,15 @@ fn every_response_type_conforms_to_openapi() {
     }
     let model = |loaded: bool| ModelInfo {
         architecture: loaded.then_some("clip"),
+        auto: vec!["dtype", "max_batch_cost"],
         batching: BatchingInfo {
+            decoder_group_tokens: 16384,
             max_batch_cost: 8192,
             max_batch_size: 32,
             max_delay_ms: 5,
             max_queue_inputs: 1024,
             refill_wait_ms: 10,
+            vision_tile_chunk: 32,
         },
         cpu_backend: loaded.then(|| vlembed::models::BackendChoice {
             backend: vlembed::models::Backend::Onednn,
@@ -828,6 +850,7 @@ fn every_response_type_conforms_to_openapi() {
             native_ms: Some(2.0),
             onednn_ms: Some(1.0),
         }),
+        device_class: "cpu",
         devices: vec!["cpu".into()],
         dimensions: loaded.then_some(16),
         dtype: "f32",
@@ -864,6 +887,12 @@ fn every_response_type_conforms_to_openapi() {
                 request_timeout_ms: 30_000,
             },
             models: vec![model(true), model(false)],
+            server: InfoServer {
+                allow_tf32: true,
+                cuda_build: true,
+                preprocess_threads: 13,
+                preprocess_threads_auto: true,
+            },
             version: env!("CARGO_PKG_VERSION"),
         },
     );

@@ -518,6 +518,58 @@ async fn a_summary_line_is_logged_once_ready() {
     s.stop().await;
 }
 
+/// Every replica is warmed up before the model is ready, each on its own
+/// device (two CPU replicas here), and again when it is rebuilt; the log
+/// gives each one's time and batch shapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_is_warmed_up_before_ready_and_after_a_rebuild() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    capture_logs();
+    let mut c = config();
+    c.server.worker_restart_backoff_ms = 10;
+    c.models[0].name = "warm-two".into();
+    c.models[0].devices = vec![DeviceSpec::Cpu, DeviceSpec::Cpu];
+    let faults = Arc::new(Faults::default());
+    let s = TestServer::ready(c, faulty(&faults)).await;
+    let warmed = || -> Vec<Value> {
+        log_lines()
+            .into_iter()
+            .filter(|l| {
+                l["fields"]["message"] == "replica warmed up" && l["fields"]["model"] == "warm-two"
+            })
+            .collect()
+    };
+    let lines = warmed();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let mut replicas: Vec<u64> = lines
+        .iter()
+        .map(|l| l["fields"]["replica"].as_u64().unwrap())
+        .collect();
+    replicas.sort();
+    assert_eq!(replicas, vec![0, 1]);
+    for l in &lines {
+        let shapes = l["fields"]["shapes"].as_str().unwrap();
+        assert!(
+            shapes.contains("typical") && shapes.contains("largest"),
+            "{l}"
+        );
+        assert!(l["fields"]["warmup_s"].as_f64().unwrap() >= 0.0);
+    }
+    faults.panic.store(true, Ordering::SeqCst);
+    let r = s.post_json("/embed", &json!({"inputs": "boom"})).await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    s.wait_ready().await;
+    for _ in 0..200 {
+        if warmed().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(warmed().len(), 3, "the rebuilt replica is warmed up too");
+    s.stop().await;
+}
+
 /// Without network and without a cached copy, loading names the cache
 /// directory searched and the real cause.
 #[test]

@@ -1,7 +1,9 @@
 //! No client, connection pattern or fault can deny service to the others:
 //! slow uploads, idle and slow-header connections, a large request ahead of
 //! a small one, cancelled requests holding capacity, a poisoned input in a
-//! shared batch, panicking workers, shutdown under load and empty key lists.
+//! shared batch, panicking workers, sticky device errors, a missing GPU at
+//! startup, shutdown under load, empty key lists and the resolved
+//! configuration (`vlembed config`).
 //! Against a real server on a loopback port with the fixture model; faults
 //! are injected by wrapping the real replica (test code only).
 
@@ -368,6 +370,124 @@ async fn a_worker_that_cannot_be_rebuilt_turns_health_unhealthy() {
     assert_eq!(s.get("/ready").await.status, 503);
     assert_eq!(builds.load(Ordering::SeqCst), 3);
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_device_error_rebuilds_the_replica_with_ready_503_meanwhile() {
+    let mut c = config();
+    // A back-off long enough to see the model unready.
+    c.server.worker_restart_backoff_ms = 400;
+    let faults = Arc::new(Faults::default());
+    let builds = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&builds);
+    let injected = Arc::clone(&faults);
+    let hooks = wrap_replicas(move |_name, inner| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Faulty::new(inner, &injected)
+    });
+    let s = TestServer::ready(c, hooks).await;
+    faults.sticky.store(true, Ordering::SeqCst);
+    let r = s
+        .post_json("/embed", &json!({"inputs": ["a", "b", "c"]}))
+        .await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(r.error_message().contains("sticky"), "{}", r.text);
+    // Not retried in halves on the poisoned replica: rebuilt instead.
+    let ready = s.get("/ready").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert_eq!(
+        s.get("/health").await.status,
+        200,
+        "rebuilding is not unhealthy"
+    );
+    s.wait_ready().await;
+    assert_eq!(builds.load(Ordering::SeqCst), 2);
+    let r = s.post_json("/embed", &json!({"inputs": "after"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(&text, "vlembed_worker_restarts_total{model=\"clip-tiny\"}"),
+        Some(1.0)
+    );
+    s.stop().await;
+}
+
+/// `--devices cuda:0` on a build without CUDA: the start fails at once,
+/// naming the device and the cause, before the model is looked at (the
+/// model path does not even exist).
+#[test]
+fn a_missing_gpu_fails_the_start_in_well_under_a_second() {
+    if candle_core::utils::cuda_is_available() {
+        return; // a CUDA build: the check depends on the machine
+    }
+    let start = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlembed"))
+        .args([
+            "serve",
+            "--model",
+            "/nonexistent/bge-vl-base",
+            "--devices",
+            "cuda:0",
+        ])
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .env("VLEMBED_LOG", "warn")
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(err.contains("cannot open cuda:0"), "{err}");
+    assert!(err.contains("built without CUDA support"), "{err}");
+    assert!(
+        !err.contains("config.json"),
+        "no model file was looked for: {err}"
+    );
+}
+
+/// `vlembed config` resolves the GPU defaults without opening the device or
+/// the (nonexistent) model, and its output is a config file `serve` reads.
+#[test]
+fn the_config_command_prints_the_resolved_configuration_without_the_device() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlembed"))
+        .args([
+            "config",
+            "--model",
+            "/nonexistent/bge-vl-mllm",
+            "--devices",
+            "cuda:0,cuda:1",
+        ])
+        .env("VLEMBED_MODEL_DEFAULTS__MAX_BATCH_SIZE", "100")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: toml::Table = text.parse().unwrap();
+    let m = &doc["models"].as_array().unwrap()[0];
+    assert_eq!(m["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(m["dtype"].as_str(), Some("bf16"));
+    assert_eq!(m["max_batch_size"].as_integer(), Some(100), "explicit wins");
+    assert_eq!(m["max_batch_cost"].as_integer(), Some(65536));
+    assert_eq!(m["decoder_group_tokens"].as_integer(), Some(16384));
+    assert!(doc["server"]["preprocess_threads"].as_integer().unwrap() >= 1);
+    assert!(
+        text.contains("auto: dtype, max_batch_cost, decoder_group_tokens, vision_tile_chunk"),
+        "{text}"
+    );
+    let file = std::env::temp_dir().join(format!("vlembed-resolved-{}.toml", std::process::id()));
+    std::fs::write(&file, text.as_bytes()).unwrap();
+    let again = Config::load(&Layers {
+        file: Some(file.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(again.models[0].batching.max_batch_size, 100);
+    assert_eq!(again.models[0].batching.max_batch_cost, 65536);
+    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,8 @@
 //! expanded); image-token counts identical; pixel tiles max |diff| <= 0.02
 //! and mean <= 0.002; embeddings within 1e-4 max abs (f32) from identical
 //! ids + pixels and end to end from image bytes; batch invariance <= 1e-4.
+//! On the device `VLEMBED_TEST_DEVICE` names (default cpu; tests/common
+//! `test_device`), with its f32 bounds (`tol::mllm_f32`).
 
 use std::collections::HashMap;
 
@@ -17,7 +19,7 @@ use vlembed::embedder::{l2_normalize, Embedder};
 use vlembed::input::{Content, Input, Modality, Role};
 use vlembed::models::llava::preprocess::build_prompt;
 use vlembed::models::llava::{LlavaImage, LlavaInput, LlavaPreprocessor};
-use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+use vlembed::models::ModelSource;
 use vlembed::preprocess::{Pixels, Prepared, Size};
 
 mod common;
@@ -255,7 +257,7 @@ fn embeddings_from_identical_inputs_match() {
             // Normalised: 1e-4 absolute; unnormalised (entries up to ~4):
             // 1e-4 relative to the largest entry.
             assert!(
-                d <= tol::MLLM_F32 && d_raw <= tol::MLLM_F32 * scale,
+                d <= tol::mllm_f32() && d_raw <= tol::mllm_f32() * scale,
                 "{model} case {i}: raw {d_raw} (largest entry {scale}), normalised {d}"
             );
             worst[k] = worst[k].max(d);
@@ -281,7 +283,7 @@ fn end_to_end_from_bytes_matches() {
             };
             let got = e.embed(&[input], true, false).unwrap().remove(0);
             let d = max_abs_diff(&got, &vector(&case["embedding"]));
-            assert!(d <= tol::MLLM_F32, "{model} case {i}: {d}");
+            assert!(d <= tol::mllm_f32(), "{model} case {i}: {d}");
             worst = worst.max(d);
             n += 1;
         }
@@ -320,12 +322,12 @@ fn results_do_not_depend_on_batch_mates() {
             let alone = e.embed_prepared(&[p], true).unwrap().remove(0);
             let d = max_abs_diff(&alone, &batched[i]);
             assert!(
-                d <= tol::MLLM_F32,
+                d <= tol::mllm_f32(),
                 "{model} input {i}: alone vs batched {d}"
             );
             let d_ref = max_abs_diff(&batched[i], &want[i]);
             assert!(
-                d_ref <= tol::MLLM_F32,
+                d_ref <= tol::mllm_f32(),
                 "{model} input {i}: vs reference batch {d_ref}"
             );
             worst_alone = worst_alone.max(d);
@@ -336,7 +338,7 @@ fn results_do_not_depend_on_batch_mates() {
         let reversed = e.embed_prepared(&rev, true).unwrap();
         for (i, row) in reversed.iter().rev().enumerate() {
             assert!(
-                max_abs_diff(row, &batched[i]) <= tol::MLLM_F32,
+                max_abs_diff(row, &batched[i]) <= tol::mllm_f32(),
                 "{model} input {i}: reordered"
             );
         }
@@ -374,7 +376,7 @@ fn lm_head_is_never_loaded() {
     for case in r["cases"].as_array().unwrap().iter().take(5) {
         let input = input_of(case).unwrap();
         let got = e.embed(&[input], true, false).unwrap().remove(0);
-        assert!(max_abs_diff(&got, &vector(&case["embedding"])) <= tol::MLLM_F32);
+        assert!(max_abs_diff(&got, &vector(&case["embedding"])) <= tol::mllm_f32());
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -425,11 +427,7 @@ fn half_precision_runs_and_stays_close() {
     let dir = repo().join("tests/fixtures/mllm-tiny-a");
     let src = ModelSource::parse(dir.to_str().unwrap(), None);
     for dtype in [Precision::F16, Precision::Bf16] {
-        let opts = LoadOptions {
-            dtype,
-            ..Default::default()
-        };
-        let e = Embedder::load(&src, DeviceSpec::Cpu, &opts).unwrap();
+        let e = Embedder::load(&src, test_device(), &load_options(dtype)).unwrap();
         let cases: Vec<&Value> = r["cases"].as_array().unwrap().iter().take(7).collect();
         let inputs: Vec<Input> = cases.iter().map(|c| input_of(c).unwrap()).collect();
         let got = e.embed(&inputs, true, false).unwrap();
@@ -503,7 +501,7 @@ fn stepped_passes_equal_uninterrupted_ones_and_can_be_stopped() {
             "{model}: mix texts and images"
         );
         let refs: Vec<&Prepared> = prepared.iter().collect();
-        let replica = e.loaded.replica(&DeviceSpec::Cpu.open().unwrap()).unwrap();
+        let replica = e.loaded.replica(&test_device().open().unwrap()).unwrap();
         let plain = replica.embed(&refs).unwrap();
         let mut calls = 0usize;
         let stepped = replica

@@ -1,7 +1,11 @@
 //! Starting, running and stopping the server.
 //!
-//! Owns the listener, the background loading of every configured model (its
-//! startup probes, golden-vector check and embedding cache included), the
+//! Owns the listener, the background loading of every configured model
+//! (every device opened and checked first, before any model file is read or
+//! downloaded, so a missing GPU fails the start in well under a second; then
+//! each model's files, its replicas, each warmed up on its own worker thread
+//! before it serves, the startup probes, golden-vector check and embedding
+//! cache), the process-wide CUDA switches (`server.allow_tf32`), the
 //! graceful shutdown (readiness goes 503, an optional `server.drain_delay_ms`
 //! while still serving, then accepting stops, in-flight requests drain, queues
 //! close and workers are joined, all within `server.shutdown_timeout_ms`),
@@ -21,9 +25,12 @@ use crate::batching::{Batcher, EmbeddingCache, PreprocessPool, Queue};
 use crate::config::{Config, ServerConfig};
 use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
-use crate::models::{EmbeddingModel, LoadOptions, LoadedModel, ModelError};
+use crate::models::{
+    DeviceError, DeviceSpec, EmbeddingModel, LoadOptions, LoadedModel, ModelError,
+};
 use crate::probe::{self, GoldenFile, ProbeError, ProbeResult};
 use crate::registry::{GoldenReport, ModelSlot, ProbeReport, Registry, ServedModel};
+use crate::warmup::Warmup;
 use crate::worker::{self, ReplicaFactory, RestartPolicy, WorkerError};
 
 /// Called on the loading thread before a model (named by the argument) loads.
@@ -116,6 +123,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     if !config.server.otlp_endpoint.trim().is_empty() {
         crate::otlp::init(config.server.otlp_endpoint.trim()).map_err(ServeError::Thread)?;
     }
+    set_tf32(config.server.allow_tf32);
     let metrics = Metrics::new();
     let registry = Arc::new(Registry::new(&config, metrics.clone()));
     let fetcher = if config.server.fetch_image_urls {
@@ -150,7 +158,13 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
     log_auth(&config.server.api_keys, addr);
 
     let (fatal_tx, fatal_rx) = oneshot::channel::<(String, LoadError)>();
-    let pool = PreprocessPool::new(config.server.preprocess_concurrency());
+    let pool = PreprocessPool::new(registry.preprocess_threads);
+    tracing::info!(
+        threads = registry.preprocess_threads,
+        auto = config.server.preprocess_threads == 0,
+        class = config.device_class().as_str(),
+        "preprocessing threads (server.preprocess_threads)"
+    );
     let loader_registry = Arc::clone(&registry);
     std::thread::Builder::new()
         .name("vlembed-loader".into())
@@ -177,6 +191,20 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<ServerHandle, ServeEr
         shutdown: ShutdownTrigger(Arc::new(shutdown)),
         task,
     })
+}
+
+/// `server.allow_tf32`: cuBLAS's TF32 math for f32 matmuls, process-wide.
+/// Candle's switch is a global flag read by every f32 GEMM on CUDA; on a
+/// build without CUDA it is a no-op.
+fn set_tf32(on: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    if on {
+        if candle_core::utils::cuda_is_available() {
+            tracing::info!("TF32 is on for f32 matmuls on CUDA (server.allow_tf32)");
+        } else {
+            tracing::info!("server.allow_tf32 is set but this build has no CUDA: no effect");
+        }
+    }
 }
 
 /// Says whether authentication is on; warns when it is off on an address
@@ -304,7 +332,8 @@ fn stop_workers(registry: &Registry, timeout: Duration) {
     }
 }
 
-/// Loads every model in turn; the first failure is reported through `fatal`.
+/// Checks every device of every model, then loads the models in turn; the
+/// first failure is reported through `fatal`.
 fn load_all(
     registry: &Registry,
     hooks: &Hooks,
@@ -312,6 +341,12 @@ fn load_all(
     fatal: oneshot::Sender<(String, LoadError)>,
     addr: SocketAddr,
 ) {
+    if let Err((slot, e)) = check_devices(registry) {
+        let e = LoadError::Model(ModelError::Device(e));
+        slot.set_failed(e.to_string());
+        let _ = fatal.send((slot.config.name.clone(), e));
+        return;
+    }
     for slot in registry.models() {
         if registry.is_shutting_down() {
             return;
@@ -346,6 +381,35 @@ fn load_all(
     tracing::info!(target: "vlembed::startup", "{}", super::summary::ready_line(registry, addr));
 }
 
+/// Opens every configured device once (each distinct one), runs a tiny
+/// computation on it and drops it again, before any model file is read or
+/// downloaded: `--devices cuda:0` on a machine or build without CUDA fails
+/// here, in milliseconds, naming the device and the cause. Returns the
+/// first model using a device that failed.
+fn check_devices(registry: &Registry) -> Result<(), (Arc<ModelSlot>, DeviceError)> {
+    let start = Instant::now();
+    let mut checked: Vec<DeviceSpec> = Vec::new();
+    for slot in registry.models() {
+        for &device in &slot.config.devices {
+            if checked.contains(&device) {
+                continue;
+            }
+            if let Err(e) = device.check() {
+                tracing::error!(model = %slot.config.name, %device, error = %e, "a device cannot be used");
+                return Err((Arc::clone(slot), e));
+            }
+            checked.push(device);
+        }
+    }
+    let devices: Vec<String> = checked.iter().map(|d| d.to_string()).collect();
+    tracing::info!(
+        devices = %devices.join(", "),
+        seconds = start.elapsed().as_secs_f64(),
+        "devices checked"
+    );
+    Ok(())
+}
+
 /// Why a model could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -373,6 +437,7 @@ fn load_model(
         dtype: cfg.dtype,
         max_input_tokens: cfg.max_input_tokens,
         cpu_backend: cfg.cpu_backend,
+        pass: cfg.pass,
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;
@@ -385,11 +450,11 @@ fn load_model(
         None => None,
     };
     let probe_inputs = probe::prepare(&*loaded.preprocessor, loaded.info.uses_instructions)?;
-    // The first worker runs the probes on its first replica, on its own
-    // thread (as CUDA wants), before the replica is wrapped or serves.
-    let probe_job = Arc::new(std::sync::Mutex::new(Some(probe_inputs)));
-    type ProbeOut = Option<Result<Vec<ProbeResult>, ProbeError>>;
-    let probe_out: Arc<std::sync::Mutex<ProbeOut>> = Arc::default();
+    // Every replica (each device, and each rebuild) runs the warm-up on its
+    // own thread (as CUDA wants) before it is wrapped or serves; the first
+    // one's probe results are the model's.
+    let warmup = Arc::new(Warmup::new(probe_inputs, &cfg.batching));
+    let probe_out: Arc<std::sync::OnceLock<Vec<ProbeResult>>> = Arc::default();
     let queue = Queue::new(&cfg.name, cfg.batching, metrics.clone());
     let restart = RestartPolicy {
         limit: server.worker_restart_limit,
@@ -400,15 +465,28 @@ fn load_model(
         let model = Arc::clone(&loaded);
         let wrap = hooks.wrap_replica.clone();
         let name = cfg.name.clone();
-        let job = Arc::clone(&probe_job);
+        let warmup = Arc::clone(&warmup);
         let out = Arc::clone(&probe_out);
         let factory: ReplicaFactory = Box::new(move || {
+            let built = Instant::now();
             let replica = model.replica(&device.open()?)?;
-            let inputs = job.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(inputs) = inputs {
-                let results = probe::embed(&inputs, |p| replica.embed(&[p]));
-                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(results);
-            }
+            let loaded_s = built.elapsed().as_secs_f64();
+            let warmed = warmup.run(replica.as_ref())?;
+            let shapes: Vec<String> = warmed
+                .shapes
+                .iter()
+                .map(|(shape, inputs, cost)| format!("{shape} {inputs} (cost {cost})"))
+                .collect();
+            tracing::info!(
+                model = %name, %device, replica = index,
+                build_s = loaded_s,
+                warmup_s = warmed.took.as_secs_f64(),
+                probes = warmed.probes.len(),
+                shapes = %shapes.join(", "),
+                skipped = ?warmed.skipped,
+                "replica warmed up"
+            );
+            let _ = out.set(warmed.probes);
             Ok(match &wrap {
                 Some(w) => w(&name, replica),
                 None => replica,
@@ -429,15 +507,7 @@ fn load_model(
             }
         }
     }
-    let probed = probe_out.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let results = match probed {
-        Some(Ok(results)) => results,
-        Some(Err(e)) => {
-            queue.close();
-            return Err(e.into());
-        }
-        None => Vec::new(),
-    };
+    let results = probe_out.get().cloned().unwrap_or_default();
     let probes = check_probes(&cfg.name, &loaded.info.fingerprint, &results, golden);
     let cache = (cfg.embedding_cache_bytes > 0).then(|| {
         Arc::new(EmbeddingCache::new(

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::auto::AutoKeys;
 use super::schema::{DtypeSetting, RawConfig, RawModel};
 use super::{
     auto_precision, invalid, BatchLimits, Config, ConfigError, Layers, ModelConfig, Overrides,
 };
 use super::{DEFAULT_TOML, ENV_PREFIX};
-use crate::models::{CpuBackend, DeviceSpec, ModelSource, UnknownPrecision};
+use crate::models::{CpuBackend, DeviceSpec, ModelSource, PassLimits, UnknownPrecision};
 
 /// Environment variables read by other parts of the program, not by the
 /// configuration layers.
@@ -130,9 +131,7 @@ impl Config {
             }
             if let Some(devices) = &o.devices {
                 m.devices.clone_from(devices);
-                if m.dtype_auto {
-                    m.dtype = auto_precision(&m.devices);
-                }
+                m.resolve_auto();
             }
             if let Some(dtype) = o.dtype {
                 m.dtype = dtype;
@@ -179,7 +178,7 @@ pub(super) fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, C
         DtypeSetting::Auto => (auto_precision(&devices), true),
         DtypeSetting::Fixed(p) => (p, false),
     };
-    Ok(ModelConfig {
+    let mut model = ModelConfig {
         name,
         source: raw.source,
         revision: raw.revision,
@@ -187,12 +186,23 @@ pub(super) fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, C
         dtype_auto,
         cpu_backend: raw.cpu_backend,
         devices,
+        // Values left "auto" are set by `resolve_auto` below.
         batching: BatchLimits {
-            max_batch_size: raw.max_batch_size,
-            max_batch_cost: raw.max_batch_cost,
+            max_batch_size: raw.max_batch_size.or(0),
+            max_batch_cost: raw.max_batch_cost.or(0),
             max_queue_inputs: raw.max_queue_inputs,
             max_delay: Duration::from_millis(raw.max_delay_ms),
             refill_wait: Duration::from_millis(raw.refill_wait_ms),
+        },
+        pass: PassLimits {
+            decoder_group_tokens: raw.decoder_group_tokens.or(0),
+            vision_tile_chunk: raw.vision_tile_chunk.or(0),
+        },
+        auto: AutoKeys {
+            max_batch_size: raw.max_batch_size.is_auto(),
+            max_batch_cost: raw.max_batch_cost.is_auto(),
+            decoder_group_tokens: raw.decoder_group_tokens.is_auto(),
+            vision_tile_chunk: raw.vision_tile_chunk.is_auto(),
         },
         max_image_pixels: raw.max_image_pixels,
         max_request_image_pixels: raw.max_request_image_pixels,
@@ -200,7 +210,9 @@ pub(super) fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, C
         embedding_cache_bytes: raw.embedding_cache_bytes,
         golden_vectors: (!raw.golden_vectors.trim().is_empty())
             .then(|| PathBuf::from(raw.golden_vectors.trim())),
-    })
+    };
+    model.resolve_auto();
+    Ok(model)
 }
 
 /// Deep-merges `over` into `base`: tables merge key by key, anything else

@@ -7,11 +7,15 @@
 //! modules.
 //!
 //! Layout: [`schema`] (the sections and their fields), [`layering`] (the
-//! sources merged in order), [`validate`] (values that parse but cannot be
-//! served), [`cidr`] (IP networks).
+//! sources merged in order), [`auto`] (the defaults that follow the
+//! devices), [`validate`] (values that parse but cannot be served),
+//! [`resolved`] (the resolved configuration as TOML, `vlembed config`),
+//! [`cidr`] (IP networks).
 
+pub mod auto;
 pub mod cidr;
 pub mod layering;
+pub mod resolved;
 pub mod schema;
 #[cfg(test)]
 mod tests;
@@ -19,7 +23,7 @@ pub mod validate;
 
 use std::path::PathBuf;
 
-use crate::models::{DeviceSpec, Precision};
+use crate::models::{DeviceClass, DeviceSpec, Precision};
 pub use schema::{BatchLimits, Config, FetchConfig, Layers, ModelConfig, Overrides, ServerConfig};
 
 /// The built-in defaults, documented key by key.
@@ -54,9 +58,8 @@ fn invalid(origin: impl Into<String>, message: impl Into<String>) -> ConfigError
 /// device (tensor cores, half the memory, cosine >= 0.999 to f32), else f32
 /// (the reference, and the fastest on CPU).
 pub fn auto_precision(devices: &[DeviceSpec]) -> Precision {
-    if !devices.is_empty() && devices.iter().all(|d| matches!(d, DeviceSpec::Cuda(_))) {
-        Precision::Bf16
-    } else {
-        Precision::F32
+    match DeviceClass::of(devices) {
+        DeviceClass::Gpu => Precision::Bf16,
+        DeviceClass::Cpu => Precision::F32,
     }
 }

@@ -1,23 +1,28 @@
 //! The configuration's sections as typed values: what each key means and
-//! its type. Defaults live in `config/default.toml`; how the sources are
-//! merged is [`super::layering`], what is checked beyond types
+//! its type, and the keys that follow the devices resolved from them
+//! ([`ModelConfig::resolve_auto`], [`Config::preprocess_threads`], by the
+//! rules of [`super::auto`]). Defaults live in `config/default.toml`; how the
+//! sources are merged is [`super::layering`], what is checked beyond types
 //! [`super::validate`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Table;
 
-use super::ENV_PREFIX;
-use crate::models::{CpuBackend, DeviceSpec, ModelSource, Precision};
+use super::auto::{self, AutoCount, AutoKeys, DeviceDefaults};
+use super::{auto_precision, ENV_PREFIX};
+use crate::models::{CpuBackend, DeviceClass, DeviceSpec, ModelSource, PassLimits, Precision};
 
 /// The `[server]` section.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
+    /// Secrets: never written out (`vlembed config` names only their count).
+    #[serde(skip_serializing)]
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
@@ -29,6 +34,9 @@ pub struct ServerConfig {
     /// checked while the body is read (413 above it).
     pub max_image_bytes: usize,
     pub request_timeout_ms: u64,
+    /// Inputs preprocessed at once; 0 (`"auto"` in a layer): resolved from
+    /// the cores and the models' devices ([`super::Config::preprocess_threads`]).
+    #[serde(deserialize_with = "super::auto::threads")]
     pub preprocess_threads: usize,
     pub retry_after_s: u64,
     pub shutdown_timeout_ms: u64,
@@ -60,6 +68,9 @@ pub struct ServerConfig {
     /// OTLP/HTTP endpoint traces are exported to (e.g.
     /// "http://collector:4318"); empty: no export.
     pub otlp_endpoint: String,
+    /// Let cuBLAS compute f32 matmuls with TF32 tensor cores (CUDA only; a
+    /// process-wide switch). Off: f32 stays the parity reference.
+    pub allow_tf32: bool,
 }
 
 impl ServerConfig {
@@ -78,23 +89,11 @@ impl ServerConfig {
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(self.drain_delay_ms)
     }
-
-    /// Preprocessing concurrency; `0` means a quarter of the CPU cores (at
-    /// least one), so preprocessing does not preempt the model's rayon
-    /// threads: the pool's matmuls run at the speed of their slowest thread.
-    pub fn preprocess_concurrency(&self) -> usize {
-        if self.preprocess_threads > 0 {
-            self.preprocess_threads
-        } else {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / 4).max(1)
-        }
-    }
 }
 
 /// The `[fetch]` section: how image URLs are fetched when
 /// `server.fetch_image_urls` is on (see `crate::fetch`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FetchConfig {
     /// Hosts that may be fetched from (exact names, `*.example.com`,
@@ -158,6 +157,12 @@ pub struct ModelConfig {
     pub cpu_backend: CpuBackend,
     pub devices: Vec<DeviceSpec>,
     pub batching: BatchLimits,
+    /// How much of a batch one step of the forward pass holds
+    /// (`decoder_group_tokens`, `vision_tile_chunk`).
+    pub pass: PassLimits,
+    /// Which device-dependent keys were `"auto"`: they follow `devices`
+    /// (see [`super::auto`]), also when `--devices` changes them.
+    pub auto: AutoKeys,
     pub max_image_pixels: u64,
     /// Most pixels the images of one request may declare in all.
     pub max_request_image_pixels: u64,
@@ -173,6 +178,47 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The class of the model's devices.
+    pub fn device_class(&self) -> DeviceClass {
+        DeviceClass::of(&self.devices)
+    }
+
+    /// Sets every key that was `"auto"` from the model's devices.
+    pub fn resolve_auto(&mut self) {
+        let d = DeviceDefaults::for_class(self.device_class());
+        if self.dtype_auto {
+            self.dtype = auto_precision(&self.devices);
+        }
+        let a = self.auto;
+        if a.max_batch_size {
+            self.batching.max_batch_size = d.max_batch_size;
+        }
+        if a.max_batch_cost {
+            self.batching.max_batch_cost = d.max_batch_cost;
+        }
+        if a.decoder_group_tokens {
+            self.pass.decoder_group_tokens = d.pass.decoder_group_tokens;
+        }
+        if a.vision_tile_chunk {
+            self.pass.vision_tile_chunk = d.pass.vision_tile_chunk;
+        }
+    }
+
+    /// The keys resolved from the devices, in the order of the config file.
+    pub fn auto_keys(&self) -> Vec<&'static str> {
+        let a = self.auto;
+        [
+            ("dtype", self.dtype_auto),
+            ("max_batch_size", a.max_batch_size),
+            ("max_batch_cost", a.max_batch_cost),
+            ("decoder_group_tokens", a.decoder_group_tokens),
+            ("vision_tile_chunk", a.vision_tile_chunk),
+        ]
+        .into_iter()
+        .filter_map(|(k, on)| on.then_some(k))
+        .collect()
+    }
+
     /// Where the model's files come from.
     pub fn model_source(&self) -> ModelSource {
         ModelSource::parse(&self.source, Some(&self.revision))
@@ -287,8 +333,10 @@ pub(super) struct RawModel {
     pub(super) dtype: DtypeSetting,
     pub(super) cpu_backend: CpuBackend,
     pub(super) devices: Vec<String>,
-    pub(super) max_batch_size: usize,
-    pub(super) max_batch_cost: usize,
+    pub(super) max_batch_size: AutoCount,
+    pub(super) max_batch_cost: AutoCount,
+    pub(super) decoder_group_tokens: AutoCount,
+    pub(super) vision_tile_chunk: AutoCount,
     pub(super) max_queue_inputs: usize,
     pub(super) max_delay_ms: u64,
     pub(super) refill_wait_ms: u64,
@@ -303,5 +351,32 @@ impl Config {
     /// Looks a model up by name.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The class of the whole server: GPU when every device of every model
+    /// is a GPU.
+    pub fn device_class(&self) -> DeviceClass {
+        let all: Vec<DeviceSpec> = self
+            .models
+            .iter()
+            .flat_map(|m| m.devices.iter().copied())
+            .collect();
+        DeviceClass::of(&all)
+    }
+
+    /// Preprocessing concurrency: `server.preprocess_threads`, or when it is
+    /// auto ([`auto::preprocess_threads`]) resolved for this machine and the
+    /// served models' devices.
+    pub fn preprocess_threads(&self) -> usize {
+        self.preprocess_threads_on(auto::cores())
+    }
+
+    /// [`Self::preprocess_threads`] on a machine of `cores` cores.
+    pub fn preprocess_threads_on(&self, cores: usize) -> usize {
+        if self.server.preprocess_threads > 0 {
+            return self.server.preprocess_threads;
+        }
+        let workers = self.models.iter().map(|m| m.devices.len()).sum();
+        auto::preprocess_threads(self.device_class(), cores, workers)
     }
 }

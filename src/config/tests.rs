@@ -137,17 +137,21 @@ fn fetch_keys_come_from_files_and_the_environment() {
     assert_eq!(c.fetch.timeout(), Duration::from_millis(2500));
 }
 
+/// The configuration from a file of `file_text` (written as `name`) and
+/// `flags`.
+fn load_file(name: &str, file_text: &str, flags: Overrides) -> Config {
+    let file = write_file(name, file_text);
+    Config::load(&Layers {
+        file: Some(file),
+        flags,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 #[test]
 fn auto_dtype_follows_the_devices_and_explicit_wins() {
-    let load = |file_text: &str, flags: Overrides| {
-        let file = write_file("auto-dtype.toml", file_text);
-        Config::load(&Layers {
-            file: Some(file),
-            flags,
-            ..Default::default()
-        })
-        .unwrap()
-    };
+    let load = |file_text: &str, flags: Overrides| load_file("auto-dtype.toml", file_text, flags);
     let one = "[[models]]\nsource = \"org/a\"\n";
     assert_eq!(
         load(one, Overrides::default()).models[0].dtype,
@@ -470,4 +474,192 @@ fn cpu_backend_layers() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("auto, native or onednn"), "{err}");
+}
+
+#[test]
+fn batch_and_pass_defaults_follow_the_devices_and_explicit_values_win() {
+    use crate::config::auto::DeviceDefaults;
+    use crate::models::DeviceClass;
+    let load =
+        |file_text: &str, flags: Overrides| load_file("auto-batching.toml", file_text, flags);
+    let cuda = Overrides {
+        devices: Some(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]),
+        ..Default::default()
+    };
+    let one = "[[models]]\nsource = \"org/a\"\n";
+    let cpu = &load(one, Overrides::default()).models[0];
+    assert_eq!(cpu.device_class(), DeviceClass::Cpu);
+    assert_eq!(
+        cpu.batching.max_batch_size,
+        DeviceDefaults::CPU.max_batch_size
+    );
+    assert_eq!(cpu.batching.max_batch_cost, 1024);
+    assert_eq!(cpu.pass, crate::models::PassLimits::CPU);
+    let gpu = &load(one, cuda.clone()).models[0];
+    assert_eq!(gpu.device_class(), DeviceClass::Gpu);
+    assert_eq!(
+        (gpu.batching.max_batch_size, gpu.batching.max_batch_cost),
+        (256, 65536)
+    );
+    // An MLLM image (~5,100) batches with others on a GPU.
+    assert!(gpu.batching.max_batch_cost >= 2 * 5100);
+    assert_eq!(gpu.pass, crate::models::PassLimits::GPU);
+    assert_eq!(
+        gpu.auto_keys(),
+        vec![
+            "dtype",
+            "max_batch_size",
+            "max_batch_cost",
+            "decoder_group_tokens",
+            "vision_tile_chunk"
+        ]
+    );
+    // Explicit values win (file, model defaults, environment); the rest
+    // still follow the devices.
+    let fixed = load(
+        "[model_defaults]\nvision_tile_chunk = 4\n[[models]]\nsource = \"org/a\"\nmax_batch_cost = 3000\n",
+        cuda.clone(),
+    );
+    let m = &fixed.models[0];
+    assert_eq!(m.batching.max_batch_cost, 3000);
+    assert_eq!(m.pass.vision_tile_chunk, 4);
+    assert_eq!(m.batching.max_batch_size, 256);
+    assert_eq!(m.pass.decoder_group_tokens, 16384);
+    assert!(!m.auto.max_batch_cost && m.auto.max_batch_size);
+    let env_fixed = Config::load(&Layers {
+        env: env(&[
+            ("VLEMBED_MODEL", "org/a"),
+            ("VLEMBED_MODEL_DEFAULTS__MAX_BATCH_SIZE", "12"),
+            ("VLEMBED_MODEL_DEFAULTS__DECODER_GROUP_TOKENS", "auto"),
+        ]),
+        flags: cuda.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let m = &env_fixed.models[0];
+    assert_eq!(m.batching.max_batch_size, 12);
+    assert_eq!(m.pass.decoder_group_tokens, 16384);
+    // A model spread over CPU and GPU takes the CPU's values.
+    let mixed = &load(
+        "[[models]]\nsource = \"org/a\"\ndevices = [\"cpu\", \"cuda:0\"]\n",
+        Overrides::default(),
+    )
+    .models[0];
+    assert_eq!(mixed.batching.max_batch_cost, 1024);
+    // Zero is not a size.
+    let file = write_file(
+        "zero-chunk.toml",
+        "[[models]]\nsource = \"org/a\"\nvision_tile_chunk = 0\n",
+    );
+    let err = Config::load(&Layers {
+        file: Some(file),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("vision_tile_chunk"), "{err}");
+}
+
+#[test]
+fn preprocess_threads_resolve_for_the_served_devices() {
+    let mut c = Config::load(&Layers {
+        flags: Overrides {
+            model: Some("org/a".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.server.preprocess_threads, 0, "auto");
+    assert_eq!(c.preprocess_threads_on(16), 4);
+    c.apply(Overrides {
+        devices: Some(vec![DeviceSpec::Cuda(0)]),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.preprocess_threads_on(16), 13);
+    assert_eq!(c.preprocess_threads_on(2), 1);
+    c.server.preprocess_threads = 3;
+    assert_eq!(c.preprocess_threads_on(16), 3);
+    // "auto" and 0 are both accepted in a layer.
+    for v in ["\"auto\"", "0"] {
+        let file = write_file(
+            "threads.toml",
+            &format!("[server]\npreprocess_threads = {v}\n"),
+        );
+        let c = Config::load(&Layers {
+            file: Some(file),
+            flags: Overrides {
+                model: Some("org/a".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.server.preprocess_threads, 0);
+    }
+}
+
+#[test]
+fn the_resolved_toml_reloads_to_the_same_models() {
+    let layers = Layers {
+        env: env(&[
+            ("VLEMBED_SERVER__ALLOW_TF32", "true"),
+            ("VLEMBED_API_KEYS", "secret-key-1,secret-key-2"),
+            ("VLEMBED_CPU_BACKEND", "native"),
+        ]),
+        flags: Overrides {
+            model: Some("/nonexistent/models/bge-vl-large".into()),
+            devices: Some(vec![DeviceSpec::Cuda(0)]),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let c = Config::load(&layers).unwrap();
+    let text = c.to_resolved_toml_on(16).unwrap();
+    assert!(
+        text.contains("# server.preprocess_threads = 13 (auto for gpu on 16 cores)"),
+        "{text}"
+    );
+    assert!(text.contains("auto: dtype, max_batch_size"), "{text}");
+    assert!(text.contains("max_batch_cost = 65536"), "{text}");
+    assert!(text.contains("dtype = \"bf16\""), "{text}");
+    assert!(text.contains("allow_tf32 = true"), "{text}");
+    assert!(text.contains("cpu_backend = \"native\""), "{text}");
+    assert!(
+        !text.contains("secret-key"),
+        "API keys are never written: {text}"
+    );
+    assert!(text.contains("# server.api_keys: 2 keys set"), "{text}");
+    let file = write_file("resolved.toml", &text);
+    let again = Config::load(&Layers {
+        file: Some(file),
+        ..Default::default()
+    })
+    .unwrap();
+    let (a, b) = (&c.models[0], &again.models[0]);
+    assert_eq!(
+        (
+            &a.name,
+            &a.source,
+            a.dtype,
+            &a.devices,
+            a.batching,
+            a.pass,
+            a.cpu_backend
+        ),
+        (
+            &b.name,
+            &b.source,
+            b.dtype,
+            &b.devices,
+            b.batching,
+            b.pass,
+            b.cpu_backend
+        )
+    );
+    assert!(b.auto_keys().is_empty(), "every key is fixed in the output");
+    assert_eq!(again.server.preprocess_threads, 13);
+    assert!(again.server.allow_tf32);
+    assert_eq!(again.fetch, c.fetch);
 }

@@ -164,6 +164,12 @@ impl Config {
                     "max_batch_size, max_batch_cost and max_queue_inputs must be at least 1",
                 ));
             }
+            if m.pass.decoder_group_tokens == 0 || m.pass.vision_tile_chunk == 0 {
+                return Err(invalid(
+                    at,
+                    "decoder_group_tokens and vision_tile_chunk must be at least 1 (or \"auto\")",
+                ));
+            }
             if b.max_queue_inputs < s.max_inputs_per_request {
                 return Err(invalid(
                     at,

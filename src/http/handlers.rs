@@ -21,8 +21,8 @@ use super::inputs::{url_refused, Labeled};
 use super::requests::{EmbedRequest, OpenAiRequest, Parsed, ScoreRequest};
 use super::responses::{
     BatchingInfo, EmbedResponse, EmbedUsage, Embedding, EmbeddingCacheInfo, Floats, GoldenInfo,
-    HealthResponse, InfoLimits, InfoResponse, ModelInfo, OpenAiEmbedding, OpenAiResponse,
-    OpenAiUsage, ProbesInfo, Problem, Ranked, ReadyResponse, ScoreResponse,
+    HealthResponse, InfoLimits, InfoResponse, InfoServer, ModelInfo, OpenAiEmbedding,
+    OpenAiResponse, OpenAiUsage, ProbesInfo, Problem, Ranked, ReadyResponse, ScoreResponse,
 };
 use super::responses::{EmbedBody, EmbedByTypeResponse};
 use super::AppState;
@@ -413,7 +413,10 @@ pub async fn info(State(st): State<AppState>) -> Response {
             let info = loaded.as_ref().map(|s| &s.info);
             ModelInfo {
                 architecture: info.map(|i| i.architecture),
+                auto: c.auto_keys(),
                 batching: BatchingInfo {
+                    decoder_group_tokens: c.pass.decoder_group_tokens,
+                    vision_tile_chunk: c.pass.vision_tile_chunk,
                     max_batch_cost: c.batching.max_batch_cost,
                     max_batch_size: c.batching.max_batch_size,
                     max_delay_ms: u64::try_from(c.batching.max_delay.as_millis())
@@ -423,6 +426,7 @@ pub async fn info(State(st): State<AppState>) -> Response {
                         .unwrap_or(u64::MAX),
                 },
                 cpu_backend: info.and_then(|i| i.cpu_backend.clone()),
+                device_class: c.device_class().as_str(),
                 devices: c.devices.iter().map(|d| d.to_string()).collect(),
                 dimensions: info.map(|i| i.dimensions),
                 dtype: c.dtype.as_str(),
@@ -466,6 +470,12 @@ pub async fn info(State(st): State<AppState>) -> Response {
             request_timeout_ms: s.request_timeout_ms,
         },
         models,
+        server: InfoServer {
+            allow_tf32: s.allow_tf32,
+            cuda_build: candle_core::utils::cuda_is_available(),
+            preprocess_threads: reg.preprocess_threads,
+            preprocess_threads_auto: s.preprocess_threads == 0,
+        },
         version: env!("CARGO_PKG_VERSION"),
     })
     .into_response()

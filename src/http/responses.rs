@@ -176,7 +176,22 @@ pub struct InfoResponse {
     pub auth: bool,
     pub limits: InfoLimits,
     pub models: Vec<ModelInfo>,
+    pub server: InfoServer,
     pub version: &'static str,
+}
+
+/// How the server runs its models in [`InfoResponse`]: what the settings
+/// that follow the devices resolved to.
+#[derive(Debug, Clone, Serialize)]
+pub struct InfoServer {
+    /// `server.allow_tf32` (has an effect only on CUDA, for f32 models).
+    pub allow_tf32: bool,
+    /// Whether this build has CUDA (the `cuda` feature).
+    pub cuda_build: bool,
+    /// Inputs preprocessed at once, resolved.
+    pub preprocess_threads: usize,
+    /// Whether `server.preprocess_threads` was "auto".
+    pub preprocess_threads_auto: bool,
 }
 
 /// The server-wide request limits of [`InfoResponse`].
@@ -196,10 +211,15 @@ pub struct InfoLimits {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
     pub architecture: Option<&'static str>,
+    /// The keys that were "auto" and resolved from the devices.
+    pub auto: Vec<&'static str>,
     pub batching: BatchingInfo,
     /// What the CPU replicas' matrix products run on and why (`null` until
     /// a CPU replica is built, and for models on GPUs only).
     pub cpu_backend: Option<crate::models::BackendChoice>,
+    /// `gpu` when every device is a GPU, else `cpu`: whose defaults the
+    /// auto keys took.
+    pub device_class: &'static str,
     pub devices: Vec<String>,
     pub dimensions: Option<usize>,
     pub dtype: &'static str,
@@ -258,11 +278,15 @@ pub struct EmbeddingCacheInfo {
 /// A model's batching limits in [`ModelInfo`].
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchingInfo {
+    /// Padded decoder tokens per decoder pass (MLLM).
+    pub decoder_group_tokens: usize,
     pub max_batch_cost: usize,
     pub max_batch_size: usize,
     pub max_delay_ms: u64,
     pub max_queue_inputs: usize,
     pub refill_wait_ms: u64,
+    /// Image tiles through the vision tower at once (MLLM).
+    pub vision_tile_chunk: usize,
 }
 
 #[cfg(test)]
@@ -374,14 +398,18 @@ mod tests {
             },
             models: vec![ModelInfo {
                 architecture: None,
+                auto: vec!["max_batch_size"],
                 batching: BatchingInfo {
+                    decoder_group_tokens: 14,
                     max_batch_cost: 4,
                     max_batch_size: 5,
                     max_delay_ms: 6,
                     max_queue_inputs: 7,
                     refill_wait_ms: 13,
+                    vision_tile_chunk: 15,
                 },
                 cpu_backend: None,
+                device_class: "cpu",
                 devices: vec!["cpu".into()],
                 dimensions: Some(16),
                 dtype: "f32",
@@ -403,6 +431,12 @@ mod tests {
                     entries: 0,
                 },
             }],
+            server: InfoServer {
+                allow_tf32: false,
+                cuda_build: false,
+                preprocess_threads: 16,
+                preprocess_threads_auto: true,
+            },
             version: "0.1.0",
         };
         let old = json!({
@@ -415,8 +449,12 @@ mod tests {
                 "max_input_tokens": null, "max_request_image_pixels": 12,
                 "embedding_cache": {"capacity_bytes": 9, "bytes": 0, "entries": 0},
                 "batching": {"max_batch_size": 5, "max_batch_cost": 4,
-                    "max_queue_inputs": 7, "max_delay_ms": 6, "refill_wait_ms": 13},
+                    "max_queue_inputs": 7, "max_delay_ms": 6, "refill_wait_ms": 13,
+                    "decoder_group_tokens": 14, "vision_tile_chunk": 15},
+                "auto": ["max_batch_size"], "device_class": "cpu",
             }],
+            "server": {"allow_tf32": false, "cuda_build": false, "preprocess_threads": 16,
+                "preprocess_threads_auto": true},
             "limits": {"max_body_bytes": 1, "max_inputs_per_request": 2,
                 "request_timeout_ms": 3, "max_image_bytes": 10, "max_text_chars": 11,
                 "image_urls": false},

@@ -1,5 +1,11 @@
 //! Where a model runs and in what precision: [`DeviceSpec`] and
-//! [`Precision`], as configured; a leaf of `models`.
+//! [`Precision`], as configured, the [`DeviceClass`] device-dependent
+//! defaults follow, and opening a device; a leaf of `models`.
+//!
+//! Opening is panic-safe: a CUDA build on a machine without the driver
+//! library panics inside cudarc when it first looks for `libcuda`; here that
+//! becomes a [`DeviceError`] naming the cause, so `--devices cuda:0` fails
+//! at once with a message instead of a backtrace.
 
 use std::str::FromStr;
 
@@ -120,6 +126,36 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// What kind of devices a model runs on, for the defaults that depend on
+/// it (`dtype`, batch limits, pass sizes, preprocessing threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceClass {
+    /// At least one device is the CPU (or the list is empty): the CPU's
+    /// defaults, which a mixed model's slowest replica needs.
+    Cpu,
+    /// Every device is a GPU.
+    Gpu,
+}
+
+impl DeviceClass {
+    /// The class of a model's device list.
+    pub fn of(devices: &[DeviceSpec]) -> DeviceClass {
+        if !devices.is_empty() && devices.iter().all(|d| matches!(d, DeviceSpec::Cuda(_))) {
+            DeviceClass::Gpu
+        } else {
+            DeviceClass::Cpu
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceClass::Cpu => "cpu",
+            DeviceClass::Gpu => "gpu",
+        }
+    }
+}
+
 /// A device that could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open {device}: {source}")]
@@ -130,15 +166,68 @@ pub struct DeviceError {
 }
 
 impl DeviceSpec {
-    /// Opens the device. CUDA needs the `cuda` build feature.
+    /// Opens the device. CUDA needs the `cuda` build feature and a driver; a
+    /// panic while the driver library is looked for is returned as an error.
     pub fn open(self) -> Result<Device, DeviceError> {
+        let fail = |source: candle_core::Error| DeviceError {
+            device: self,
+            source: Box::new(source),
+        };
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(i) => Device::new_cuda(i).map_err(|e| DeviceError {
+            DeviceSpec::Cuda(_) if !candle_core::utils::cuda_is_available() => {
+                Err(fail(candle_core::Error::Msg(
+                    "this vlembed was built without CUDA support (build it with \
+                     `--features cuda`, or use --devices cpu)"
+                        .into(),
+                )))
+            }
+            DeviceSpec::Cuda(i) => match std::panic::catch_unwind(|| Device::new_cuda(i)) {
+                Ok(opened) => opened.map_err(fail),
+                Err(panic) => Err(fail(candle_core::Error::Msg(format!(
+                    "the CUDA driver could not be loaded: {}",
+                    panic_message(panic.as_ref())
+                )))),
+            },
+        }
+    }
+
+    /// Opens the device and runs one tiny computation on it, read back: a
+    /// device that opens but cannot compute (no kernels for this GPU, a
+    /// broken context) fails here, before any model file is read. The device
+    /// is dropped again, so no handle outlives the check (a replica rebuilt
+    /// after a sticky CUDA error must get a fresh context).
+    pub fn check(self) -> Result<(), DeviceError> {
+        let device = self.open()?;
+        let probe = || -> candle_core::Result<f32> {
+            let t = candle_core::Tensor::from_slice(&[1f32, 2.0], 2, &device)?;
+            (&t + &t)?.sum_all()?.to_scalar::<f32>()
+        };
+        match probe() {
+            Ok(6.0) => Ok(()),
+            Ok(v) => Err(DeviceError {
+                device: self,
+                source: Box::new(candle_core::Error::Msg(format!(
+                    "a test computation gave {v} instead of 6"
+                ))),
+            }),
+            Err(e) => Err(DeviceError {
                 device: self,
                 source: Box::new(e),
             }),
         }
+    }
+}
+
+/// The message of a panic caught around model code (a forward pass, a
+/// replica's build, a driver library that would not load).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
     }
 }
 
@@ -164,5 +253,24 @@ mod tests {
             DeviceSpec::parse_list("cpu,gpu"),
             Err(BadDevice::Unknown("gpu".into()))
         );
+    }
+
+    #[test]
+    fn a_model_is_gpu_class_only_when_every_device_is_a_gpu() {
+        use DeviceSpec::{Cpu, Cuda};
+        assert_eq!(DeviceClass::of(&[Cuda(0), Cuda(1)]), DeviceClass::Gpu);
+        assert_eq!(DeviceClass::of(&[Cuda(0), Cpu]), DeviceClass::Cpu);
+        assert_eq!(DeviceClass::of(&[Cpu]), DeviceClass::Cpu);
+        assert_eq!(DeviceClass::of(&[]), DeviceClass::Cpu);
+    }
+
+    #[test]
+    fn the_cpu_checks_and_cuda_fails_with_its_cause_on_a_cpu_build() {
+        DeviceSpec::Cpu.check().unwrap();
+        if !candle_core::utils::cuda_is_available() {
+            let e = DeviceSpec::Cuda(0).check().unwrap_err().to_string();
+            assert!(e.starts_with("cannot open cuda:0: "), "{e}");
+            assert!(e.contains("built without CUDA support"), "{e}");
+        }
     }
 }

@@ -80,6 +80,15 @@ pub enum ModelError {
     /// The configured CPU backend cannot run here.
     #[error(transparent)]
     CpuBackend(#[from] super::ops::backend::BackendError),
+    /// A batch a replica runs before it serves failed (`crate::warmup`):
+    /// the probe or shape, its inputs, and why.
+    #[error("warm-up batch {shape} ({inputs} inputs) failed: {source}")]
+    Warmup {
+        shape: String,
+        inputs: usize,
+        #[source]
+        source: Box<ModelError>,
+    },
 }
 
 /// What is wrong with a `config.json` (or a part of it).

@@ -57,6 +57,53 @@ pub struct LoadOptions {
     /// What the CPU replicas' matrix products run on (`auto`: measured at
     /// the first CPU replica, see [`ops::backend`]).
     pub cpu_backend: CpuBackend,
+    /// How much of a batch one step of the forward pass holds at once.
+    pub pass: PassLimits,
+}
+
+/// How much of a batch one step of a forward pass holds at once: sizes that
+/// trade memory for speed and differ by device (see [`PassLimits::for_class`]).
+/// They never change a result: an item's vector does not depend on how its
+/// batch is cut up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassLimits {
+    /// Padded decoder tokens per decoder pass when sequences of a batch are
+    /// grouped (BGE-VL-MLLM); a longer sequence runs alone.
+    pub decoder_group_tokens: usize,
+    /// Image tiles sent through a vision tower at once (BGE-VL-MLLM's
+    /// any-resolution tiles).
+    pub vision_tile_chunk: usize,
+}
+
+impl PassLimits {
+    /// A CPU's: small groups keep the working set in cache and a step short
+    /// enough for preemption between layers.
+    pub const CPU: PassLimits = PassLimits {
+        decoder_group_tokens: 4096,
+        vision_tile_chunk: 16,
+    };
+    /// A GPU's: big enough that a batch of several MLLM images (~5,100
+    /// tokens each at the GPU's batch cost) runs in few decoder passes and
+    /// kernels are large; small enough for a 24 GB card beside 7B bf16
+    /// weights.
+    pub const GPU: PassLimits = PassLimits {
+        decoder_group_tokens: 16384,
+        vision_tile_chunk: 32,
+    };
+
+    /// The defaults of a device class.
+    pub fn for_class(class: super::DeviceClass) -> PassLimits {
+        match class {
+            super::DeviceClass::Cpu => PassLimits::CPU,
+            super::DeviceClass::Gpu => PassLimits::GPU,
+        }
+    }
+}
+
+impl Default for PassLimits {
+    fn default() -> Self {
+        PassLimits::CPU
+    }
 }
 
 /// What a family's loader reads from.

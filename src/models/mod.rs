@@ -11,13 +11,15 @@
 //! Layout: `family` (what a family provides; a leaf), `families` (the
 //! table), one module per family (`clip`; `llava` with its Mistral
 //! decoder), `ops` (fast CPU kernels), `device` (devices and precisions),
-//! `weights` and `source` (files), `error`, `mask`, `fingerprint`.
+//! `weights` and `source` (files), `error`, `fault` (what a failure means
+//! for the replica), `mask`, `fingerprint`.
 
 pub mod clip;
 pub mod device;
 mod error;
 pub mod families;
 pub mod family;
+pub mod fault;
 pub mod fingerprint;
 pub mod llava;
 mod mask;
@@ -33,12 +35,15 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::preprocess::Preprocessor;
-pub use device::{BadDevice, DeviceError, DeviceSpec, Precision, UnknownPrecision};
+pub use device::{
+    panic_message, BadDevice, DeviceClass, DeviceError, DeviceSpec, Precision, UnknownPrecision,
+};
 pub use error::{ConfigError, ModelError};
 pub use family::{
     Between, EmbeddingModel, Facts, Family, FamilyModel, LoadContext, LoadOptions, Model,
-    ReplicaBuilder, Replicas,
+    PassLimits, ReplicaBuilder, Replicas,
 };
+pub use fault::Fault;
 pub use fingerprint::Fingerprint;
 pub use ops::{Backend, BackendChoice, CpuBackend};
 pub use source::{ModelFiles, ModelSource};

@@ -9,13 +9,23 @@
 //! - a batch the model refuses (an error, or the wrong number of vectors) is
 //!   retried in halves, down to single inputs, so only the input at fault
 //!   gets the error and the requests batched with it succeed;
-//! - a panic inside the model answers the batch with an error and drops the
-//!   replica (it may be corrupt); the worker then rebuilds a fresh replica on
-//!   the same thread after a back-off that doubles with each rebuild in a row
-//!   (counted in `vlembed_worker_restarts_total`). After
-//!   [`RestartPolicy::limit`] rebuilds in a row without a batch served in
-//!   between, it gives up: the handle reports [`WorkerHandle::gave_up`] and
-//!   the queue fails what waits once no worker is left.
+//! - a batch that ran out of device memory is an ordinary failure: split
+//!   as above, since a smaller batch may fit;
+//! - a panic inside the model, or a sticky device error (CUDA's illegal
+//!   address, launch failure, uncorrectable ECC, unknown error: the context
+//!   is poisoned and every later call on it fails; see
+//!   [`crate::models::fault`]), answers the batch with an error and drops
+//!   the replica; the queue counts the worker as rebuilding (so `/ready`
+//!   answers 503 while the model has no live worker) and the worker rebuilds
+//!   a fresh replica on the same thread (a new device handle, hence a fresh
+//!   CUDA context once no other replica holds the old one; the factory
+//!   warms it up before it serves again) after a back-off that doubles with
+//!   each rebuild in a row (counted in `vlembed_worker_restarts_total`).
+//!   After [`RestartPolicy::limit`] rebuilds in a row without a batch
+//!   served in between (no context could be made, or the new one fails
+//!   too), it gives up: the handle reports [`WorkerHandle::gave_up`],
+//!   `/health` answers 503, and the queue fails what waits once no worker is
+//!   left.
 //!
 //! Preemption: a batch with no `High` input runs stepped
 //! ([`EmbeddingModel::embed_stepped`]): before each layer of its pass (the CLIP
@@ -25,7 +35,7 @@
 //! runs them to the end on the same replica, then resumes the pass. A short
 //! query thus waits for one layer of the batch in progress, not for the
 //! batch. Isolation holds for those batches too: each is retried in halves
-//! on its own, and a panic in one answers it, stops the interrupted batch
+//! on its own, and a loss in one answers it, stops the interrupted batch
 //! (answered `WorkerDied`) and rebuilds the replica as above.
 //!
 //! It never sees HTTP or requests, only queue items; it does not normalise
@@ -41,15 +51,15 @@ use crate::batching::schedule::{self, Ran};
 use crate::batching::trace::{self, RequestTrace};
 use crate::batching::{Item, ItemError, ItemResult, Queue, WorkerId, WorkerState};
 use crate::metrics::Metrics;
-use crate::models::{Between, DeviceSpec, EmbeddingModel, ModelError};
+use crate::models::{panic_message, Between, DeviceSpec, EmbeddingModel, Fault, ModelError};
 use crate::preprocess::Prepared;
 
-/// Builds a model replica; runs on the worker's own thread, again after
-/// each panic.
+/// Builds a model replica (and warms it up); runs on the worker's own
+/// thread, again after each loss (a panic or a sticky device error).
 pub type ReplicaFactory =
     Box<dyn Fn() -> Result<Box<dyn EmbeddingModel>, ModelError> + Send + 'static>;
 
-/// How a worker recovers from panics.
+/// How a worker recovers from a lost replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {
     /// Rebuilds in a row (no batch served in between) before giving up.
@@ -174,7 +184,7 @@ fn build(factory: &ReplicaFactory) -> Result<Box<dyn EmbeddingModel>, ModelError
 
 /// Starts a worker for `device` on its own thread: builds the replica there
 /// with `factory`, then serves `queue` until it is closed and drained,
-/// rebuilding the replica after panics as `policy` allows. Blocks until the
+/// rebuilding the replica after a loss as `policy` allows. Blocks until the
 /// first replica is built (or failed).
 pub fn spawn(
     queue: Arc<Queue>,
@@ -218,7 +228,8 @@ pub fn spawn(
                     // `serve` reported the loss (Ctx::lose) before answering.
                     Err(Lost(reason)) => reason,
                 };
-                // The replica may be corrupt: drop it (its drop may panic too).
+                // The replica may be corrupt: drop it (its drop may panic too),
+                // and with it every handle on its device context.
                 let _ = catch_unwind(AssertUnwindSafe(move || drop(replica)));
                 loop {
                     if thread_queue.is_closed() {
@@ -278,8 +289,9 @@ pub fn spawn(
     }
 }
 
-/// Why a worker must rebuild its replica: the model panicked (in a batch,
-/// or in one run between the layers of another); the message says where.
+/// Why a worker must rebuild its replica: the model panicked or hit a
+/// sticky device error (in a batch, or in one run between the layers of
+/// another); the message says which and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Lost(String);
 
@@ -287,10 +299,12 @@ struct Lost(String);
 enum Run {
     /// One vector per input.
     Done(Vec<Vec<f32>>),
-    /// The model refused these inputs (an error, or a wrong count).
+    /// The model refused these inputs (an error, out of memory included,
+    /// or a wrong count): the replica is fine.
     Failed(String),
-    /// The model panicked.
-    Panicked(String),
+    /// The model panicked or its device context is poisoned: the replica
+    /// is lost.
+    Lost(String),
 }
 
 fn run_model(replica: &dyn EmbeddingModel, items: &[Item], between: Between<'_>) -> Run {
@@ -302,13 +316,21 @@ fn run_model(replica: &dyn EmbeddingModel, items: &[Item], between: Between<'_>)
             vectors.len(),
             items.len()
         )),
-        // A priority batch run between two layers panicked: the replica is
+        // A priority batch run between two layers lost the replica: it is
         // rebuilt, so this batch is not retried on it.
-        Ok(Err(ModelError::Interrupted)) => Run::Panicked(
-            "a batch run between two layers of this one made the model panic".to_string(),
+        Ok(Err(ModelError::Interrupted)) => Run::Lost(
+            "a batch run between two layers of this one lost the replica (a panic or a \
+             sticky device error)"
+                .to_string(),
         ),
-        Ok(Err(e)) => Run::Failed(e.to_string()),
-        Err(panic) => Run::Panicked(format!(
+        Ok(Err(e)) => match e.fault() {
+            Fault::Sticky => Run::Lost(format!(
+                "a sticky device error (the device context is unusable): {e}"
+            )),
+            Fault::OutOfMemory => Run::Failed(format!("out of device memory: {e}")),
+            Fault::Ordinary => Run::Failed(e.to_string()),
+        },
+        Err(panic) => Run::Lost(format!(
             "the model panicked: {}",
             panic_message(panic.as_ref())
         )),
@@ -323,7 +345,7 @@ type Answers = Vec<(Item, ItemResult)>;
 /// Runs `items`; when the model refuses them, runs each half on its own, so
 /// that only the inputs at fault get the error. Every item's result is pushed
 /// to `out`. Returns whether the model served some of them, or `Err` when
-/// it panicked.
+/// the replica was lost (a panic or a sticky device error).
 fn run_isolating(
     replica: &dyn EmbeddingModel,
     model: &str,
@@ -358,7 +380,7 @@ fn run_isolating(
             let b_ok = run_isolating(replica, model, second, out, between)?;
             Ok(a_ok || b_ok)
         }
-        Run::Panicked(msg) => {
+        Run::Lost(msg) => {
             tracing::error!(model = %model, "{msg}; rebuilding this worker");
             fail_all(items, ItemError::WorkerDied(msg.clone()), out);
             Err(Lost(msg))
@@ -381,7 +403,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// Reports the replica lost (the queue counts the worker as rebuilding)
-    /// once, before the items of the batch that panicked are answered: a
+    /// once, before the items of the batch that lost it are answered: a
     /// client that reads its 500 and then asks `/ready` must see the model
     /// unready, not a moment later.
     fn lose(&self) {
@@ -392,7 +414,7 @@ impl Ctx<'_> {
 }
 
 /// The worker loop. Returns `Ok` when the queue is closed and drained, or
-/// `Err` when the model panicked and the replica must be rebuilt. Resets
+/// `Err` when the replica was lost and must be rebuilt. Resets
 /// `in_a_row` once a batch is served.
 fn serve(
     queue: &Queue,
@@ -436,7 +458,7 @@ fn serve(
 /// Runs one batch, answers its items and records it. With `preemptible`
 /// (and when the scheduling rules allow it for this batch) the pass is
 /// stepped and `High` batches run between its layers (see the module doc).
-/// Returns whether the model served some of it, or `Err` when it panicked
+/// Returns whether the model served some of it, or `Err` when the replica was lost
 /// (in this batch or in one run between its layers).
 fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, Lost> {
     // Items whose client left while the batch was formed are not run.
@@ -460,7 +482,7 @@ fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, 
         .collect();
     let size = batch.len();
     let preempt = preemptible && schedule::preemptible(batch.iter().map(|i| i.class));
-    // Set when a batch run between two layers panicked.
+    // Set when a batch run between two layers lost the replica.
     let mut poisoned: Option<Lost> = None;
     // Time spent in those batches (not this batch's inference time).
     let mut lent = Duration::ZERO;
@@ -520,16 +542,6 @@ fn run_batch(cx: &Ctx<'_>, batch: Vec<Item>, preemptible: bool) -> Result<bool, 
 
 fn fail_all(batch: Vec<Item>, error: ItemError, out: &mut Answers) {
     out.extend(batch.into_iter().map(|i| (i, Err(error.clone()))));
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
 }
 
 #[cfg(test)]

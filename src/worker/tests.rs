@@ -367,3 +367,137 @@ fn a_failing_factory_is_a_start_error() {
     let err = spawn(queue, DeviceSpec::Cpu, 0, factory, Metrics::new(), fast()).unwrap_err();
     assert!(err.to_string().contains("no weights"), "{err}");
 }
+
+/// A candle error as cudarc words a driver error with `code`.
+fn cuda_error(code: &str) -> ModelError {
+    ModelError::Candle(candle_core::Error::Cuda(Box::new(std::io::Error::other(
+        format!("DriverError({code}, \"injected\")"),
+    ))))
+}
+
+/// Fails with a sticky CUDA error on cost 77, with out of memory on any
+/// batch of more than `fits` inputs; counts its builds.
+struct Gpu {
+    fits: usize,
+}
+
+impl EmbeddingModel for Gpu {
+    fn embed_stepped(
+        &self,
+        batch: &[&Prepared],
+        _: Between<'_>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if batch.iter().any(|p| p.cost == 77) {
+            return Err(cuda_error("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        }
+        if batch.len() > self.fits {
+            return Err(cuda_error("CUDA_ERROR_OUT_OF_MEMORY"));
+        }
+        Ok(batch
+            .iter()
+            .map(|p| vec![p.cost as f32, batch.len() as f32])
+            .collect())
+    }
+}
+
+/// A worker of [`Gpu`] replicas whose builds after the first wait for
+/// `gate` (when given) and fail from build number `fail_from` on.
+fn gpu_worker(
+    fits: usize,
+    fail_from: usize,
+    gate: Option<Arc<AtomicBool>>,
+) -> (Arc<Queue>, WorkerHandle, Metrics, Arc<AtomicUsize>) {
+    let metrics = Metrics::new();
+    let queue = Queue::new("gpu", limits(), metrics.clone());
+    let builds = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&builds);
+    let factory: ReplicaFactory = Box::new(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        if n > 0 {
+            if let Some(g) = &gate {
+                while !g.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        if n >= fail_from {
+            return Err(cuda_error("CUDA_ERROR_UNKNOWN"));
+        }
+        Ok(Box::new(Gpu { fits }) as Box<dyn EmbeddingModel>)
+    });
+    let w = spawn(
+        Arc::clone(&queue),
+        DeviceSpec::Cuda(0),
+        0,
+        factory,
+        metrics.clone(),
+        fast(),
+    )
+    .unwrap();
+    (queue, w, metrics, builds)
+}
+
+#[test]
+fn a_sticky_device_error_loses_the_replica_instead_of_splitting_the_batch() {
+    let gate = Arc::new(AtomicBool::new(false));
+    let (queue, worker, metrics, builds) = gpu_worker(8, usize::MAX, Some(Arc::clone(&gate)));
+    let out = run(&queue, &[1, 77, 3]);
+    // Every input of the batch gets the loss (no halves retried on the
+    // poisoned context, so no BatchFailed), naming the cause.
+    for r in &out {
+        assert!(
+            matches!(r, Err(ItemError::WorkerDied(m)) if m.contains("sticky") && m.contains("CUDA_ERROR_ILLEGAL_ADDRESS")),
+            "{r:?}"
+        );
+    }
+    // While the replica is rebuilt the model has no live worker: /ready
+    // answers 503 and new requests are refused.
+    assert_eq!(queue.live_workers(), 0);
+    assert!(matches!(queue.admit(1), Err(AdmitError::NoWorker { .. })));
+    assert!(metrics
+        .render()
+        .contains("vlembed_model_ready{model=\"gpu\"} 0"));
+    gate.store(true, Ordering::SeqCst);
+    wait_for("the rebuild", || queue.live_workers() == 1);
+    assert_eq!(
+        builds.load(Ordering::SeqCst),
+        2,
+        "a fresh replica was built"
+    );
+    assert_eq!(run(&queue, &[4])[0].as_ref().unwrap()[0], 4.0);
+    assert!(metrics
+        .render()
+        .contains("vlembed_worker_restarts_total{model=\"gpu\"} 1"));
+    queue.close();
+    assert!(worker.join_timeout(Duration::from_secs(5)));
+}
+
+#[test]
+fn out_of_memory_splits_the_batch_and_keeps_the_replica() {
+    let (queue, worker, metrics, builds) = gpu_worker(1, usize::MAX, None);
+    let out = run(&queue, &[1, 2, 3, 4]);
+    for (i, r) in out.iter().enumerate() {
+        // Served alone (batch length 1) after the halves ran out of memory.
+        assert_eq!(r.as_ref().unwrap(), &vec![(i + 1) as f32, 1.0]);
+    }
+    assert_eq!(builds.load(Ordering::SeqCst), 1, "no rebuild");
+    assert!(worker.is_alive());
+    assert!(!metrics
+        .render()
+        .contains("vlembed_worker_restarts_total{model=\"gpu\"} 1"));
+    queue.close();
+    assert!(worker.join_timeout(Duration::from_secs(5)));
+}
+
+#[test]
+fn when_no_fresh_context_can_be_made_the_worker_gives_up() {
+    // The first replica hits a sticky error; every rebuild fails.
+    let (queue, worker, _metrics, builds) = gpu_worker(8, 1, None);
+    let out = run(&queue, &[77]);
+    assert!(matches!(&out[0], Err(ItemError::WorkerDied(_))));
+    assert!(worker.join_timeout(Duration::from_secs(5)));
+    // Given up: the registry's /health reads this (503).
+    assert!(worker.gave_up());
+    assert!(queue.all_given_up());
+    assert_eq!(builds.load(Ordering::SeqCst), 1 + fast().limit as usize);
+}

@@ -55,6 +55,56 @@ pub mod tol {
     /// backends alike (the rounding is the same; this tiny random model's
     /// attention is very sharp, see MLLM_BF16_COSINE).
     pub const CLIP_TINY_BF16_COSINE: f64 = 0.998;
+
+    /// How much looser an f32 bound is on the parity suites' device
+    /// ([`super::test_device`]): 1 on the CPU (the constants above were
+    /// measured there); 10 on a GPU, where cuBLAS sums in another order and
+    /// CUDA's exp/erf/tanh differ from the CPU's in the last bits (TF32
+    /// stays off). The GPU factor is a bound, not a measurement: the GPU
+    /// check's parity phase reports the actual differences.
+    pub fn f32_scale() -> f32 {
+        if super::test_device() == super::DeviceSpec::Cpu {
+            1.0
+        } else {
+            10.0
+        }
+    }
+
+    /// [`CLIP_F32`] on the test device.
+    pub fn clip_f32() -> f32 {
+        CLIP_F32 * f32_scale()
+    }
+
+    /// [`MLLM_F32`] on the test device.
+    pub fn mllm_f32() -> f32 {
+        MLLM_F32 * f32_scale()
+    }
+}
+
+pub use vlembed::models::DeviceSpec;
+
+/// The device the parity suites load models on: `VLEMBED_TEST_DEVICE`
+/// (`cpu`, `cuda:0`, ...; `cpu` when unset), so the same suites check a GPU
+/// build on a GPU (`VLEMBED_TEST_DEVICE=cuda:0 cargo test --features cuda
+/// --test parity_clip --test parity_mllm`). Their f32 bounds follow it
+/// ([`tol::f32_scale`]).
+pub fn test_device() -> DeviceSpec {
+    match std::env::var("VLEMBED_TEST_DEVICE") {
+        Ok(v) if !v.trim().is_empty() => v
+            .parse()
+            .unwrap_or_else(|e| panic!("VLEMBED_TEST_DEVICE={v:?}: {e}")),
+        _ => DeviceSpec::Cpu,
+    }
+}
+
+/// Load options for the test device (its pass sizes), in `dtype`.
+pub fn load_options(dtype: vlembed::models::Precision) -> vlembed::models::LoadOptions {
+    use vlembed::models::{DeviceClass, LoadOptions, PassLimits};
+    LoadOptions {
+        dtype,
+        pass: PassLimits::for_class(DeviceClass::of(&[test_device()])),
+        ..Default::default()
+    }
 }
 
 pub fn repo() -> PathBuf {
@@ -106,14 +156,19 @@ pub fn reference_file(name: &str) -> Value {
     read_json(&repo().join("tests/fixtures/reference").join(name))
 }
 
-/// Loads a model directory on the CPU in f32.
+/// Loads a model directory on the test device ([`test_device`]) in f32.
 pub fn load_dir(dir: &Path) -> vlembed::embedder::Embedder {
-    use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+    use vlembed::models::{ModelSource, Precision};
     let src = ModelSource::parse(dir.to_str().unwrap(), None);
     let t = std::time::Instant::now();
-    let e =
-        vlembed::embedder::Embedder::load(&src, DeviceSpec::Cpu, &LoadOptions::default()).unwrap();
-    eprintln!("loaded {} in {:.2?}", dir.display(), t.elapsed());
+    let device = test_device();
+    let e = vlembed::embedder::Embedder::load(&src, device, &load_options(Precision::F32))
+        .unwrap_or_else(|e| panic!("cannot load {} on {device}: {e}", dir.display()));
+    eprintln!(
+        "loaded {} on {device} in {:.2?}",
+        dir.display(),
+        t.elapsed()
+    );
     e
 }
 
@@ -210,6 +265,17 @@ pub struct Faults {
     pub fail: AtomicBool,
     /// Panic in the next batch (once).
     pub panic: AtomicBool,
+    /// Fail the next batch (once) with a sticky CUDA error (an illegal
+    /// address: the device context is poisoned).
+    pub sticky: AtomicBool,
+}
+
+/// A candle error worded as cudarc words a driver error with `code` (e.g.
+/// `CUDA_ERROR_ILLEGAL_ADDRESS`): what a CUDA replica returns, made on CPU.
+pub fn cuda_error(code: &str) -> ModelError {
+    ModelError::Candle(candle_core::Error::Cuda(Box::new(std::io::Error::other(
+        format!("DriverError({code}, \"injected\")"),
+    ))))
 }
 
 /// Hooks that wrap every replica of the served models: `wrap(model name,
@@ -256,6 +322,9 @@ impl EmbeddingModel for Faulty {
         }
         if self.faults.fail.load(Ordering::SeqCst) {
             return Err(ModelError::Batch("injected failure".into()));
+        }
+        if self.faults.sticky.swap(false, Ordering::SeqCst) {
+            return Err(cuda_error("CUDA_ERROR_ILLEGAL_ADDRESS"));
         }
         self.inner.embed_stepped(batch, between)
     }

@@ -1,6 +1,7 @@
 //! The CLIP text tower: token and position embeddings, the causal encoder,
 //! `final_layer_norm` at the pooled token (the first EOS, found on the host)
-//! and `text_projection`.
+//! and `text_projection`. On the candle path (GPUs) the causal mask is made
+//! on the device and kept per sequence length ([`ShapeCache`]).
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
@@ -8,7 +9,7 @@ use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Lin
 use super::config::ClipTextConfig;
 use super::encoder::{f32_vec, Encoder, FastEncoder};
 use crate::models::error::ModelError;
-use crate::models::mask::mask_value;
+use crate::models::mask::{self, mask_value, ShapeCache};
 use crate::models::ops::{self, Span};
 
 pub(super) struct TextTower {
@@ -19,7 +20,12 @@ pub(super) struct TextTower {
     projection: Linear,
     eos_token_id: u32,
     max_len: usize,
+    /// Causal masks by sequence length (at most 77 x 77 values each).
+    masks: ShapeCache<usize>,
 }
+
+/// Bytes of causal masks a text tower keeps: every length up to 77 in f32.
+const MASK_CACHE_BYTES: usize = 2 << 20;
 
 impl TextTower {
     pub(super) fn new(
@@ -45,6 +51,25 @@ impl TextTower {
             projection: linear_no_bias(c.hidden_size, proj, vb.pp("text_projection"))?,
             eos_token_id: c.eos_token_id,
             max_len: c.max_position_embeddings,
+            masks: ShapeCache::new(MASK_CACHE_BYTES),
+        })
+    }
+
+    /// The additive causal mask [1, 1, t, t] in `dtype`, made on `device`
+    /// from positions: a key after the query is masked.
+    fn causal_mask(
+        &self,
+        t: usize,
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.masks.get_or_make(t, || {
+            let p = mask::positions(t, device)?;
+            // Key j is seen by query i when j <= i.
+            let keep = p.reshape((1, t))?.broadcast_le(&p.reshape((t, 1))?)?;
+            mask::additive(&keep, mask_value(dtype))?
+                .to_dtype(dtype)?
+                .reshape((1, 1, t, t))
         })
     }
 
@@ -91,11 +116,7 @@ impl TextTower {
         let h = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
         // Causal mask; padding sits after the EOS we pool at, so the causal
         // mask already keeps it out of the pooled token's context.
-        let neg = mask_value(h.dtype());
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { neg } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, t, t), device)?.to_dtype(h.dtype())?;
+        let mask = self.causal_mask(t, h.dtype(), device)?;
         let mut h = h;
         for l in layers {
             h = l.forward(&h, Some(&mask))?;

@@ -15,15 +15,24 @@
 //! real token, so the two agree up to float rounding. Masks are additive with
 //! a large finite negative and softmax runs in `f32` (as upstream upcasts it),
 //! so fully masked rows never turn into NaN in f16/bf16.
+//!
+//! Device-side setup: a pass's masks are made on the replica's device from
+//! the positions and the sequence lengths (comparison kernels, no `t x t`
+//! host buffer) and kept by shape ([`ShapeCache`]); the rotary tables are
+//! computed once on the host in f32 (exactly transformers' values, the same
+//! on every device) for the longest batch seen so far, kept on the device,
+//! and each pass reads the rows it needs there. No batch copies either to
+//! the device.
 
 use std::ops::ControlFlow;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::models::error::ConfigError;
-use crate::models::mask::MASKED;
+use crate::models::mask::{self, ShapeCache, MASKED};
 
 fn d_vocab() -> usize {
     32000
@@ -167,7 +176,9 @@ pub fn attends(i: usize, j: usize, len: usize, window: Option<usize>) -> bool {
 }
 
 /// The keys `lo..hi` a query at position `i` attends to (see [`attends`]);
-/// empty when it attends to none (a padding row past the window).
+/// empty when it attends to none (a padding row past the window). The
+/// reference the device-made masks are tested against.
+#[cfg(test)]
 fn attended_keys(i: usize, len: usize, window: Option<usize>) -> (usize, usize) {
     let hi = (i + 1).min(len);
     let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
@@ -405,6 +416,22 @@ pub struct MistralModel {
     cfg: MistralConfig,
     device: Device,
     dtype: DType,
+    /// Additive masks by (sequence lengths, padded length, last row only).
+    masks: ShapeCache<(Vec<usize>, usize, bool)>,
+    /// Rotary `cos`/`sin` tables [positions, head_dim / 2] in the model's
+    /// dtype, on its device, for the longest pass so far.
+    rope: Mutex<Option<RopeTable>>,
+}
+
+/// Bytes of masks a decoder keeps: one 4096-token sequence's full mask.
+const MASK_CACHE_BYTES: usize = 64 << 20;
+
+/// The rotary tables of positions `0..len`, on the device.
+#[derive(Clone)]
+struct RopeTable {
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl MistralModel {
@@ -420,6 +447,8 @@ impl MistralModel {
             cfg: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            masks: ShapeCache::new(MASK_CACHE_BYTES),
+            rope: Mutex::new(None),
         })
     }
 
@@ -432,6 +461,64 @@ impl MistralModel {
         self.embed_tokens.forward(ids)
     }
 
+    /// Rotary tables covering positions `0..t`: the kept ones, or new ones
+    /// for the next power of two (at most `max_position_embeddings`),
+    /// computed on the host once and uploaded.
+    fn rope_table(&self, t: usize) -> candle_core::Result<RopeTable> {
+        let mut kept = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(table) = kept.as_ref().filter(|r| r.len >= t) {
+            return Ok(table.clone());
+        }
+        let len = t
+            .next_power_of_two()
+            .min(self.cfg.max_position_embeddings)
+            .max(t);
+        let d = self.cfg.head_dim();
+        let (cos, sin) = rope_tables(self.cfg.rope_theta, d, len);
+        let to = |v: Vec<f32>| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(v, (len, d / 2), &self.device)?.to_dtype(self.dtype)
+        };
+        let table = RopeTable {
+            len,
+            cos: to(cos)?,
+            sin: to(sin)?,
+        };
+        *kept = Some(table.clone());
+        Ok(table)
+    }
+
+    /// The additive mask (f32) for right-padded sequences of `lens` real
+    /// tokens in rows of `t`: [b, 1, 1, t, t] for every query row, or
+    /// [b, 1, 1, 1, t] for each sequence's last real token when
+    /// `last_only`. Made on the device from positions and lengths (see
+    /// [`attends`]) and kept by shape.
+    fn mask(&self, lens: &[usize], t: usize, last_only: bool) -> candle_core::Result<Tensor> {
+        self.masks.get_or_make((lens.to_vec(), t, last_only), || {
+            let dev = &self.device;
+            let b = lens.len();
+            let keys = mask::positions(t, dev)?.reshape((1, 1, t))?;
+            let upload = |v: Vec<u32>| Tensor::from_vec(v, (b, 1, 1), dev);
+            let lens_t = upload(lens.iter().map(|&l| l as u32).collect())?;
+            // Query positions: every row, or each sequence's last real token.
+            let queries = if last_only {
+                upload(lens.iter().map(|&l| l.saturating_sub(1) as u32).collect())?
+            } else {
+                mask::positions(t, dev)?.reshape((1, t, 1))?
+            };
+            // Causal (key <= query) and not padding (key < len).
+            let mut keep = keys
+                .broadcast_le(&queries)?
+                .broadcast_mul(&keys.broadcast_lt(&lens_t)?)?;
+            if let Some(w) = self.cfg.sliding_window.filter(|&w| w < t) {
+                // Within the window: query - key < w, i.e. key + w > query.
+                let shifted = Tensor::arange(w as u32, (w + t) as u32, dev)?.reshape((1, 1, t))?;
+                keep = keep.broadcast_mul(&shifted.broadcast_gt(&queries)?)?;
+            }
+            let tq = if last_only { 1 } else { t };
+            mask::additive(&keep, MASKED)?.reshape((b, 1, 1, tq, t))
+        })
+    }
+
     /// Rotary tables and the additive mask for right-padded sequences of
     /// `lens` real tokens in rows of `t`; the mask is for every query row, or
     /// only for the last real token of each sequence when `last_only`.
@@ -442,40 +529,25 @@ impl MistralModel {
         last_only: bool,
     ) -> candle_core::Result<(Rope, Tensor)> {
         let b = lens.len();
-        let d = self.cfg.head_dim();
-        let half = d / 2;
-        let (cos, sin) = rope_tables(self.cfg.rope_theta, d, t);
-        let mut last_cos = Vec::with_capacity(b * half);
-        let mut last_sin = Vec::with_capacity(b * half);
-        for &len in lens {
-            let p = len.saturating_sub(1);
-            last_cos.extend_from_slice(&cos[p * half..(p + 1) * half]);
-            last_sin.extend_from_slice(&sin[p * half..(p + 1) * half]);
-        }
-        let dev = &self.device;
-        let to = |v: Vec<f32>, shape: &[usize]| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(v, shape, dev)?.to_dtype(self.dtype)
+        let half = self.cfg.head_dim() / 2;
+        let table = self.rope_table(t)?;
+        let last: Vec<u32> = lens.iter().map(|&l| l.saturating_sub(1) as u32).collect();
+        let last = Tensor::from_vec(last, b, &self.device)?;
+        let rows = |x: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                x.narrow(0, 0, t)?,
+                x.index_select(&last, 0)?.reshape((b, 1, half))?,
+            ))
         };
+        let (cos, last_cos) = rows(&table.cos)?;
+        let (sin, last_sin) = rows(&table.sin)?;
         let rope = Rope {
-            cos: to(cos, &[t, half])?,
-            sin: to(sin, &[t, half])?,
-            last_cos: to(last_cos, &[b, 1, half])?,
-            last_sin: to(last_sin, &[b, 1, half])?,
+            cos,
+            sin,
+            last_cos,
+            last_sin,
         };
-        let w = self.cfg.sliding_window;
-        let tq = if last_only { 1 } else { t };
-        // Added to f32 scores (see `Attention::forward`).
-        let mut mask = vec![MASKED; b * tq * t];
-        for (s, &len) in lens.iter().enumerate() {
-            for qi in 0..tq {
-                let i = if last_only { len.saturating_sub(1) } else { qi };
-                let (lo, hi) = attended_keys(i, len, w);
-                let row = (s * tq + qi) * t;
-                mask[row + lo..row + hi].fill(0.0);
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, tq, t), dev)?;
-        Ok((rope, mask))
+        Ok((rope, self.mask(lens, t, last_only)?))
     }
 
     fn check(&self, embeds: &Tensor, lens: &[usize]) -> Result<(usize, usize), DecoderError> {
@@ -585,201 +657,4 @@ pub enum DecoderError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_nn::VarMap;
-
-    #[test]
-    fn config_defaults_follow_transformers() {
-        let c: MistralConfig = serde_json::from_value(serde_json::json!({})).unwrap();
-        assert_eq!(c.hidden_size, 4096);
-        assert_eq!(c.kv_heads(), 8);
-        assert_eq!(c.head_dim(), 128);
-        assert_eq!(c.sliding_window, Some(4096));
-        assert_eq!(c.rope_theta, 10000.0);
-        assert_eq!(c.max_position_embeddings, 131072);
-        c.validate().unwrap();
-        let c: MistralConfig = serde_json::from_value(serde_json::json!({
-            "sliding_window": null, "num_key_value_heads": null, "hidden_size": 64,
-            "num_attention_heads": 4, "rope_theta": 1000000.0
-        }))
-        .unwrap();
-        assert_eq!(c.sliding_window, None);
-        assert_eq!(c.kv_heads(), 4);
-        assert_eq!(c.head_dim(), 16);
-        let bad: MistralConfig =
-            serde_json::from_value(serde_json::json!({"num_key_value_heads": 5})).unwrap();
-        assert!(bad.validate().unwrap_err().to_string().contains("multiple"));
-    }
-
-    #[test]
-    fn rope_tables_match_the_plain_formula() {
-        let (theta, d, n) = (1.0e6, 16, 50);
-        let (cos, sin) = rope_tables(theta, d, n);
-        for p in 0..n {
-            for i in 0..d / 2 {
-                let a = p as f64 / theta.powf(2.0 * i as f64 / d as f64);
-                let k = p * d / 2 + i;
-                assert!((cos[k] as f64 - a.cos()).abs() < 2e-5, "cos p={p} i={i}");
-                assert!((sin[k] as f64 - a.sin()).abs() < 2e-5, "sin p={p} i={i}");
-            }
-        }
-    }
-
-    #[test]
-    fn rope_rotates_halves_like_transformers() {
-        // q' = q * cos + rotate_half(q) * sin, rotate_half(q) = [-q2, q1].
-        let d = 8;
-        let (cos, sin) = rope_tables(10000.0, d, 3);
-        let dev = Device::Cpu;
-        let q: Vec<f32> = (0..3 * d).map(|i| (i as f32 * 0.37).sin()).collect();
-        let qt = Tensor::from_vec(q.clone(), (1, 1, 3, d), &dev).unwrap();
-        let ct = Tensor::from_vec(cos.clone(), (3, d / 2), &dev).unwrap();
-        let st = Tensor::from_vec(sin.clone(), (3, d / 2), &dev).unwrap();
-        let out: Vec<f32> = candle_nn::rotary_emb::rope(&qt, &ct, &st)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for p in 0..3 {
-            for i in 0..d {
-                let h = d / 2;
-                let (c, s) = (cos[p * h + i % h], sin[p * h + i % h]);
-                let x = q[p * d + i];
-                let rot = if i < h {
-                    -q[p * d + i + h]
-                } else {
-                    q[p * d + i - h]
-                };
-                let want = x * c + rot * s;
-                assert!((out[p * d + i] - want).abs() < 1e-6);
-            }
-        }
-    }
-
-    #[test]
-    fn masks_are_causal_windowed_and_skip_padding() {
-        assert!(attends(3, 3, 5, None));
-        assert!(!attends(3, 4, 5, None));
-        assert!(!attends(4, 4, 4, None));
-        assert!(attends(9, 0, 10, None));
-        // Window 3: a token sees itself and the two before it.
-        assert!(attends(5, 3, 10, Some(3)));
-        assert!(!attends(5, 2, 10, Some(3)));
-        for w in [None, Some(1), Some(3), Some(40)] {
-            for len in 1..12 {
-                for i in 0..15 {
-                    let (lo, hi) = attended_keys(i, len, w);
-                    for j in 0..15 {
-                        assert_eq!(
-                            (lo..hi).contains(&j),
-                            attends(i, j, len, w),
-                            "{i} {j} {len} {w:?}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    fn tiny(window: Option<usize>) -> MistralModel {
-        let cfg: MistralConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "sliding_window": window, "rope_theta": 1000000.0
-        }))
-        .unwrap();
-        let map = VarMap::new();
-        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-        let m = MistralModel::new(&cfg, vb).unwrap();
-        // Random-ish weights everywhere (VarMap initialises norms to 1 etc.).
-        for (i, var) in map.all_vars().iter().enumerate() {
-            let t = var.as_tensor();
-            let n = t.elem_count();
-            let v: Vec<f32> = (0..n)
-                .map(|k| (((k * 7919 + i * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.8)
-                .collect();
-            var.set(&Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-        m
-    }
-
-    /// Attention over blocks of query rows (a small score budget) equals
-    /// attention over all rows at once.
-    #[test]
-    fn attention_in_blocks_matches_one_block() {
-        let dev = Device::Cpu;
-        let x: Vec<f32> = (0..2 * 9 * 16).map(|k| (k as f32 * 0.029).sin()).collect();
-        let x = Tensor::from_vec(x, (2, 9, 16), &dev).unwrap();
-        for window in [None, Some(3)] {
-            let mut m = tiny(window);
-            for lens in [[9, 6], [4, 9]] {
-                let run = |m: &MistralModel| -> Vec<Vec<Vec<f32>>> {
-                    m.forward(&x, &lens).unwrap().to_vec3().unwrap()
-                };
-                let a = run(&m);
-                for l in &mut m.layers {
-                    // 2 x 4 heads x 9 keys: blocks of 1 query row.
-                    l.attn.score_budget = 2 * 4 * 9;
-                }
-                let b = run(&m);
-                for l in &mut m.layers {
-                    l.attn.score_budget = SCORE_BUDGET;
-                }
-                for (s, &len) in lens.iter().enumerate() {
-                    for i in 0..len {
-                        let d = a[s][i]
-                            .iter()
-                            .zip(&b[s][i])
-                            .map(|(p, q)| (p - q).abs())
-                            .fold(0f32, f32::max);
-                        assert!(d < 1e-6, "window {window:?} seq {s} row {i}: {d}");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn results_do_not_depend_on_batch_mates_and_last_matches_full() {
-        for window in [None, Some(3)] {
-            let m = tiny(window);
-            let dev = Device::Cpu;
-            let emb = |n: usize, seed: usize| -> Vec<f32> {
-                (0..n * 16)
-                    .map(|k| ((k * 31 + seed * 17) as f32 * 0.013).sin())
-                    .collect()
-            };
-            let (a, b) = (emb(7, 1), emb(4, 2));
-            let single = |v: &[f32], n: usize| -> Vec<f32> {
-                let x = Tensor::from_vec(v.to_vec(), (1, n, 16), &dev).unwrap();
-                m.forward_last(&x, &[n])
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            let sa = single(&a, 7);
-            let sb = single(&b, 4);
-            let mut padded = a.clone();
-            padded.extend_from_slice(&b);
-            padded.extend(std::iter::repeat_n(9.0f32, 3 * 16));
-            let x = Tensor::from_vec(padded, (2, 7, 16), &dev).unwrap();
-            let both: Vec<Vec<f32>> = m.forward_last(&x, &[7, 4]).unwrap().to_vec2().unwrap();
-            let full: Vec<Vec<Vec<f32>>> = m.forward(&x, &[7, 4]).unwrap().to_vec3().unwrap();
-            let diff = |p: &[f32], q: &[f32]| {
-                p.iter()
-                    .zip(q)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max)
-            };
-            assert!(diff(&both[0], &sa) < 1e-5);
-            assert!(diff(&both[1], &sb) < 1e-5);
-            assert!(diff(&full[0][6], &sa) < 1e-5);
-            assert!(diff(&full[1][3], &sb) < 1e-5);
-        }
-    }
-}
+mod tests;

@@ -38,7 +38,7 @@ pub use model::LlavaModel;
 pub use preprocess::{LlavaImage, LlavaInput, LlavaPreprocessor};
 
 use crate::models::error::ModelError;
-use crate::models::family::{Facts, Family, FamilyModel, LoadContext, Replicas};
+use crate::models::family::{Facts, Family, FamilyModel, LoadContext, PassLimits, Replicas};
 use crate::models::{ops, source};
 use crate::preprocess::Size;
 
@@ -109,14 +109,25 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
         uses_instructions: true,
     };
     let matmuls = cfg.vision_config.matmul_shapes();
-    Ok(FamilyModel::new(facts, pre, cfg).with_matmuls(matmuls))
+    let replicas = LlavaReplicas {
+        cfg,
+        pass: cx.opts.pass,
+    };
+    Ok(FamilyModel::new(facts, pre, replicas).with_matmuls(matmuls))
 }
 
-impl Replicas for LlavaConfig {
+/// What every replica is built from: the config and the pass sizes of the
+/// model's devices.
+struct LlavaReplicas {
+    cfg: LlavaConfig,
+    pass: PassLimits,
+}
+
+impl Replicas for LlavaReplicas {
     type Model = LlavaModel;
 
     fn build(&self, vb: VarBuilder, backend: ops::Backend) -> Result<LlavaModel, ModelError> {
-        LlavaModel::with_backend(self, vb, backend).map_err(|e| ModelError::Build {
+        LlavaModel::with_backend(&self.cfg, self.pass, vb, backend).map_err(|e| ModelError::Build {
             family: "LLaVA",
             source: Box::new(e),
         })

@@ -12,15 +12,9 @@ use super::mistral::{DecoderError, MistralModel};
 use super::preprocess::{LlavaImage, LlavaInput};
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::error::ModelError;
-use crate::models::family::{Between, Model};
+use crate::models::family::{Between, Model, PassLimits};
 use crate::models::ops;
 use crate::preprocess::Size;
-
-/// Tiles sent through the vision tower at once (bounds activation memory).
-const TILE_CHUNK: usize = 16;
-/// Padded decoder tokens per forward pass when grouping sequences (a
-/// sequence longer than this runs alone).
-const GROUP_TOKENS: usize = 4096;
 
 /// A BGE-VL-MLLM replica on one device.
 pub struct LlavaModel {
@@ -30,6 +24,9 @@ pub struct LlavaModel {
     image_newline: Tensor,
     decoder: MistralModel,
     cfg: LlavaConfig,
+    /// Tiles through the vision tower at once, decoder tokens per group
+    /// (the device's; they bound activation memory).
+    pass: PassLimits,
     device: Device,
     dtype: DType,
 }
@@ -43,15 +40,17 @@ fn decoder_error(e: DecoderError) -> ModelError {
 }
 
 impl LlavaModel {
-    /// `vb` points at the checkpoint's root.
-    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        Self::with_backend(cfg, vb, ops::Backend::Native)
+    /// `vb` points at the checkpoint's root; `pass` sizes the vision
+    /// chunks and decoder groups (at least 1 each).
+    pub fn new(cfg: &LlavaConfig, pass: PassLimits, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_backend(cfg, pass, vb, ops::Backend::Native)
     }
 
     /// [`Self::new`] with the CPU vision encoder's products on `backend`
     /// (the decoder runs on candle either way).
     pub fn with_backend(
         cfg: &LlavaConfig,
+        pass: PassLimits,
         vb: VarBuilder,
         backend: ops::Backend,
     ) -> candle_core::Result<Self> {
@@ -70,6 +69,10 @@ impl LlavaModel {
             image_newline: vb.get(th, "image_newline")?,
             decoder: MistralModel::new(&cfg.text_config, vb.pp("language_model.model"))?,
             cfg: cfg.clone(),
+            pass: PassLimits {
+                decoder_group_tokens: pass.decoder_group_tokens.max(1),
+                vision_tile_chunk: pass.vision_tile_chunk.max(1),
+            },
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -88,7 +91,7 @@ impl LlavaModel {
         let mut out = Vec::new();
         let mut start = 0;
         while start < n {
-            let k = TILE_CHUNK.min(n - start);
+            let k = self.pass.vision_tile_chunk.min(n - start);
             let px = Tensor::from_slice(
                 &data[start * per..(start + k) * per],
                 (k, 3, s, s),
@@ -258,7 +261,7 @@ impl LlavaModel {
         while g < order.len() {
             let t = ids[order[g]].len();
             let mut end = g + 1;
-            while end < order.len() && (end - g + 1) * t <= GROUP_TOKENS {
+            while end < order.len() && (end - g + 1) * t <= self.pass.decoder_group_tokens {
                 end += 1;
             }
             let group = &order[g..end];
