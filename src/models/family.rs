@@ -53,6 +53,13 @@ pub struct LoadOptions {
     /// default), capped at its decoder's `max_position_embeddings`. Bounds
     /// the decoder's attention memory.
     pub max_input_tokens: Option<usize>,
+    /// The prompt format, by name, for families that offer several
+    /// (`None`: the family's default for the model).
+    pub prompt_format: Option<String>,
+    /// The least and most pixels images are resized to, for families whose
+    /// processed size follows the image (`None`: the model's own).
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
 }
 
 /// What a family's loader reads from.
@@ -62,6 +69,9 @@ pub struct LoadContext<'a> {
     pub config_path: &'a Path,
     /// The model's other files (tokenizer, preprocessor configs).
     pub files: &'a ModelFiles,
+    /// The Hub repository id when the model comes from the Hub (a family
+    /// may pick defaults by it).
+    pub hub_id: Option<&'a str>,
     pub opts: &'a LoadOptions,
 }
 
