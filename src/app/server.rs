@@ -371,6 +371,9 @@ fn load_model(
     let mut opts = LoadOptions {
         dtype: cfg.dtype,
         max_input_tokens: cfg.max_input_tokens,
+        prompt_format: cfg.prompt_format.clone(),
+        min_pixels: cfg.min_pixels,
+        max_pixels: cfg.max_pixels,
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;
