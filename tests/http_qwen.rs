@@ -20,7 +20,7 @@ use vlembed::app::Hooks;
 use vlembed::config::{Config, ModelConfig};
 use vlembed::embedder::Embedder;
 use vlembed::input::{Content, Input, Role};
-use vlembed::models::{DeviceSpec, LoadOptions, ModelSource};
+use vlembed::models::{DeviceSpec, LoadOptions, ModelSource, Precision};
 
 /// Server and library run the same kernels on the same inputs, in batches
 /// of other mates and padding: only the summation order may differ.
@@ -435,8 +435,20 @@ async fn settings_reach_the_model_or_are_refused() {
     let mut small = model("small", "qwen2-vl-tiny", None);
     small.min_pixels = Some(784);
     small.max_pixels = Some(3136);
+    let half = |name: &str, dtype: Precision| {
+        let mut m = model(name, "qwen25-vl-tiny", None);
+        m.dtype = dtype;
+        m.dtype_auto = false;
+        m
+    };
     let s = TestServer::ready(
-        serving(vec![model("chat", "qwen2-vl-tiny", None), small.clone()]),
+        serving(vec![
+            model("chat", "qwen2-vl-tiny", None),
+            small.clone(),
+            model("f32", "qwen25-vl-tiny", None),
+            half("f16", Precision::F16),
+            half("bf16", Precision::Bf16),
+        ]),
         Hooks::default(),
     )
     .await;
@@ -454,6 +466,21 @@ async fn settings_reach_the_model_or_are_refused() {
         .embed(&[Input::image(photo())], true, true)
         .unwrap();
     assert!(max_abs_diff(&bounded[0], &want[0]) <= SERVER_VS_LIBRARY);
+    // f16 and bf16 replicas on the CPU stay close to f32 (the parity suite
+    // bounds them against transformers; this tiny random model has sharp
+    // attention, so the bounds are loose).
+    let (inputs, _): (Vec<Value>, Vec<Input>) = cases().into_iter().unzip();
+    let reference = embed(&s, "f32", Value::Array(inputs.clone())).await;
+    for (name, bound) in [("f16", 0.999), ("bf16", 0.99)] {
+        let got = embed(&s, name, Value::Array(inputs.clone())).await;
+        let worst = got
+            .iter()
+            .zip(&reference)
+            .map(|(g, r)| cosine(g, r))
+            .fold(1f64, f64::min);
+        assert!(worst >= bound, "{name}: worst cosine {worst}");
+        assert!(worst < 1.0, "{name} ran in f32");
+    }
     s.stop().await;
 
     let mut clip = ModelConfig::with_defaults(fixture_model().to_str().unwrap()).unwrap();
