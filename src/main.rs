@@ -75,6 +75,46 @@ struct ProbeArgs {
     /// Where to write the golden file (JSON); `-` for stdout.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    model_settings: ModelSettings,
+}
+
+/// The per-model settings of the configuration that decide a model's
+/// vectors, for the commands that load a model without one (`embed`,
+/// `probe`: a golden file must be written with the served model's settings).
+#[derive(Args)]
+struct ModelSettings {
+    /// Prompt format of a Qwen2-VL model: chat-template, screenshot or gme
+    /// (default: by Hub id, else chat-template).
+    #[arg(long)]
+    prompt_format: Option<String>,
+    /// Least pixels a Qwen2-VL image is resized to (default: the model's).
+    #[arg(long)]
+    min_pixels: Option<u64>,
+    /// Most pixels a Qwen2-VL image is resized to (default: the model's).
+    #[arg(long)]
+    max_pixels: Option<u64>,
+}
+
+impl ModelSettings {
+    /// The load options of a model on `device` in `dtype`, its CPU
+    /// products on `cpu_backend`.
+    fn load_options(
+        &self,
+        dtype: Precision,
+        cpu_backend: CpuBackend,
+        device: DeviceSpec,
+    ) -> LoadOptions {
+        LoadOptions {
+            dtype,
+            cpu_backend,
+            pass: PassLimits::for_class(DeviceClass::of(&[device])),
+            prompt_format: self.prompt_format.clone(),
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args, Default)]
@@ -153,6 +193,8 @@ struct EmbedArgs {
     /// Refuse texts over the model's token limit instead of truncating them.
     #[arg(long)]
     no_truncate: bool,
+    #[command(flatten)]
+    model_settings: ModelSettings,
 }
 
 fn init_logging(json: bool) {
@@ -182,12 +224,9 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         .model_name
         .clone()
         .unwrap_or_else(|| source.default_name());
-    let opts = LoadOptions {
-        dtype: args.dtype,
-        cpu_backend: args.cpu_backend,
-        pass: PassLimits::for_class(DeviceClass::of(&[args.device])),
-        ..Default::default()
-    };
+    let opts = args
+        .model_settings
+        .load_options(args.dtype, args.cpu_backend, args.device);
     let started = std::time::Instant::now();
     let embedder = Embedder::load(&source, args.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
@@ -213,12 +252,9 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--tolerance must be a finite number >= 0");
     }
     let source = ModelSource::parse(&args.model, args.revision.as_deref());
-    let opts = LoadOptions {
-        dtype: args.dtype,
-        cpu_backend: args.cpu_backend,
-        pass: PassLimits::for_class(DeviceClass::of(&[args.device])),
-        ..Default::default()
-    };
+    let opts = args
+        .model_settings
+        .load_options(args.dtype, args.cpu_backend, args.device);
     let embedder = Embedder::load(&source, args.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
     let info = embedder.info();

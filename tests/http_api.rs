@@ -336,6 +336,11 @@ async fn operations_endpoints() {
     assert_eq!(m["dimensions"], 16);
     assert_eq!(m["max_text_tokens"], 77);
     assert_eq!(m["uses_instructions"], false);
+    // CLIP has one prompt and fixed-size images.
+    assert_eq!(
+        (&m["prompt_format"], &m["min_pixels"], &m["max_pixels"]),
+        (&Value::Null, &Value::Null, &Value::Null)
+    );
     assert_eq!(m["devices"], json!(["cpu"]));
     assert_eq!(m["batching"]["max_batch_size"], 32);
     // What the device-dependent "auto" keys resolved to (CPU values).
@@ -861,6 +866,9 @@ fn every_response_type_conforms_to_openapi() {
         max_request_image_pixels: 100_000_000,
         max_text_tokens: loaded.then_some(77),
         name: "clip-tiny".into(),
+        max_pixels: loaded.then_some(1_003_520),
+        min_pixels: loaded.then_some(3136),
+        prompt_format: loaded.then_some("gme"),
         source: "tests/fixtures/clip-tiny".into(),
         status: if loaded { "ready" } else { "failed" },
         uses_instructions: loaded.then_some(false),

@@ -12,8 +12,8 @@
 //! vectors; one batch of every case equal to the cases alone (<= 1e-5) and
 //! to transformers' padded batch; f16 / bf16 replicas close in cosine.
 //!
-//! These tests use the model and preprocessor types directly: serving the
-//! family (the family table, batching, HTTP) is wired separately.
+//! These tests use the family's model and preprocessor types directly;
+//! `tests/http_qwen.rs` serves the same fixtures through the server.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -22,14 +22,14 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 use vlembed::input::{Content, Input, Role};
-use vlembed::models::qwen_vl::{QwenVlConfig, QwenVlModel, DEFAULT_MAX_INPUT_TOKENS};
-use vlembed::models::weights::MappedWeights;
-use vlembed::models::ModelError;
-use vlembed::preprocess::image::ImageLimits;
-use vlembed::preprocess::qwen_vl::{
-    PromptFormat, QwenFiles, QwenOptions, QwenPrepared, QwenPreprocessor,
+use vlembed::models::qwen_vl::{
+    PromptFormat, QwenFiles, QwenOptions, QwenPrepared, QwenPreprocessor, QwenVlConfig,
+    QwenVlModel, DEFAULT_MAX_INPUT_TOKENS,
 };
-use vlembed::preprocess::PreprocessError;
+use vlembed::models::weights::MappedWeights;
+use vlembed::models::{Model, ModelError};
+use vlembed::preprocess::image::ImageLimits;
+use vlembed::preprocess::{Preprocess, PreprocessError};
 
 mod common;
 use common::*;
@@ -85,6 +85,11 @@ fn input_of(case: &Value) -> Input {
     Input::new(Content::from_parts(text, image).expect("a case has text or an image"))
         .with_instruction(case["instruction"].as_str().map(str::to_string))
         .with_role(case["role"].as_str().unwrap().parse::<Role>().unwrap())
+}
+
+/// The model's unnormalised vectors of one batch, not stepped.
+fn embed(m: &QwenVlModel, batch: &[&QwenPrepared]) -> Vec<Vec<f32>> {
+    m.embed(batch, &mut || ControlFlow::Continue(())).unwrap()
 }
 
 fn normalized(v: &[f32]) -> Vec<f32> {
@@ -278,9 +283,9 @@ fn embeddings_match_end_to_end() {
                 if case.get("error").is_some() {
                     continue;
                 }
-                let p = pre.prepare(&input_of(case), false).unwrap();
+                let p = *pre.prepare(&input_of(case), false).unwrap().data;
                 assert_eq!(p.token_ids, ids(&case["ids"]), "{name} {format} case {i}");
-                let raw = m.embed(&[&p]).unwrap().remove(0);
+                let raw = embed(&m, &[&p]).remove(0);
                 let got = normalized(&raw);
                 let want = vector(&case["embedding"]);
                 let (c, d) = (cosine(&got, &want), max_abs_diff(&got, &want));
@@ -311,7 +316,7 @@ fn prepared_cases(pre: &QwenPreprocessor, f: &Value) -> Vec<QwenPrepared> {
         .iter()
         .map(|i| {
             let case = &f["cases"][i.as_u64().unwrap() as usize];
-            pre.prepare(&input_of(case), false).unwrap()
+            *pre.prepare(&input_of(case), false).unwrap().data
         })
         .collect()
 }
@@ -333,11 +338,11 @@ fn results_do_not_depend_on_batch_mates() {
             );
             let items = prepared_cases(&pre, f);
             let refs: Vec<&QwenPrepared> = items.iter().collect();
-            let batched = m.embed(&refs).unwrap();
+            let batched = embed(&m, &refs);
             let want = floats(&f["batch"]["embeddings"]);
             let mut worst = 0f32;
             for (k, item) in items.iter().enumerate() {
-                let alone = m.embed(&[item]).unwrap().remove(0);
+                let alone = embed(&m, &[item]).remove(0);
                 let d = max_abs_diff(&normalized(&batched[k]), &normalized(&alone));
                 assert!(d <= 1e-5, "{name} {format} item {k}: {d}");
                 let d = max_abs_diff(&normalized(&batched[k]), &want[k]);
@@ -375,7 +380,7 @@ fn half_precision_stays_close() {
         let want = floats(&f["batch"]["embeddings"]);
         for (dtype, bound) in [(DType::F16, 0.999), (DType::BF16, 0.99)] {
             let m = model(name, dtype);
-            let got = m.embed(&refs).unwrap();
+            let got = embed(&m, &refs);
             let worst = got
                 .iter()
                 .zip(&want)
@@ -401,10 +406,10 @@ fn stepped_passes_stop_between_layers_and_match_unstepped() {
     let items = prepared_cases(&pre, f);
     let refs: Vec<&QwenPrepared> = items.iter().take(6).collect();
     let m = model(name, DType::F32);
-    let plain = m.embed(&refs).unwrap();
+    let plain = embed(&m, &refs);
     let mut calls = 0;
     let stepped = m
-        .embed_stepped(&refs, &mut || {
+        .embed(&refs, &mut || {
             calls += 1;
             ControlFlow::Continue(())
         })
@@ -414,7 +419,7 @@ fn stepped_passes_stop_between_layers_and_match_unstepped() {
     assert!(calls >= 6, "{calls}");
     let mut n = 0;
     let err = m
-        .embed_stepped(&refs, &mut || {
+        .embed(&refs, &mut || {
             n += 1;
             if n > 4 {
                 ControlFlow::Break(())
@@ -470,7 +475,7 @@ fn hostile_sizes_are_bounded() {
         QwenOptions::default(),
     );
     let p = gme.prepare(&Input::image(wide), false).unwrap();
-    let im = p.image.as_ref().unwrap();
+    let im = p.data.image.as_ref().unwrap();
     assert_eq!(im.grid.h * im.grid.w * 196, 56 * 6356);
     assert!(t.elapsed().as_secs() < 20, "{:?}", t.elapsed());
     // A header declaring more pixels than the limit: refused before decoding.
@@ -502,11 +507,9 @@ fn hostile_sizes_are_bounded() {
         },
     );
     let p = small.prepare(&Input::image(png(640, 480)), false).unwrap();
-    assert!(p.image.as_ref().unwrap().tokens <= 4);
-    assert_eq!(
-        p.cost,
-        p.token_ids.len() + p.image.as_ref().unwrap().grid.patches()
-    );
+    let im = p.data.image.as_ref().unwrap();
+    assert!(im.tokens <= 4);
+    assert_eq!(p.cost, p.data.token_ids.len() + im.grid.patches());
 }
 
 /// The token limit counts image tokens; with truncate only the text is cut.
@@ -520,7 +523,7 @@ fn token_limit_counts_image_tokens_and_truncates_the_text() {
         matches!(err, PreprocessError::TextTooLong { limit: 60, .. }),
         "{err}"
     );
-    let p = pre.prepare(&Input::text(long.clone()), true).unwrap();
+    let p = pre.prepare(&Input::text(long.clone()), true).unwrap().data;
     assert!(
         p.token_ids.len() <= 60 && p.token_ids.len() > 40,
         "{}",
@@ -532,7 +535,7 @@ fn token_limit_counts_image_tokens_and_truncates_the_text() {
         DEFAULT_MAX_INPUT_TOKENS,
         QwenOptions::default(),
     );
-    let tail = full.prepare(&Input::text("x"), false).unwrap();
+    let tail = full.prepare(&Input::text("x"), false).unwrap().data;
     // The template's end (`<|im_end|>\n<|im_start|>assistant\n`) is kept.
     assert!(p
         .token_ids
@@ -545,20 +548,31 @@ fn token_limit_counts_image_tokens_and_truncates_the_text() {
         60,
         QwenOptions::default(),
     );
-    let g = gme.prepare(&Input::text(long.clone()), true).unwrap();
+    let g = gme.prepare(&Input::text(long.clone()), true).unwrap().data;
     assert!(g.token_ids.len() <= 60, "{}", g.token_ids.len());
     assert_eq!(
         g.token_ids.last(),
         gme.tokenize("<|endoftext|>").unwrap().last()
     );
-    // 640x480 is 54 image tokens here: with text it no longer fits in 60.
+    // 640x480 is 54 image tokens here: with the template it does not fit
+    // in 60 even without the text, which is the image's fault.
     let composed = Input::new(Content::Composed {
         text: "a photo of a cat on a mat".into(),
         image: std::fs::read(repo().join("tests/fixtures/images/baseline_420_640x480.jpg"))
             .unwrap(),
     });
     let err = pre.prepare(&composed, false).unwrap_err();
-    assert!(matches!(err, PreprocessError::TextTooLong { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PreprocessError::ImageTokens {
+                image_tokens: 54,
+                limit: 60,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // An image placeholder written in the text of an input with an image is refused.
     let bad = Input::new(Content::Composed {
         text: "look <|image_pad|>".into(),

@@ -438,6 +438,9 @@ fn load_model(
         max_input_tokens: cfg.max_input_tokens,
         cpu_backend: cfg.cpu_backend,
         pass: cfg.pass,
+        prompt_format: cfg.prompt_format.clone(),
+        min_pixels: cfg.min_pixels,
+        max_pixels: cfg.max_pixels,
         ..Default::default()
     };
     opts.image_limits.max_pixels = cfg.max_image_pixels;

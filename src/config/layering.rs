@@ -207,6 +207,9 @@ pub(super) fn resolve_model(table: Table, origin: &str) -> Result<ModelConfig, C
         max_image_pixels: raw.max_image_pixels,
         max_request_image_pixels: raw.max_request_image_pixels,
         max_input_tokens: (raw.max_input_tokens > 0).then_some(raw.max_input_tokens),
+        prompt_format: Some(raw.prompt_format.trim().to_string()).filter(|f| !f.is_empty()),
+        min_pixels: (raw.min_pixels > 0).then_some(raw.min_pixels),
+        max_pixels: (raw.max_pixels > 0).then_some(raw.max_pixels),
         embedding_cache_bytes: raw.embedding_cache_bytes,
         golden_vectors: (!raw.golden_vectors.trim().is_empty())
             .then(|| PathBuf::from(raw.golden_vectors.trim())),

@@ -37,6 +37,9 @@ struct ResolvedModel {
     embedding_cache_bytes: usize,
     golden_vectors: String,
     cpu_backend: CpuBackend,
+    prompt_format: String,
+    min_pixels: u64,
+    max_pixels: u64,
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -68,6 +71,9 @@ impl From<&ModelConfig> for ResolvedModel {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             cpu_backend: m.cpu_backend,
+            prompt_format: m.prompt_format.clone().unwrap_or_default(),
+            min_pixels: m.min_pixels.unwrap_or(0),
+            max_pixels: m.max_pixels.unwrap_or(0),
         }
     }
 }

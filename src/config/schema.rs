@@ -170,6 +170,16 @@ pub struct ModelConfig {
     /// `None` (0 in the config): the model's default. CLIP models ignore it
     /// (their limit is the text tower's).
     pub max_input_tokens: Option<usize>,
+    /// The prompt format of a model whose family offers several (Qwen2-VL:
+    /// "chat-template", "screenshot", "gme"); `None` (empty in the config):
+    /// the one its Hub id names, else the family's default.
+    pub prompt_format: Option<String>,
+    /// The least / most pixels images are resized to, for families whose
+    /// processed size follows the image (Qwen2-VL); `None` (0 in the
+    /// config): the model's own (its prompt format's, else
+    /// `preprocessor_config.json`).
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
     /// Bytes of the model's embedding cache; 0: no cache.
     pub embedding_cache_bytes: usize,
     /// A golden-vectors file (`vlembed probe --out`): the startup probes
@@ -343,6 +353,9 @@ pub(super) struct RawModel {
     pub(super) max_image_pixels: u64,
     pub(super) max_request_image_pixels: u64,
     pub(super) max_input_tokens: usize,
+    pub(super) prompt_format: String,
+    pub(super) min_pixels: u64,
+    pub(super) max_pixels: u64,
     pub(super) embedding_cache_bytes: usize,
     pub(super) golden_vectors: String,
 }

@@ -356,6 +356,65 @@ fn max_input_tokens_is_per_model_and_zero_means_the_models_default() {
 }
 
 #[test]
+fn prompt_format_and_pixel_bounds_are_per_model_and_empty_or_zero_means_the_models_own() {
+    let file = write_file(
+        "qwen.toml",
+        r#"
+        [[models]]
+        name = "gme"
+        source = "org/gme"
+        prompt_format = " gme "
+        min_pixels = 3136
+        max_pixels = 200704
+        [[models]]
+        name = "plain"
+        source = "org/plain"
+        "#,
+    );
+    let c = Config::load(&Layers {
+        file: Some(file),
+        ..Default::default()
+    })
+    .unwrap();
+    let gme = c.model("gme").unwrap();
+    assert_eq!(gme.prompt_format.as_deref(), Some("gme"));
+    assert_eq!((gme.min_pixels, gme.max_pixels), (Some(3136), Some(200704)));
+    let plain = c.model("plain").unwrap();
+    assert_eq!(
+        (&plain.prompt_format, plain.min_pixels, plain.max_pixels),
+        (&None, None, None)
+    );
+    let c = Config::load(&Layers {
+        env: env(&[
+            ("VLEMBED_MODEL_DEFAULTS__PROMPT_FORMAT", "screenshot"),
+            ("VLEMBED_MODEL_DEFAULTS__MAX_PIXELS", "802816"),
+        ]),
+        flags: Overrides {
+            model: Some("org/x".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.models[0].prompt_format.as_deref(), Some("screenshot"));
+    assert_eq!(c.models[0].max_pixels, Some(802816));
+    let file = write_file(
+        "qwen-bad.toml",
+        "[[models]]\nsource = \"a/b\"\nmin_pixels = 5000\nmax_pixels = 4000\n",
+    );
+    let err = Config::load(&Layers {
+        file: Some(file),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("min_pixels (5000) is above max_pixels (4000)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn env_values_are_toml_or_strings() {
     assert_eq!(env_value("12"), Value::Integer(12));
     assert_eq!(env_value("true"), Value::Boolean(true));
@@ -607,6 +666,8 @@ fn the_resolved_toml_reloads_to_the_same_models() {
             ("VLEMBED_SERVER__ALLOW_TF32", "true"),
             ("VLEMBED_API_KEYS", "secret-key-1,secret-key-2"),
             ("VLEMBED_CPU_BACKEND", "native"),
+            ("VLEMBED_MODEL_DEFAULTS__PROMPT_FORMAT", "gme"),
+            ("VLEMBED_MODEL_DEFAULTS__MAX_PIXELS", "1003520"),
         ]),
         flags: Overrides {
             model: Some("/nonexistent/models/bge-vl-large".into()),
@@ -658,6 +719,12 @@ fn the_resolved_toml_reloads_to_the_same_models() {
             b.cpu_backend
         )
     );
+    assert_eq!(
+        (&a.prompt_format, a.min_pixels, a.max_pixels),
+        (&b.prompt_format, b.min_pixels, b.max_pixels)
+    );
+    assert_eq!(b.prompt_format.as_deref(), Some("gme"));
+    assert_eq!((b.min_pixels, b.max_pixels), (None, Some(1003520)));
     assert!(b.auto_keys().is_empty(), "every key is fixed in the output");
     assert_eq!(again.server.preprocess_threads, 13);
     assert!(again.server.allow_tf32);

@@ -186,6 +186,14 @@ impl Config {
             if m.max_request_image_pixels == 0 {
                 return Err(invalid(at, "max_request_image_pixels must be at least 1"));
             }
+            if let (Some(min), Some(max)) = (m.min_pixels, m.max_pixels) {
+                if min > max {
+                    return Err(invalid(
+                        at,
+                        format!("min_pixels ({min}) is above max_pixels ({max})"),
+                    ));
+                }
+            }
         }
         Ok(())
     }

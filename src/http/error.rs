@@ -140,14 +140,20 @@ impl ApiError {
             PreprocessError::EmptyText
             | PreprocessError::InvalidImage(_)
             | PreprocessError::ImageTooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            PreprocessError::TextTooLong { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            PreprocessError::Tokenizer(_) | PreprocessError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            PreprocessError::TextTooLong { .. }
+            | PreprocessError::ImageTokens { .. }
+            | PreprocessError::PromptTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            PreprocessError::Tokenizer(_)
+            | PreprocessError::Prompt(_)
+            | PreprocessError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let field = match e {
-            PreprocessError::EmptyText | PreprocessError::TextTooLong { .. } => ".text",
-            PreprocessError::InvalidImage(_) | PreprocessError::ImageTooLarge { .. } => ".image",
+            PreprocessError::EmptyText
+            | PreprocessError::TextTooLong { .. }
+            | PreprocessError::PromptTooLarge { .. } => ".text",
+            PreprocessError::InvalidImage(_)
+            | PreprocessError::ImageTooLarge { .. }
+            | PreprocessError::ImageTokens { .. } => ".image",
             _ => "",
         };
         Self::new(status, format!("{at}{field}: {e}"))
@@ -290,8 +296,18 @@ mod tests {
                 },
                 413,
             ),
+            (
+                PreprocessError::ImageTokens {
+                    tokens: 90,
+                    image_tokens: 80,
+                    limit: 77,
+                },
+                413,
+            ),
+            (PreprocessError::PromptTooLarge { limit: 4 }, 413),
             (PreprocessError::Internal("x".into()), 500),
             (PreprocessError::Tokenizer("x".into()), 500),
+            (PreprocessError::Prompt("x".into()), 500),
         ];
         for (e, status) in cases {
             let api = ApiError::preprocess("inputs[3]", &e);
@@ -306,6 +322,25 @@ mod tests {
             },
         );
         assert!(api.message.contains("inputs[1].text") && api.message.contains("77"));
+        let api = ApiError::preprocess(
+            "inputs[2]",
+            &PreprocessError::ImageTokens {
+                tokens: 90,
+                image_tokens: 80,
+                limit: 77,
+            },
+        );
+        assert!(
+            api.message.starts_with("inputs[2].image"),
+            "{}",
+            api.message
+        );
+        let api = ApiError::preprocess("inputs[0]", &PreprocessError::PromptTooLarge { limit: 9 });
+        assert!(
+            api.message.starts_with("inputs[0].text") && api.message.contains("9 bytes"),
+            "{}",
+            api.message
+        );
     }
 
     #[test]

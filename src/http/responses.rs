@@ -231,11 +231,20 @@ pub struct ModelInfo {
     pub max_image_pixels: u64,
     /// `max_input_tokens` as configured; `null`: the model's own limit.
     pub max_input_tokens: Option<usize>,
+    /// The most pixels an image is resized to (`max_pixels`), for models
+    /// whose processed image size follows the image (`null` for the others
+    /// and until loaded).
+    pub max_pixels: Option<u64>,
     pub max_request_image_pixels: u64,
     pub max_text_tokens: Option<usize>,
+    /// The least pixels an image is resized to (`min_pixels`), likewise.
+    pub min_pixels: Option<u64>,
     pub name: String,
     /// The startup probes (`null` until loaded).
     pub probes: Option<ProbesInfo>,
+    /// The prompt format, for models that offer several (`null` for the
+    /// others and until loaded).
+    pub prompt_format: Option<&'static str>,
     pub source: String,
     pub status: &'static str,
     pub uses_instructions: Option<bool>,
@@ -420,6 +429,9 @@ mod tests {
                 max_request_image_pixels: 12,
                 max_text_tokens: Some(77),
                 name: "m".into(),
+                max_pixels: None,
+                min_pixels: None,
+                prompt_format: None,
                 source: "dir".into(),
                 status: "ready",
                 uses_instructions: Some(false),
@@ -447,6 +459,7 @@ mod tests {
                 "live_workers": 1, "max_text_tokens": 77, "uses_instructions": false,
                 "max_image_pixels": 8, "fingerprint": null, "probes": null, "cpu_backend": null,
                 "max_input_tokens": null, "max_request_image_pixels": 12,
+                "max_pixels": null, "min_pixels": null, "prompt_format": null,
                 "embedding_cache": {"capacity_bytes": 9, "bytes": 0, "entries": 0},
                 "batching": {"max_batch_size": 5, "max_batch_cost": 4,
                     "max_queue_inputs": 7, "max_delay_ms": 6, "refill_wait_ms": 13,

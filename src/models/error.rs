@@ -59,6 +59,14 @@ pub enum ModelError {
         path: String,
         supported: String,
     },
+    /// A per-model setting of the server's configuration (`prompt_format`,
+    /// `min_pixels`, ...) that this model cannot use.
+    #[error("model setting {key}: {source}")]
+    Setting {
+        key: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("invalid model config {path}: {source}")]
     Config {
         path: String,
@@ -89,6 +97,15 @@ pub enum ModelError {
         #[source]
         source: Box<ModelError>,
     },
+}
+
+/// A per-model setting given for a model whose family does not read it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{architecture} models have no {what}; leave it unset for this model")]
+pub struct NotRead {
+    pub architecture: &'static str,
+    /// What the setting chooses (`"prompt formats"`).
+    pub what: &'static str,
 }
 
 /// What is wrong with a `config.json` (or a part of it).

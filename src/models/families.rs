@@ -12,9 +12,10 @@ use super::clip::Clip;
 use super::error::ModelError;
 use super::family::Family;
 use super::llava::LlavaNext;
+use super::qwen_vl::{QWEN25_VL, QWEN2_VL};
 
 /// Every family, in detection order.
-pub const FAMILIES: &[&dyn Family] = &[&Clip, &LlavaNext];
+pub const FAMILIES: &[&dyn Family] = &[&Clip, &LlavaNext, &QWEN2_VL, &QWEN25_VL];
 
 /// The architectures vlembed serves, for error messages.
 pub fn supported() -> String {
@@ -95,7 +96,24 @@ mod tests {
     }
 
     #[test]
+    fn detects_qwen2_vl_and_qwen25_vl() {
+        for (arch_name, model_type) in [
+            ("Qwen2VLForConditionalGeneration", "qwen2_vl"),
+            ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+        ] {
+            let v = serde_json::json!({"architectures": [arch_name], "model_type": model_type});
+            assert_eq!(arch(v).unwrap(), arch_name);
+            let bare = serde_json::json!({"model_type": model_type});
+            assert_eq!(arch(bare).unwrap(), arch_name);
+        }
+    }
+
+    #[test]
     fn the_supported_list_is_the_table() {
-        assert_eq!(supported(), "CLIPModel, LlavaNextForConditionalGeneration");
+        assert_eq!(
+            supported(),
+            "CLIPModel, LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, \
+             Qwen2_5_VLForConditionalGeneration"
+        );
     }
 }

@@ -59,6 +59,13 @@ pub struct LoadOptions {
     pub cpu_backend: CpuBackend,
     /// How much of a batch one step of the forward pass holds at once.
     pub pass: PassLimits,
+    /// The prompt format, by name, for families that offer several
+    /// (`None`: the family's default for the model).
+    pub prompt_format: Option<String>,
+    /// The least and most pixels images are resized to, for families whose
+    /// processed size follows the image (`None`: the model's own).
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
 }
 
 /// How much of a batch one step of a forward pass holds at once: sizes that
@@ -113,6 +120,9 @@ pub struct LoadContext<'a> {
     pub config_path: &'a Path,
     /// The model's other files (tokenizer, preprocessor configs).
     pub files: &'a ModelFiles,
+    /// The Hub repository id when the model comes from the Hub (a family
+    /// may pick defaults by it).
+    pub hub_id: Option<&'a str>,
     pub opts: &'a LoadOptions,
 }
 

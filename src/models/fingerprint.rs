@@ -5,8 +5,9 @@
 //! weights' identity (the Hub revision's commit when the files come from the
 //! Hub cache, else a SHA-256 of the weight files' contents, streamed once),
 //! `config.json` and the architecture it names, the tokenizer, the
-//! preprocessing configuration (with the effective text limit), the prompt
-//! template, and the dtype. It reads files; it never parses weights and knows
+//! preprocessing configuration (with the effective text limit and, for
+//! families whose image size follows the image, the pixel bounds), the
+//! prompt template, and the dtype. It reads files; it never parses weights and knows
 //! nothing of serving.
 
 use std::io::Read;
@@ -38,7 +39,8 @@ pub struct Fingerprint {
     /// (logs, the `x-vlembed-model-fingerprint` header).
     pub id: String,
     /// `sha256:<hex>` over the preprocessing files (`preprocessor_config.json`,
-    /// `processor_config.json` when present) and the text limit in tokens.
+    /// `processor_config.json` when present), the text limit in tokens and,
+    /// when the family has them, the image pixel bounds.
     pub preprocessing: String,
     /// `sha256:<hex>` of the prompt template, or `none` (CLIP: no prompt).
     pub prompt: String,
@@ -66,6 +68,10 @@ pub struct FingerprintSources<'a> {
     pub max_text_tokens: usize,
     /// The prompt template, `None` for models without one.
     pub prompt_template: Option<&'a str>,
+    /// The bounds images are resized into, for families whose processed
+    /// size follows the image (hashed into `preprocessing`; `None` adds
+    /// nothing, so other families' fingerprints are unchanged).
+    pub pixel_bounds: Option<crate::preprocess::PixelBounds>,
     pub architecture: &'a str,
     pub dtype: &'a str,
 }
@@ -182,6 +188,9 @@ impl Fingerprint {
             pre.update(b"\n");
         }
         pre.update(format!("max_text_tokens={}\n", src.max_text_tokens).as_bytes());
+        if let Some(b) = src.pixel_bounds {
+            pre.update(format!("min_pixels={}\nmax_pixels={}\n", b.min, b.max).as_bytes());
+        }
         let preprocessing = format!("sha256:{}", hex(&pre.finalize()));
         let prompt = src
             .prompt_template

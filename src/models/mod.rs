@@ -10,9 +10,9 @@
 //!
 //! Layout: `family` (what a family provides; a leaf), `families` (the
 //! table), one module per family (`clip`; `llava` with its Mistral
-//! decoder), `ops` (fast CPU kernels), `device` (devices and precisions),
-//! `weights` and `source` (files), `error`, `fault` (what a failure means
-//! for the replica), `mask`, `fingerprint`.
+//! decoder; `qwen_vl`), `ops` (fast CPU kernels), `device` (devices and
+//! precisions), `weights` and `source` (files), `error`, `fault` (what a
+//! failure means for the replica), `mask`, `fingerprint`.
 
 pub mod clip;
 pub mod device;
@@ -34,11 +34,11 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{PixelBounds, Preprocessor};
 pub use device::{
     panic_message, BadDevice, DeviceClass, DeviceError, DeviceSpec, Precision, UnknownPrecision,
 };
-pub use error::{ConfigError, ModelError};
+pub use error::{ConfigError, ModelError, NotRead};
 pub use family::{
     Between, EmbeddingModel, Facts, Family, FamilyModel, LoadContext, LoadOptions, Model,
     PassLimits, ReplicaBuilder, Replicas,
@@ -57,6 +57,11 @@ pub struct ModelInfo {
     pub dtype: Precision,
     pub max_text_tokens: usize,
     pub uses_instructions: bool,
+    /// The prompt format inputs follow, for families that offer several.
+    pub prompt_format: Option<&'static str>,
+    /// The bounds images are resized into, for families whose processed
+    /// size follows the image.
+    pub pixel_bounds: Option<PixelBounds>,
     /// What decides the model's vectors, hashed (see [`fingerprint`]).
     pub fingerprint: Fingerprint,
     /// What the CPU replicas' matrix products run on and why; `None` until
@@ -97,12 +102,20 @@ impl LoadedModel {
             })?;
         let family = families::detect(&config, &config_path)?;
         let architecture = family.architecture();
+        let hub_id = match source {
+            ModelSource::Hub { id, .. } => Some(id.as_str()),
+            ModelSource::Local(_) => None,
+        };
         let model = family.load(&LoadContext {
             config: &config,
             config_path: &config_path,
             files: &files,
+            hub_id,
             opts,
         })?;
+        let prompt_format = model.preprocessor.prompt_format();
+        let pixel_bounds = model.preprocessor.pixel_bounds();
+        check_settings_read(opts, architecture, prompt_format, pixel_bounds)?;
         let weights = files.safetensors()?;
         let tokenizer = files.required(source::TOKENIZER)?;
         let preprocessing = [source::PREPROCESSOR_CONFIG, source::PROCESSOR_CONFIG]
@@ -112,15 +125,13 @@ impl LoadedModel {
         let prompt = model.preprocessor.prompt_template();
         let fingerprint = Fingerprint::compute(&fingerprint::FingerprintSources {
             weights: &weights,
-            hub_repo: match source {
-                ModelSource::Hub { id, .. } => Some(id.as_str()),
-                ModelSource::Local(_) => None,
-            },
+            hub_repo: hub_id,
             config: &config_path,
             tokenizer: &tokenizer,
             preprocessing: &preprocessing,
             max_text_tokens: model.facts.max_text_tokens,
             prompt_template: prompt.as_deref(),
+            pixel_bounds,
             architecture,
             dtype: opts.dtype.as_str(),
         })?;
@@ -131,6 +142,8 @@ impl LoadedModel {
                 dtype: opts.dtype,
                 max_text_tokens: model.facts.max_text_tokens,
                 uses_instructions: model.facts.uses_instructions,
+                prompt_format,
+                pixel_bounds,
                 fingerprint,
                 cpu_backend: None,
             },
@@ -201,5 +214,58 @@ impl LoadedModel {
             cpu_backend: self.cpu.get().cloned(),
             ..self.info.clone()
         }
+    }
+}
+
+/// Refuses per-model settings the model's family does not read (its
+/// preprocessor reports no prompt format, or no pixel bounds): a setting
+/// that silently does nothing is a configuration mistake.
+fn check_settings_read(
+    opts: &LoadOptions,
+    architecture: &'static str,
+    prompt_format: Option<&'static str>,
+    pixel_bounds: Option<PixelBounds>,
+) -> Result<(), ModelError> {
+    let unread = |key: &'static str, what: &'static str| ModelError::Setting {
+        key,
+        source: Box::new(NotRead { architecture, what }),
+    };
+    if opts.prompt_format.is_some() && prompt_format.is_none() {
+        return Err(unread("prompt_format", "prompt formats"));
+    }
+    if pixel_bounds.is_none() {
+        if opts.min_pixels.is_some() {
+            return Err(unread("min_pixels", "image pixel bounds"));
+        }
+        if opts.max_pixels.is_some() {
+            return Err(unread("max_pixels", "image pixel bounds"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_a_family_does_not_read_are_refused() {
+        let opts = |f: Option<&str>, min: Option<u64>| LoadOptions {
+            prompt_format: f.map(str::to_string),
+            min_pixels: min,
+            ..Default::default()
+        };
+        let bounds = Some(PixelBounds { min: 1, max: 2 });
+        assert!(check_settings_read(&opts(None, None), "CLIPModel", None, None).is_ok());
+        let e = check_settings_read(&opts(Some("gme"), None), "CLIPModel", None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("prompt_format") && e.contains("CLIPModel"),
+            "{e}"
+        );
+        let e = check_settings_read(&opts(None, Some(5)), "CLIPModel", None, None).unwrap_err();
+        assert!(e.to_string().contains("min_pixels"), "{e}");
+        assert!(check_settings_read(&opts(Some("gme"), Some(5)), "Q", Some("gme"), bounds).is_ok());
     }
 }

@@ -17,7 +17,6 @@
 pub mod clip_image;
 pub mod image;
 pub mod prepared;
-pub mod qwen_vl;
 pub mod resize;
 pub mod size;
 pub mod text;
@@ -30,11 +29,11 @@ use crate::input::Input;
 use image::ImageLimits;
 pub use image::RequestImagesError;
 pub use prepared::{Key, KeySink, Pixels, Prepared, PreparedData};
-pub use size::Size;
+pub use size::{PixelBounds, Size};
 
 /// Why an input could not be preprocessed. Every variant is the client's
-/// fault except [`PreprocessError::Tokenizer`] and
-/// [`PreprocessError::Internal`].
+/// fault except [`PreprocessError::Tokenizer`], [`PreprocessError::Prompt`]
+/// and [`PreprocessError::Internal`].
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
     #[error("text is empty")]
@@ -50,9 +49,28 @@ pub enum PreprocessError {
     },
     #[error("text is {tokens} tokens long, over the model's limit of {limit} tokens (set truncate=true to clip it)")]
     TextTooLong { tokens: usize, limit: usize },
+    /// The image alone (with the prompt around it) makes more tokens than
+    /// the model takes: cutting the text cannot help.
+    #[error("the prompt is {tokens} tokens long, {image_tokens} of them for the image, over the model's limit of {limit} tokens (max_input_tokens; a smaller image makes fewer tokens)")]
+    ImageTokens {
+        tokens: usize,
+        image_tokens: usize,
+        limit: usize,
+    },
+    /// The prompt made around the text and instruction would be larger
+    /// than a prompt may be, in bytes (checked while it is made, before it
+    /// is tokenised).
+    #[error(
+        "the prompt made of the text and instruction would be over the limit of {limit} bytes"
+    )]
+    PromptTooLarge { limit: usize },
     /// The tokenizer failed on a text it should take.
     #[error("the tokenizer failed: {0}")]
     Tokenizer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The model's prompt template failed on an input it should take (the
+    /// model's files are at fault).
+    #[error("cannot make the model's prompt: {0}")]
+    Prompt(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Preprocessing stopped for a reason of the server's (a panic).
     #[error("internal preprocessing failure: {0}")]
     Internal(String),
@@ -162,6 +180,13 @@ pub enum SetupError {
     /// A value of `file` that parses but cannot be used.
     #[error("invalid {file}: {message}")]
     Invalid { file: String, message: String },
+    /// A prompt template of `file` that does not compile.
+    #[error("the prompt template of {file} does not compile: {source}")]
+    Template {
+        file: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The files do not fit the model (or each other).
     #[error("{0}")]
     Mismatch(String),
@@ -214,6 +239,19 @@ pub trait Preprocess: Clone + Send + Sync + 'static {
     fn prompt_template(&self) -> Option<String> {
         None
     }
+
+    /// The name of the prompt format inputs follow, for families that
+    /// offer a choice (`/info`), `None` for the others.
+    fn prompt_format(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The bounds images are resized into, for families whose processed
+    /// image size follows the image (`/info`, the fingerprint), `None` for
+    /// the others.
+    fn pixel_bounds(&self) -> Option<PixelBounds> {
+        None
+    }
 }
 
 /// Any family's preprocessing, as batching, the probes and the CLI run it.
@@ -231,6 +269,12 @@ pub trait Preprocessor: Send + Sync {
 
     /// [`Preprocess::prompt_template`].
     fn prompt_template(&self) -> Option<String>;
+
+    /// [`Preprocess::prompt_format`].
+    fn prompt_format(&self) -> Option<&'static str>;
+
+    /// [`Preprocess::pixel_bounds`].
+    fn pixel_bounds(&self) -> Option<PixelBounds>;
 
     /// The family's own preprocessor, for callers that know the family
     /// (tests, tools): `downcast_ref` it.
@@ -283,6 +327,14 @@ impl<P: Preprocess> Preprocessor for Erased<P> {
 
     fn prompt_template(&self) -> Option<String> {
         self.0.prompt_template()
+    }
+
+    fn prompt_format(&self) -> Option<&'static str> {
+        self.0.prompt_format()
+    }
+
+    fn pixel_bounds(&self) -> Option<PixelBounds> {
+        self.0.pixel_bounds()
     }
 
     fn as_any(&self) -> &dyn Any {

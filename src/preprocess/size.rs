@@ -1,4 +1,5 @@
-//! [`Size`]: an image's width and height in pixels; a leaf.
+//! [`Size`]: an image's width and height in pixels, and [`PixelBounds`]:
+//! the area a processor resizes images into; a leaf.
 
 /// An image or tile size in pixels. Always named fields: the Python code
 /// this crate follows mixes `(height, width)` (transformers) and
@@ -31,6 +32,15 @@ impl std::fmt::Display for Size {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.width, self.height)
     }
+}
+
+/// The least and most pixels a processor resizes an image to (a family
+/// whose processed size follows the image, like Qwen2-VL's `min_pixels` /
+/// `max_pixels`). Reported by `/info` and hashed into the fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct PixelBounds {
+    pub min: u64,
+    pub max: u64,
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::preprocess::QwenModelFacts;
 use crate::models::ConfigError;
-use crate::preprocess::qwen_vl::QwenModelFacts;
 
 /// Which of the two architectures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

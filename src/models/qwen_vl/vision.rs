@@ -29,8 +29,8 @@ use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use super::config::{Activation, Generation, QwenVisionConfig};
 use super::decoder::RmsNorm;
+use super::image::GridThw;
 use crate::models::ModelError;
-use crate::preprocess::qwen_vl::GridThw;
 
 /// The most `f32` attention scores one block of query rows may hold (256 MiB).
 pub const SCORE_BUDGET: usize = 1 << 26;

@@ -19,9 +19,8 @@
 use image::RgbImage;
 use serde_json::Value;
 
-use super::super::resize::{self, Filter};
-use super::super::Size;
-use super::QwenLoadError;
+use crate::preprocess::resize::{self, Filter};
+use crate::preprocess::{SetupError, Size};
 
 /// `(temporal, height, width)` in patches, as `image_grid_thw`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -196,11 +195,24 @@ impl std::fmt::Debug for QwenImageProcessor {
 const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
-fn bad(msg: impl Into<String>) -> QwenLoadError {
-    QwenLoadError::Preprocessor(msg.into())
+/// The file [`QwenImageProcessor::from_value`] reads, for its errors.
+const CONFIG_FILE: &str = "preprocessor_config.json";
+
+fn bad(msg: impl std::fmt::Display) -> SetupError {
+    SetupError::invalid(CONFIG_FILE, msg)
 }
 
-fn get_u64(v: &Value, key: &str, default: u64) -> Result<u64, QwenLoadError> {
+/// `min_pixels` / `max_pixels` that no image can be resized within.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("min_pixels {min} / max_pixels {max} must satisfy {floor} <= max_pixels <= {MAX_PIXELS_CAP} and min_pixels <= max_pixels")]
+pub struct PixelBoundsError {
+    pub min: u64,
+    pub max: u64,
+    /// One merged token's pixels (`factor²`): the least `max_pixels`.
+    pub floor: u64,
+}
+
+fn get_u64(v: &Value, key: &str, default: u64) -> Result<u64, SetupError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(x) => x
@@ -209,7 +221,7 @@ fn get_u64(v: &Value, key: &str, default: u64) -> Result<u64, QwenLoadError> {
     }
 }
 
-fn get_bool(v: &Value, key: &str, default: bool) -> Result<bool, QwenLoadError> {
+fn get_bool(v: &Value, key: &str, default: bool) -> Result<bool, SetupError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(x) => x
@@ -218,7 +230,7 @@ fn get_bool(v: &Value, key: &str, default: bool) -> Result<bool, QwenLoadError> 
     }
 }
 
-fn get_triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], QwenLoadError> {
+fn get_triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], SetupError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Number(n)) => {
@@ -243,7 +255,7 @@ impl QwenImageProcessor {
     /// Reads a parsed `preprocessor_config.json`. `min_pixels` / `max_pixels`
     /// default to transformers' 3136 and 1003520; `size` is ignored, as
     /// transformers 4.51.3's constructor ignores it.
-    pub fn from_value(v: &Value) -> Result<Self, QwenLoadError> {
+    pub fn from_value(v: &Value) -> Result<Self, SetupError> {
         if !v.is_object() {
             return Err(bad("not a JSON object"));
         }
@@ -312,6 +324,7 @@ impl QwenImageProcessor {
             get_u64(v, "min_pixels", 56 * 56)?,
             get_u64(v, "max_pixels", 28 * 28 * 1280)?,
         )
+        .map_err(bad)
     }
 
     /// The same processor with other `min_pixels` / `max_pixels` (a
@@ -320,13 +333,14 @@ impl QwenImageProcessor {
         mut self,
         min_pixels: u64,
         max_pixels: u64,
-    ) -> Result<Self, QwenLoadError> {
+    ) -> Result<Self, PixelBoundsError> {
         let f = u64::from(self.factor());
         if max_pixels < f * f || min_pixels > max_pixels || max_pixels > MAX_PIXELS_CAP {
-            return Err(bad(format!(
-                "min_pixels {min_pixels} / max_pixels {max_pixels} must satisfy {} <= max_pixels <= {MAX_PIXELS_CAP} and min_pixels <= max_pixels",
-                f * f
-            )));
+            return Err(PixelBoundsError {
+                min: min_pixels,
+                max: max_pixels,
+                floor: f * f,
+            });
         }
         self.min_pixels = min_pixels;
         self.max_pixels = max_pixels;

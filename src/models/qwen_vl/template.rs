@@ -5,19 +5,20 @@
 //! up like transformers' (`trim_blocks` and `lstrip_blocks` on, loop controls,
 //! `tojson`, Python string methods through minijinja-contrib's pycompat,
 //! `raise_exception`, the tokenizer's special tokens as variables), rendered
-//! with `add_generation_prompt=True`. A render is bounded twice: minijinja's
-//! fuel limits the instructions it may execute, and the output may not exceed
-//! [`MAX_RENDERED_BYTES`]. A template is model configuration, not client
+//! with `add_generation_prompt=True`. A render is bounded twice while it runs:
+//! minijinja's fuel limits the instructions it may execute, and the output
+//! is written into a buffer that refuses to grow past [`MAX_RENDERED_BYTES`]
+//! (the render stops there). A template is model configuration, not client
 //! input, but a template with a runaway loop must not hang a request.
 //!
 //! Why minijinja and not string pasting: the prompt is whatever the model's
 //! own template makes of the messages (its default system message, its
 //! image markup), so a model with another template gets its own prompt.
 
+use std::io::Write;
+
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
-
-use super::QwenLoadError;
 
 /// The most bytes a rendered prompt may have. Inputs are bounded before
 /// (texts by the HTTP layer); this catches templates that multiply them.
@@ -48,14 +49,15 @@ pub enum Part {
     Text { text: String },
 }
 
-/// Why a render failed (the template's fault, or an input its
-/// `raise_exception` refuses).
+/// Why a render failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
+    /// The template failed (or its `raise_exception` refused the messages).
     #[error("the chat template failed: {0}")]
     Template(#[source] minijinja::Error),
-    #[error("the rendered prompt is {0} bytes, over the limit of {MAX_RENDERED_BYTES}")]
-    TooLong(usize),
+    /// The output reached [`MAX_RENDERED_BYTES`]; the render was stopped.
+    #[error("the rendered prompt would be over {MAX_RENDERED_BYTES} bytes")]
+    TooLarge,
 }
 
 /// A compiled chat template.
@@ -79,22 +81,43 @@ fn raise_exception(msg: String) -> Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// A buffer that refuses to grow past a limit: the render writing into it
+/// fails at the write that would cross it.
+struct Bounded {
+    out: Vec<u8>,
+    limit: usize,
+    full: bool,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            self.full = true;
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles `source`; `specials` are the variables transformers passes
     /// beside the messages (`bos_token`, `eos_token`, `pad_token`, `unk_token`).
-    pub fn new(source: String, specials: Vec<(String, String)>) -> Result<Self, QwenLoadError> {
+    pub fn new(source: String, specials: Vec<(String, String)>) -> Result<Self, minijinja::Error> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)
-            .build()
-            .map_err(|e| QwenLoadError::Template(Box::new(e)))?;
+            .build()?;
         env.set_syntax(syntax);
         env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.clone())
-            .map_err(|e| QwenLoadError::Template(Box::new(e)))?;
+        env.add_template_owned("chat", source.clone())?;
         Ok(ChatTemplate {
             env,
             source,
@@ -102,13 +125,22 @@ impl ChatTemplate {
         })
     }
 
-    /// The template's text (for the model fingerprint).
+    /// The template's text.
     pub fn source(&self) -> &str {
         &self.source
     }
 
+    /// The special-token variables it is rendered with.
+    pub fn specials(&self) -> &[(String, String)] {
+        &self.specials
+    }
+
     /// Renders `messages` with `add_generation_prompt=True`.
     pub fn render(&self, messages: &[Message]) -> Result<String, RenderError> {
+        self.render_bounded(messages, MAX_RENDERED_BYTES)
+    }
+
+    fn render_bounded(&self, messages: &[Message], limit: usize) -> Result<String, RenderError> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -123,12 +155,24 @@ impl ChatTemplate {
             Value::from(minijinja::value::Serde(messages)),
         ));
         ctx.push(("add_generation_prompt".into(), Value::from(true)));
-        let ctx = Value::from_pairs(ctx);
-        let out = tmpl.render(ctx).map_err(RenderError::Template)?;
-        if out.len() > MAX_RENDERED_BYTES {
-            return Err(RenderError::TooLong(out.len()));
+        let mut out = Bounded {
+            out: Vec::new(),
+            limit,
+            full: false,
+        };
+        let rendered = tmpl.render_captured_to(Value::from_pairs(ctx), &mut out);
+        if out.full {
+            return Err(RenderError::TooLarge);
         }
-        Ok(out)
+        rendered.map_err(RenderError::Template)?;
+        // minijinja writes whole UTF-8 strings, and the limit cuts at a
+        // write: what is kept is valid UTF-8.
+        String::from_utf8(out.out).map_err(|e| {
+            RenderError::Template(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                e.to_string(),
+            ))
+        })
     }
 }
 
@@ -201,5 +245,26 @@ mod tests {
         .unwrap();
         assert!(t.render(&[]).is_err());
         assert!(ChatTemplate::new("{% if %}".into(), vec![]).is_err());
+    }
+
+    #[test]
+    fn a_render_stops_at_the_byte_limit() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content }}{{ m.content }}{% endfor %}".into(),
+            vec![],
+        )
+        .unwrap();
+        let m = |c: &str| Message {
+            role: "user",
+            content: Content::Text(c.into()),
+        };
+        assert_eq!(t.render_bounded(&[m("abc")], 6).unwrap(), "abcabc");
+        assert!(matches!(
+            t.render_bounded(&[m("abcd")], 6),
+            Err(RenderError::TooLarge)
+        ));
+        // A template that raises is a template failure, not a size.
+        let t = ChatTemplate::new("{{ raise_exception('no') }}".into(), vec![]).unwrap();
+        assert!(matches!(t.render(&[]), Err(RenderError::Template(_))));
     }
 }
