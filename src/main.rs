@@ -61,13 +61,6 @@ struct ProbeArgs {
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     revision: Option<String>,
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// What the CPU matrix products run on: auto, native or onednn.
-    #[arg(long, env = "VLEMBED_CPU_BACKEND", default_value = "auto")]
-    cpu_backend: CpuBackend,
     /// Largest allowed difference of one component of a normalised probe
     /// vector when the server compares its probes with this file.
     #[arg(long, default_value_t = vlembed::probe::DEFAULT_TOLERANCE)]
@@ -79,11 +72,19 @@ struct ProbeArgs {
     model_settings: ModelSettings,
 }
 
-/// The per-model settings of the configuration that decide a model's
-/// vectors, for the commands that load a model without one (`embed`,
-/// `probe`: a golden file must be written with the served model's settings).
+/// How the commands that load one model without a configuration (`embed`,
+/// `probe`) load it: the device, the precision and the CPU backend, and the
+/// per-model settings that decide its vectors (a golden file must be
+/// written with the served model's settings).
 #[derive(Args)]
 struct ModelSettings {
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// What the CPU matrix products run on: auto, native or onednn.
+    #[arg(long, env = "VLEMBED_CPU_BACKEND", default_value = "auto")]
+    cpu_backend: CpuBackend,
     /// Prompt format of a Qwen2-VL model: chat-template, screenshot or gme
     /// (default: by Hub id, else chat-template).
     #[arg(long)]
@@ -97,18 +98,12 @@ struct ModelSettings {
 }
 
 impl ModelSettings {
-    /// The load options of a model on `device` in `dtype`, its CPU
-    /// products on `cpu_backend`.
-    fn load_options(
-        &self,
-        dtype: Precision,
-        cpu_backend: CpuBackend,
-        device: DeviceSpec,
-    ) -> LoadOptions {
+    /// The load options of the model on its device.
+    fn load_options(&self) -> LoadOptions {
         LoadOptions {
-            dtype,
-            cpu_backend,
-            pass: PassLimits::for_class(DeviceClass::of(&[device])),
+            dtype: self.dtype,
+            cpu_backend: self.cpu_backend,
+            pass: PassLimits::for_class(DeviceClass::of(&[self.device])),
             prompt_format: self.prompt_format.clone(),
             min_pixels: self.min_pixels,
             max_pixels: self.max_pixels,
@@ -180,13 +175,6 @@ struct EmbedArgs {
     instruction: Option<String>,
     #[arg(long, default_value = "candidate")]
     role: Role,
-    #[arg(long, default_value = "f32")]
-    dtype: Precision,
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// What the CPU matrix products run on: auto, native or onednn.
-    #[arg(long, env = "VLEMBED_CPU_BACKEND", default_value = "auto")]
-    cpu_backend: CpuBackend,
     /// Return the unnormalised embedding.
     #[arg(long)]
     no_normalize: bool,
@@ -224,11 +212,9 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         .model_name
         .clone()
         .unwrap_or_else(|| source.default_name());
-    let opts = args
-        .model_settings
-        .load_options(args.dtype, args.cpu_backend, args.device);
+    let opts = args.model_settings.load_options();
     let started = std::time::Instant::now();
-    let embedder = Embedder::load(&source, args.device, &opts)
+    let embedder = Embedder::load(&source, args.model_settings.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
     tracing::info!(model = %source.describe(), seconds = started.elapsed().as_secs_f64(), "model loaded");
     let input = Input::new(content)
@@ -252,10 +238,8 @@ fn probe(args: ProbeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--tolerance must be a finite number >= 0");
     }
     let source = ModelSource::parse(&args.model, args.revision.as_deref());
-    let opts = args
-        .model_settings
-        .load_options(args.dtype, args.cpu_backend, args.device);
-    let embedder = Embedder::load(&source, args.device, &opts)
+    let opts = args.model_settings.load_options();
+    let embedder = Embedder::load(&source, args.model_settings.device, &opts)
         .with_context(|| format!("cannot load model {}", source.describe()))?;
     let info = embedder.info();
     let prepared = vlembed::probe::prepare(&*embedder.loaded.preprocessor, info.uses_instructions)?;

@@ -149,6 +149,17 @@ fn load_file(name: &str, file_text: &str, flags: Overrides) -> Config {
     .unwrap()
 }
 
+/// The error loading a file with `file_text` gives, as text.
+fn file_error(name: &str, file_text: &str) -> String {
+    let file = write_file(name, file_text);
+    Config::load(&Layers {
+        file: Some(file),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string()
+}
+
 #[test]
 fn auto_dtype_follows_the_devices_and_explicit_wins() {
     let load = |file_text: &str, flags: Overrides| load_file("auto-dtype.toml", file_text, flags);
@@ -339,16 +350,10 @@ fn max_input_tokens_is_per_model_and_zero_means_the_models_default() {
     })
     .unwrap();
     assert_eq!(c.models[0].max_input_tokens, Some(5000));
-    let file = write_file(
+    let err = file_error(
         "tokens-bad.toml",
         "[[models]]\nsource = \"a/b\"\nmax_input_tokens = -1\n",
     );
-    let err = Config::load(&Layers {
-        file: Some(file),
-        ..Default::default()
-    })
-    .unwrap_err()
-    .to_string();
     assert!(
         err.contains("max_input_tokens") || err.contains("-1"),
         "{err}"
@@ -398,16 +403,10 @@ fn prompt_format_and_pixel_bounds_are_per_model_and_empty_or_zero_means_the_mode
     .unwrap();
     assert_eq!(c.models[0].prompt_format.as_deref(), Some("screenshot"));
     assert_eq!(c.models[0].max_pixels, Some(802816));
-    let file = write_file(
+    let err = file_error(
         "qwen-bad.toml",
         "[[models]]\nsource = \"a/b\"\nmin_pixels = 5000\nmax_pixels = 4000\n",
     );
-    let err = Config::load(&Layers {
-        file: Some(file),
-        ..Default::default()
-    })
-    .unwrap_err()
-    .to_string();
     assert!(
         err.contains("min_pixels (5000) is above max_pixels (4000)"),
         "{err}"
@@ -522,16 +521,10 @@ fn cpu_backend_layers() {
         err.contains("VLEMBED_CPU_BACKEND") && err.contains("auto, native or onednn"),
         "{err}"
     );
-    let bad = write_file(
+    let err = file_error(
         "cpu-backend-bad.toml",
         "[[models]]\nsource = \"org/a\"\ncpu_backend = \"gpu\"\n",
     );
-    let err = Config::load(&Layers {
-        file: Some(bad),
-        ..Default::default()
-    })
-    .unwrap_err()
-    .to_string();
     assert!(err.contains("auto, native or onednn"), "{err}");
 }
 
@@ -606,16 +599,10 @@ fn batch_and_pass_defaults_follow_the_devices_and_explicit_values_win() {
     .models[0];
     assert_eq!(mixed.batching.max_batch_cost, 1024);
     // Zero is not a size.
-    let file = write_file(
+    let err = file_error(
         "zero-chunk.toml",
         "[[models]]\nsource = \"org/a\"\nvision_tile_chunk = 0\n",
     );
-    let err = Config::load(&Layers {
-        file: Some(file),
-        ..Default::default()
-    })
-    .unwrap_err()
-    .to_string();
     assert!(err.contains("vision_tile_chunk"), "{err}");
 }
 

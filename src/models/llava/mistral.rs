@@ -2,9 +2,10 @@
 //! used as an encoder: input embeddings in, final-norm hidden states out.
 //!
 //! Owns: [`MistralConfig`] (serde, transformers' `MistralConfig` defaults for
-//! missing keys), the decoder layers (RMSNorm, grouped-query attention with
-//! rotary position embeddings at the config's `rope_theta`, optional sliding
-//! window, SwiGLU MLP) and the final norm. There is no KV cache and no
+//! missing keys), the rotary tables at the config's `rope_theta`, the causal
+//! and optional sliding-window masks and the final norm; the layers
+//! (RMSNorm, grouped-query attention, SwiGLU MLP) are
+//! [`crate::models::decoder_layer`]'s, shared with Qwen2. There is no KV cache and no
 //! `lm_head` (its weight is never read).
 //!
 //! Sequences of a batch are right-padded internally and each sequence counts
@@ -28,9 +29,10 @@ use std::ops::ControlFlow;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::Deserialize;
 
+use crate::models::decoder_layer::{gather_rows, Layer, LayerShape, RmsNorm, Rope};
 use crate::models::error::ConfigError;
 use crate::models::mask::{self, ShapeCache, MASKED};
 
@@ -100,6 +102,19 @@ pub struct MistralConfig {
 }
 
 impl MistralConfig {
+    /// The sizes of one decoder layer (no q/k/v biases).
+    pub fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            rms_norm_eps: self.rms_norm_eps,
+            qkv_bias: false,
+        }
+    }
+
     /// Key/value heads (`num_key_value_heads`, else the attention heads).
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -185,229 +200,6 @@ fn attended_keys(i: usize, len: usize, window: Option<usize>) -> (usize, usize) 
     (lo.min(hi), hi)
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    /// [`SCORE_BUDGET`] (smaller in tests, to exercise the blocks).
-    score_budget: usize,
-}
-
-impl Attention {
-    fn new(c: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (h, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        Ok(Attention {
-            q: linear_no_bias(c.hidden_size, h * d, vb.pp("q_proj"))?,
-            k: linear_no_bias(c.hidden_size, kv * d, vb.pp("k_proj"))?,
-            v: linear_no_bias(c.hidden_size, kv * d, vb.pp("v_proj"))?,
-            o: linear_no_bias(h * d, c.hidden_size, vb.pp("o_proj"))?,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-            score_budget: SCORE_BUDGET,
-        })
-    }
-
-    /// `x`: [b, t, hidden] (normed) for keys/values; `xq`: the query rows,
-    /// [b, tq, hidden], every position (`queries` is [`QueryRows::All`]) or
-    /// each sequence's last real token ([`QueryRows::Last`]); `mask`:
-    /// additive f32 [b, 1, 1, tq, t].
-    fn forward(
-        &self,
-        x: &Tensor,
-        xq: &Tensor,
-        rope: &Rope,
-        queries: QueryRows,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (cos, sin) = (&rope.cos, &rope.sin);
-        let (q_cos, q_sin) = match queries {
-            QueryRows::All => (&rope.cos, &rope.sin),
-            QueryRows::Last => (&rope.last_cos, &rope.last_sin),
-        };
-        let (b, t, _) = x.dims3()?;
-        let tq = xq.dim(1)?;
-        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let rep = h / kv;
-        let dtype = x.dtype();
-        let q = self
-            .q
-            .forward(xq)?
-            .reshape((b, tq, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((b, t, kv, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((b, t, kv, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, q_cos, q_sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let kt = k.t()?;
-        // Query rows a block at a time, so the f32 scores of one block stay
-        // within SCORE_BUDGET elements whatever the prompt length (softmax
-        // is per row: blocks are independent).
-        let block = (self.score_budget / (b * h * t).max(1)).max(1);
-        let mut parts = Vec::with_capacity(tq.div_ceil(block));
-        let mut start = 0;
-        while start < tq {
-            let n = block.min(tq - start);
-            let (qb, mb) = if n == tq {
-                (q.clone(), mask.clone())
-            } else {
-                (
-                    q.narrow(2, start, n)?.contiguous()?,
-                    mask.narrow(3, start, n)?,
-                )
-            };
-            // Grouped queries: head `g * rep + r` uses key/value head `g`, as
-            // transformers' `repeat_kv` orders them; keys are never copied.
-            let qb = qb.reshape((b, kv, rep * n, d))?;
-            let scores = (qb.matmul(&kt)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
-            let scores = scores.reshape((b, kv, rep, n, t))?.broadcast_add(&mb)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?
-                .to_dtype(dtype)?
-                .reshape((b, kv, rep * n, t))?;
-            parts.push(probs.matmul(&v)?.reshape((b, h, n, d))?);
-            start += n;
-        }
-        let ctx = match parts.len() {
-            1 => parts.remove(0),
-            _ => Tensor::cat(&parts, 2)?,
-        };
-        let ctx = ctx.transpose(1, 2)?.reshape((b, tq, h * d))?;
-        self.o.forward(&ctx)
-    }
-}
-
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-impl Mlp {
-    fn new(c: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Mlp {
-            gate: linear_no_bias(c.hidden_size, c.intermediate_size, vb.pp("gate_proj"))?,
-            up: linear_no_bias(c.hidden_size, c.intermediate_size, vb.pp("up_proj"))?,
-            down: linear_no_bias(c.intermediate_size, c.hidden_size, vb.pp("down_proj"))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
-    }
-}
-
-/// transformers' `MistralRMSNorm`.
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(RmsNorm {
-            weight: vb.get(size, "weight")?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
-    }
-}
-
-struct Layer {
-    ln1: RmsNorm,
-    attn: Attention,
-    ln2: RmsNorm,
-    mlp: Mlp,
-}
-
-impl Layer {
-    fn new(c: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Layer {
-            ln1: RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb.pp("input_layernorm"))?,
-            attn: Attention::new(c, vb.pp("self_attn"))?,
-            ln2: RmsNorm::new(
-                c.hidden_size,
-                c.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
-            mlp: Mlp::new(c, vb.pp("mlp"))?,
-        })
-    }
-
-    /// One layer for the rows `rows` (all rows when `None`): residual stream
-    /// `x` [b, t, hidden] in, the updated query rows out.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rows: Option<&Tensor>,
-        rope: &Rope,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let normed = self.ln1.forward(x)?;
-        let (residual, xq, queries) = match rows {
-            None => (x.clone(), normed.clone(), QueryRows::All),
-            Some(idx) => (
-                gather_rows(x, idx)?,
-                gather_rows(&normed, idx)?,
-                QueryRows::Last,
-            ),
-        };
-        let a = self.attn.forward(&normed, &xq, rope, queries, mask)?;
-        let h = (residual + a)?;
-        let m = self.mlp.forward(&self.ln2.forward(&h)?)?;
-        h + m
-    }
-}
-
-/// Picks row `idx[i]` of sequence `i`: [b, t, c] -> [b, 1, c].
-fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    x.reshape((b * t, c))?
-        .index_select(idx, 0)?
-        .reshape((b, 1, c))
-}
-
-/// The most f32 attention scores one block of query rows may hold
-/// (256 MiB): longer prompts are attended a block of rows at a time.
-const SCORE_BUDGET: usize = 1 << 26;
-
-/// Which query rows an attention pass computes.
-#[derive(Debug, Clone, Copy)]
-enum QueryRows {
-    /// Every position.
-    All,
-    /// Each sequence's last real token (rotary tables `last_cos`/`last_sin`).
-    Last,
-}
-
-/// Rotary tables for one forward pass.
-struct Rope {
-    /// [t, d/2] for every position.
-    cos: Tensor,
-    sin: Tensor,
-    /// [b, 1, d/2] at each sequence's last real position.
-    last_cos: Tensor,
-    last_sin: Tensor,
-}
-
 /// The Mistral decoder stack (`language_model.model`) without `lm_head`.
 pub struct MistralModel {
     embed_tokens: Embedding,
@@ -438,7 +230,7 @@ impl MistralModel {
     /// `vb` points at the decoder (`language_model.model`).
     pub fn new(cfg: &MistralConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(&cfg.layer_shape(), vb.pp(format!("layers.{i}"))))
             .collect::<candle_core::Result<_>>()?;
         Ok(MistralModel {
             embed_tokens: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?,

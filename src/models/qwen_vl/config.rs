@@ -100,6 +100,19 @@ pub struct QwenTextConfig {
 }
 
 impl QwenTextConfig {
+    /// The sizes of one decoder layer (Qwen2: q/k/v with biases).
+    pub fn layer_shape(&self) -> crate::models::decoder_layer::LayerShape {
+        crate::models::decoder_layer::LayerShape {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim(),
+            rms_norm_eps: self.rms_norm_eps,
+            qkv_bias: true,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
@@ -329,52 +342,53 @@ impl QwenVlConfig {
             rope_theta: raw.rope_theta,
             mrope_section,
         };
-        let rv: RawVision = serde_json::from_value(
+        let mut rv: RawVision = serde_json::from_value(
             v.get("vision_config")
                 .cloned()
                 .unwrap_or(Value::Object(Default::default())),
         )
         .map_err(ConfigError::json("vision_config: "))?;
-        let vision = match generation {
-            Generation::Qwen2Vl => {
-                let width = rv.embed_dim.unwrap_or(1280);
-                let ratio = rv.mlp_ratio.unwrap_or(4.0);
-                QwenVisionConfig {
-                    depth: rv.depth.unwrap_or(32),
-                    hidden_size: width,
-                    out_hidden_size: rv.hidden_size.unwrap_or(3584),
-                    intermediate_size: (width as f64 * ratio) as usize,
-                    num_heads: rv.num_heads.unwrap_or(16),
-                    patch_size: rv.patch_size.unwrap_or(14),
-                    temporal_patch_size: rv.temporal_patch_size.unwrap_or(2),
-                    spatial_merge_size: rv.spatial_merge_size.unwrap_or(2),
-                    in_channels: rv.in_channels.or(rv.in_chans).unwrap_or(3),
-                    act: Activation::parse(rv.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
-                    window_size: None,
-                    fullatt_block_indexes: Vec::new(),
+        // The two generations name their widths differently (Qwen2-VL's
+        // `hidden_size` is the merger's output, its width `embed_dim`) and
+        // differ in activation and attention windows; the rest is shared.
+        let (hidden_size, out_hidden_size, intermediate_size, act, window_size, full) =
+            match generation {
+                Generation::Qwen2Vl => {
+                    let width = rv.embed_dim.unwrap_or(1280);
+                    let ratio = rv.mlp_ratio.unwrap_or(4.0);
+                    let out = rv.hidden_size.unwrap_or(3584);
+                    let inter = (width as f64 * ratio) as usize;
+                    (width, out, inter, "quick_gelu", None, Vec::new())
                 }
-            }
-            Generation::Qwen25Vl => QwenVisionConfig {
-                depth: rv.depth.unwrap_or(32),
-                hidden_size: rv.hidden_size.unwrap_or(3584),
-                out_hidden_size: rv.out_hidden_size.unwrap_or(3584),
-                intermediate_size: rv.intermediate_size.unwrap_or(3420),
-                num_heads: rv.num_heads.unwrap_or(16),
-                patch_size: rv.patch_size.unwrap_or(14),
-                temporal_patch_size: rv.temporal_patch_size.unwrap_or(2),
-                spatial_merge_size: rv.spatial_merge_size.unwrap_or(2),
-                in_channels: rv.in_channels.or(rv.in_chans).unwrap_or(3),
-                act: Activation::parse(rv.hidden_act.as_deref().unwrap_or("silu"))?,
-                window_size: Some(rv.window_size.unwrap_or(112)),
-                fullatt_block_indexes: rv
-                    .fullatt_block_indexes
-                    .unwrap_or_else(|| vec![7, 15, 23, 31]),
-            },
+                Generation::Qwen25Vl => (
+                    rv.hidden_size.unwrap_or(3584),
+                    rv.out_hidden_size.unwrap_or(3584),
+                    rv.intermediate_size.unwrap_or(3420),
+                    "silu",
+                    Some(rv.window_size.unwrap_or(112)),
+                    rv.fullatt_block_indexes
+                        .take()
+                        .unwrap_or_else(|| vec![7, 15, 23, 31]),
+                ),
+            };
+        let vision = QwenVisionConfig {
+            depth: rv.depth.unwrap_or(32),
+            hidden_size,
+            out_hidden_size,
+            intermediate_size,
+            num_heads: rv.num_heads.unwrap_or(16),
+            patch_size: rv.patch_size.unwrap_or(14),
+            temporal_patch_size: rv.temporal_patch_size.unwrap_or(2),
+            spatial_merge_size: rv.spatial_merge_size.unwrap_or(2),
+            in_channels: rv.in_channels.or(rv.in_chans).unwrap_or(3),
+            act: Activation::parse(rv.hidden_act.as_deref().unwrap_or(act))?,
+            window_size,
+            fullatt_block_indexes: full,
         };
         let vc = &vision;
         if vc.num_heads == 0
             || !vc.hidden_size.is_multiple_of(vc.num_heads)
-            || vc.head_dim() % 4 != 0
+            || !vc.head_dim().is_multiple_of(4)
             || vc.patch_size == 0
             || vc.spatial_merge_size == 0
             || vc.temporal_patch_size == 0

@@ -3,9 +3,9 @@
 //! and three position ids per token in, the final-norm hidden state of each
 //! sequence's last token out.
 //!
-//! Owns: [`RmsNorm`], the decoder layers (RMSNorm, grouped-query attention
-//! with q/k/v biases and multimodal rotary embeddings, SwiGLU MLP), the
-//! final norm, and the M-RoPE tables: frequency `j` of a head rotates by
+//! Owns: the final norm and the M-RoPE tables (the layers, RMSNorm,
+//! grouped-query attention with q/k/v biases and SwiGLU MLP, are
+//! [`crate::models::decoder_layer`]'s, shared with Mistral): frequency `j` of a head rotates by
 //! the temporal, height or width position as `mrope_section` assigns it
 //! (`apply_multimodal_rotary_pos_emb`). No KV cache, no `lm_head` (never read;
 //! tied to the embeddings in the released 2B/3B models anyway).
@@ -22,32 +22,13 @@
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 use super::config::QwenTextConfig;
 use crate::models::mask::MASKED;
 
-/// The most `f32` attention scores one block of query rows may hold (256 MiB).
-pub const SCORE_BUDGET: usize = 1 << 26;
-
-/// transformers' `Qwen2RMSNorm`.
-pub struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(RmsNorm {
-            weight: vb.get(size, "weight")?,
-            eps: eps as f32,
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
-    }
-}
+use crate::models::decoder_layer::{Layer, Rope};
+pub use crate::models::decoder_layer::{RmsNorm, SCORE_BUDGET};
 
 /// Why a decoder pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,157 +40,6 @@ pub enum DecoderError {
     Interrupted,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// Rotary tables of one pass: [b, t, head_dim / 2] for every position and
-/// [b, 1, head_dim / 2] at each sequence's last token.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    last_cos: Tensor,
-    last_sin: Tensor,
-}
-
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    score_budget: usize,
-}
-
-impl Attention {
-    fn new(c: &QwenTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        Ok(Attention {
-            q: linear(c.hidden_size, h * d, vb.pp("q_proj"))?,
-            k: linear(c.hidden_size, kv * d, vb.pp("k_proj"))?,
-            v: linear(c.hidden_size, kv * d, vb.pp("v_proj"))?,
-            o: linear_no_bias(h * d, c.hidden_size, vb.pp("o_proj"))?,
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-            score_budget: SCORE_BUDGET,
-        })
-    }
-
-    /// `x`: [b, t, hidden] (normed) for keys/values; `xq`: the query rows
-    /// [b, tq, hidden] (all, or each sequence's last with `last`); `mask`:
-    /// additive f32 [b, 1, 1, tq, t].
-    fn forward(
-        &self,
-        x: &Tensor,
-        xq: &Tensor,
-        rope: &Rope,
-        last: bool,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let tq = xq.dim(1)?;
-        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let rep = h / kv;
-        let dtype = x.dtype();
-        let split = |y: Tensor, n: usize, heads: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()
-        };
-        let q = split(self.q.forward(xq)?, tq, h)?;
-        let k = split(self.k.forward(x)?, t, kv)?;
-        let v = split(self.v.forward(x)?, t, kv)?;
-        let (qc, qs) = if last {
-            (&rope.last_cos, &rope.last_sin)
-        } else {
-            (&rope.cos, &rope.sin)
-        };
-        let q = candle_nn::rotary_emb::rope(&q, qc, qs)?;
-        let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?;
-        let kt = k.t()?;
-        let block = (self.score_budget / (b * h * t).max(1)).max(1);
-        let mut parts = Vec::with_capacity(tq.div_ceil(block));
-        let mut start = 0;
-        while start < tq {
-            let n = block.min(tq - start);
-            let (qb, mb) = if n == tq {
-                (q.clone(), mask.clone())
-            } else {
-                (
-                    q.narrow(2, start, n)?.contiguous()?,
-                    mask.narrow(3, start, n)?,
-                )
-            };
-            // Head `g * rep + r` uses key/value head `g` (transformers' `repeat_kv`).
-            let qb = qb.reshape((b, kv, rep * n, d))?;
-            let scores = (qb.matmul(&kt)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
-            let scores = scores.reshape((b, kv, rep, n, t))?.broadcast_add(&mb)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?
-                .to_dtype(dtype)?
-                .reshape((b, kv, rep * n, t))?;
-            parts.push(probs.matmul(&v)?.reshape((b, h, n, d))?);
-            start += n;
-        }
-        let ctx = match parts.len() {
-            1 => parts.remove(0),
-            _ => Tensor::cat(&parts, 2)?,
-        };
-        self.o
-            .forward(&ctx.transpose(1, 2)?.reshape((b, tq, h * d))?)
-    }
-}
-
-struct Layer {
-    ln1: RmsNorm,
-    attn: Attention,
-    ln2: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-impl Layer {
-    fn new(c: &QwenTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (hs, is) = (c.hidden_size, c.intermediate_size);
-        Ok(Layer {
-            ln1: RmsNorm::new(hs, c.rms_norm_eps, vb.pp("input_layernorm"))?,
-            attn: Attention::new(c, vb.pp("self_attn"))?,
-            ln2: RmsNorm::new(hs, c.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
-            gate: linear_no_bias(hs, is, vb.pp("mlp.gate_proj"))?,
-            up: linear_no_bias(hs, is, vb.pp("mlp.up_proj"))?,
-            down: linear_no_bias(is, hs, vb.pp("mlp.down_proj"))?,
-        })
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        rows: Option<&Tensor>,
-        rope: &Rope,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let normed = self.ln1.forward(x)?;
-        let (residual, xq) = match rows {
-            None => (x.clone(), normed.clone()),
-            Some(idx) => (gather_rows(x, idx)?, gather_rows(&normed, idx)?),
-        };
-        let a = self
-            .attn
-            .forward(&normed, &xq, rope, rows.is_some(), mask)?;
-        let h = (residual + a)?;
-        let y = self.ln2.forward(&h)?;
-        let m = self
-            .down
-            .forward(&(candle_nn::ops::silu(&self.gate.forward(&y)?)? * self.up.forward(&y)?)?)?;
-        h + m
-    }
-}
-
-/// Row `idx[i]` of sequence `i`: [b, t, c] -> [b, 1, c].
-fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    x.reshape((b * t, c))?
-        .index_select(idx, 0)?
-        .reshape((b, 1, c))
 }
 
 /// The decoder stack without `lm_head`.
@@ -230,7 +60,7 @@ impl QwenDecoder {
     /// `vb` points at the language model (`model` or `model.language_model`).
     pub fn new(c: &QwenTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let layers = (0..c.num_hidden_layers)
-            .map(|i| Layer::new(c, vb.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(&c.layer_shape(), vb.pp(format!("layers.{i}"))))
             .collect::<candle_core::Result<_>>()?;
         let d = c.head_dim();
         let base = c.rope_theta as f32;
@@ -450,7 +280,7 @@ mod tests {
             .unwrap();
         assert!(diff(&both[0], &sa) < 1e-5 && diff(&both[1], &sb) < 1e-5);
         for l in &mut d.layers {
-            l.attn.score_budget = 2 * 4 * 7;
+            l.set_score_budget(2 * 4 * 7);
         }
         let blocked: Vec<Vec<f32>> = d
             .forward_last_stepped(&x, &[&pa, &pb], go)

@@ -5,6 +5,8 @@
 use super::*;
 use candle_nn::VarMap;
 
+use crate::models::decoder_layer::SCORE_BUDGET;
+
 #[test]
 fn config_defaults_follow_transformers() {
     let c: MistralConfig = serde_json::from_value(serde_json::json!({})).unwrap();
@@ -201,11 +203,11 @@ fn attention_in_blocks_matches_one_block() {
             let a = run(&m);
             for l in &mut m.layers {
                 // 2 x 4 heads x 9 keys: blocks of 1 query row.
-                l.attn.score_budget = 2 * 4 * 9;
+                l.set_score_budget(2 * 4 * 9);
             }
             let b = run(&m);
             for l in &mut m.layers {
-                l.attn.score_budget = SCORE_BUDGET;
+                l.set_score_budget(SCORE_BUDGET);
             }
             for (s, &len) in lens.iter().enumerate() {
                 for i in 0..len {
