@@ -64,8 +64,10 @@ fn preprocessor(
 fn model(name: &str, dtype: DType) -> QwenVlModel {
     let cfg = config(name);
     let w = MappedWeights::open(&[dir(name).join("model.safetensors")]).unwrap();
-    let vb = VarBuilder::from_backend(Box::new(w), dtype, Device::Cpu);
-    QwenVlModel::new(&cfg, vb).unwrap()
+    let device = test_device().open().unwrap();
+    let vb = VarBuilder::from_backend(Box::new(w), dtype, device);
+    let pass = load_options(vlembed::models::Precision::F32).pass;
+    QwenVlModel::new(&cfg, pass, vb).unwrap()
 }
 
 fn formats(r: &Value) -> Vec<(PromptFormat, &Value)> {

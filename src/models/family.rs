@@ -185,6 +185,10 @@ impl FamilyModel {
 /// Calls a stepped pass between its steps; see [`Model::embed`].
 pub type Between<'a> = &'a mut dyn FnMut() -> ControlFlow<()>;
 
+/// A model's answer for a batch: one unnormalised f32 vector per item, in
+/// order.
+pub type Embeddings = Result<Vec<Vec<f32>>, ModelError>;
+
 /// A model replica on one device, typed by the prepared data it reads.
 ///
 /// An item's result must not depend on its batch mates.
@@ -199,24 +203,16 @@ pub trait Model: Send + 'static {
     /// between calls) and resume. When `between` answers `Break`, the pass
     /// stops with [`ModelError::Interrupted`]. Results do not depend on what
     /// `between` does: the same steps run in the same order.
-    fn embed(
-        &self,
-        batch: &[&Self::Input],
-        between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError>;
+    fn embed(&self, batch: &[&Self::Input], between: Between<'_>) -> Embeddings;
 }
 
 /// Any family's model replica, as a worker runs it.
 pub trait EmbeddingModel: Send {
     /// [`Model::embed`] over erased items.
-    fn embed_stepped(
-        &self,
-        batch: &[&Prepared],
-        between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError>;
+    fn embed_stepped(&self, batch: &[&Prepared], between: Between<'_>) -> Embeddings;
 
     /// [`Self::embed_stepped`] without stopping between steps.
-    fn embed(&self, batch: &[&Prepared]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed(&self, batch: &[&Prepared]) -> Embeddings {
         self.embed_stepped(batch, &mut || ControlFlow::Continue(()))
     }
 }
@@ -230,11 +226,7 @@ pub fn erase_model<M: Model>(model: M) -> Box<dyn EmbeddingModel> {
 struct Erased<M>(M);
 
 impl<M: Model> EmbeddingModel for Erased<M> {
-    fn embed_stepped(
-        &self,
-        batch: &[&Prepared],
-        between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed_stepped(&self, batch: &[&Prepared], between: Between<'_>) -> Embeddings {
         let typed = batch
             .iter()
             .enumerate()
@@ -256,6 +248,14 @@ pub trait Replicas: Send + Sync + 'static {
     /// A replica on `vb`'s device and dtype; on the CPU, the fast encoders'
     /// products run on `backend` (a family without them ignores it).
     fn build(&self, vb: VarBuilder, backend: Backend) -> Result<Self::Model, ModelError>;
+}
+
+/// What a family whose replicas depend on their devices' pass sizes builds
+/// every replica from: its config, and the [`PassLimits`] of the model's
+/// devices (the same for every replica of the model).
+pub struct WithPass<C> {
+    pub cfg: C,
+    pub pass: PassLimits,
 }
 
 /// Builds one replica of a configured model, erased.
@@ -299,11 +299,7 @@ mod tests {
 
     impl Model for Sum {
         type Input = TestData;
-        fn embed(
-            &self,
-            batch: &[&TestData],
-            between: Between<'_>,
-        ) -> Result<Vec<Vec<f32>>, ModelError> {
+        fn embed(&self, batch: &[&TestData], between: Between<'_>) -> Embeddings {
             if between().is_break() {
                 return Err(ModelError::Interrupted);
             }

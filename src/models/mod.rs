@@ -15,7 +15,7 @@
 //! failure means for the replica), `mask`, `fingerprint`.
 
 pub mod clip;
-pub(crate) mod decoder_layer;
+pub(crate) mod decoder;
 pub mod device;
 mod error;
 pub mod families;

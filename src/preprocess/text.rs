@@ -166,6 +166,54 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.plain.token_to_id(token)
     }
+
+    /// The whole encoding of a prompt (special tokens added, nothing cut),
+    /// with the offsets a prompt builder cuts texts by.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<tokenizers::Encoding, PreprocessError> {
+        self.plain
+            .encode(prompt, true)
+            .map_err(PreprocessError::Tokenizer)
+    }
+}
+
+/// The error for a prompt that still does not fit after its text was cut
+/// as often as a prompt builder tries (a template can tokenise differently
+/// around each cut): reported as one token over `limit`.
+pub fn still_too_long(limit: usize) -> PreprocessError {
+    PreprocessError::TextTooLong {
+        tokens: limit + 1,
+        limit,
+    }
+}
+
+/// The text of a prompt cut so that the prompt loses `excess` tokens: the
+/// text `t` stands at bytes `start..start + t.len()` of the prompt whose
+/// token offsets are `offsets`; it is cut (on a character boundary) before
+/// the first of its last `excess` tokens. `None` when the text has no more
+/// than `excess` tokens or only whitespace would remain: it cannot be
+/// shortened to fit. The prompt builders retry with the cut text, since a
+/// cut can change how the template around it tokenises.
+pub fn cut_prompt_text(
+    t: &str,
+    offsets: &[(usize, usize)],
+    start: usize,
+    excess: usize,
+) -> Option<String> {
+    let end = start + t.len();
+    let text_tokens: Vec<usize> = offsets
+        .iter()
+        .filter(|(s, e)| *s >= start && *e <= end && e > s)
+        .map(|(s, _)| s - start)
+        .collect();
+    if text_tokens.len() <= excess {
+        return None;
+    }
+    let mut cut = text_tokens[text_tokens.len() - excess].min(t.len());
+    while !t.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let kept = &t[..cut];
+    (!kept.trim().is_empty()).then(|| kept.to_string())
 }
 
 /// Whether `text` has whitespace at or after byte `from` (which may fall

@@ -43,7 +43,9 @@ pub use preprocess::{ClipInput, ClipPreprocessor};
 pub use vision::ClipVisionTransformer;
 
 use super::error::ModelError;
-use super::family::{Between, Facts, Family, FamilyModel, LoadContext, Model, Replicas};
+use super::family::{
+    Between, Embeddings, Facts, Family, FamilyModel, LoadContext, Model, Replicas,
+};
 use super::{ops, source};
 use text::TextTower;
 use vision::VisionTower;
@@ -185,11 +187,7 @@ impl Model for ClipModel {
     /// Texts first (short, not stepped), then the images with `between`
     /// called before each vision encoder layer (of each group of images
     /// the fast encoder takes through its layers together).
-    fn embed(
-        &self,
-        batch: &[&ClipInput],
-        between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed(&self, batch: &[&ClipInput], between: Between<'_>) -> Embeddings {
         let mut texts: Vec<&[u32]> = Vec::new();
         let mut images: Vec<&[f32]> = Vec::new();
         // For each item: its row in the text and image results.

@@ -5,7 +5,7 @@
 //! missing keys), the rotary tables at the config's `rope_theta`, the causal
 //! and optional sliding-window masks and the final norm; the layers
 //! (RMSNorm, grouped-query attention, SwiGLU MLP) are
-//! [`crate::models::decoder_layer`]'s, shared with Qwen2. There is no KV cache and no
+//! [`crate::models::decoder`]'s, shared with Qwen2. There is no KV cache and no
 //! `lm_head` (its weight is never read).
 //!
 //! Sequences of a batch are right-padded internally and each sequence counts
@@ -32,7 +32,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::models::decoder_layer::{gather_rows, Layer, LayerShape, RmsNorm, Rope};
+use crate::models::decoder::{
+    check_lengths, gather_rows, DecoderError, Layer, LayerShape, RmsNorm, Rope,
+};
 use crate::models::error::ConfigError;
 use crate::models::mask::{self, ShapeCache, MASKED};
 
@@ -356,17 +358,7 @@ impl MistralModel {
                 self.cfg.hidden_size
             )));
         }
-        if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
-            return Err(DecoderError::Input(format!(
-                "a sequence length {bad} is not in 1..={t}"
-            )));
-        }
-        if t > self.cfg.max_position_embeddings {
-            return Err(DecoderError::Input(format!(
-                "sequences of {t} tokens exceed max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            )));
-        }
+        check_lengths(lens, t, self.cfg.max_position_embeddings)?;
         Ok((b, t))
     }
 
@@ -434,18 +426,6 @@ fn last_index(lens: &[usize], t: usize, dev: &Device) -> candle_core::Result<Ten
         .map(|(i, &l)| (i * t + l.saturating_sub(1)) as u32)
         .collect();
     Tensor::from_vec(idx, lens.len(), dev)
-}
-
-/// Why a decoder pass failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DecoderError {
-    #[error("invalid decoder input: {0}")]
-    Input(String),
-    /// The caller's `between` hook asked the pass to stop.
-    #[error("the pass was interrupted between two layers")]
-    Interrupted,
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 #[cfg(test)]

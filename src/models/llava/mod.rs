@@ -38,7 +38,7 @@ pub use model::LlavaModel;
 pub use preprocess::{LlavaImage, LlavaInput, LlavaPreprocessor};
 
 use crate::models::error::ModelError;
-use crate::models::family::{Facts, Family, FamilyModel, LoadContext, PassLimits, Replicas};
+use crate::models::family::{Facts, Family, FamilyModel, LoadContext, Replicas, WithPass};
 use crate::models::{ops, source};
 use crate::preprocess::Size;
 
@@ -109,21 +109,16 @@ fn load(cx: &LoadContext<'_>) -> Result<FamilyModel, ModelError> {
         uses_instructions: true,
     };
     let matmuls = cfg.vision_config.matmul_shapes();
-    let replicas = LlavaReplicas {
+    let replicas = WithPass {
         cfg,
         pass: cx.opts.pass,
     };
     Ok(FamilyModel::new(facts, pre, replicas).with_matmuls(matmuls))
 }
 
-/// What every replica is built from: the config and the pass sizes of the
-/// model's devices.
-struct LlavaReplicas {
-    cfg: LlavaConfig,
-    pass: PassLimits,
-}
-
-impl Replicas for LlavaReplicas {
+/// The vision tower's tile chunks and the decoder groups follow the pass
+/// sizes.
+impl Replicas for WithPass<LlavaConfig> {
     type Model = LlavaModel;
 
     fn build(&self, vb: VarBuilder, backend: ops::Backend) -> Result<LlavaModel, ModelError> {

@@ -8,11 +8,12 @@ use candle_nn::{linear, Linear, VarBuilder};
 
 use super::anyres;
 use super::config::LlavaConfig;
-use super::mistral::{DecoderError, MistralModel};
+use super::mistral::MistralModel;
 use super::preprocess::{LlavaImage, LlavaInput};
 use crate::models::clip::ClipVisionTransformer;
+use crate::models::decoder::{input_table, run_grouped};
 use crate::models::error::ModelError;
-use crate::models::family::{Between, Model, PassLimits};
+use crate::models::family::{Between, Embeddings, Model, PassLimits};
 use crate::models::ops;
 use crate::preprocess::Size;
 
@@ -29,14 +30,6 @@ pub struct LlavaModel {
     pass: PassLimits,
     device: Device,
     dtype: DType,
-}
-
-fn decoder_error(e: DecoderError) -> ModelError {
-    match e {
-        DecoderError::Input(m) => ModelError::Batch(m),
-        DecoderError::Interrupted => ModelError::Interrupted,
-        DecoderError::Candle(e) => ModelError::Candle(e),
-    }
 }
 
 impl LlavaModel {
@@ -145,11 +138,7 @@ impl LlavaModel {
 
     /// Unnormalised embeddings [n, hidden] (f32) of prompts whose `<image>`
     /// tokens are already expanded; `images[i]` is item `i`'s image, if any.
-    pub fn embed_ids(
-        &self,
-        ids: &[&[u32]],
-        images: &[Option<&LlavaImage>],
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn embed_ids(&self, ids: &[&[u32]], images: &[Option<&LlavaImage>]) -> Embeddings {
         self.embed_ids_stepped(ids, images, &mut || ControlFlow::Continue(()))
     }
 
@@ -161,12 +150,11 @@ impl LlavaModel {
         ids: &[&[u32]],
         images: &[Option<&LlavaImage>],
         between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    ) -> Embeddings {
         let n = ids.len();
         if images.len() != n {
             return Err(ModelError::Batch("ids and images differ in number".into()));
         }
-        let hidden = self.cfg.text_config.hidden_size;
         let vocab = self.cfg.text_config.vocab_size as u32;
         // Vision: all tiles of the batch, then packed per image.
         let mut all_tiles: Vec<f32> = Vec::new();
@@ -213,17 +201,7 @@ impl LlavaModel {
             flat.len(),
             &self.device,
         )?)?;
-        let mut parts = vec![tok];
-        let mut feat_offsets = Vec::with_capacity(packed.len());
-        let mut offset = flat.len();
-        for f in &packed {
-            feat_offsets.push(offset);
-            offset += f.dim(0)?;
-            parts.push(f.to_dtype(self.dtype)?);
-        }
-        let zero_row = offset as u32;
-        parts.push(Tensor::zeros((1, hidden), self.dtype, &self.device)?);
-        let table = Tensor::cat(&parts, 0)?;
+        let (table, feat_offsets, zero_row) = input_table(tok, &packed)?;
         // Per item: the table row of each position.
         let mut rows: Vec<Vec<u32>> = Vec::with_capacity(n);
         let mut img = 0;
@@ -254,40 +232,12 @@ impl LlavaModel {
             rows.push(r);
         }
         // Decoder passes over groups of similar lengths.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); n];
-        let mut g = 0;
-        while g < order.len() {
-            let t = ids[order[g]].len();
-            let mut end = g + 1;
-            while end < order.len() && (end - g + 1) * t <= self.pass.decoder_group_tokens {
-                end += 1;
-            }
-            let group = &order[g..end];
-            let mut index = Vec::with_capacity(group.len() * t);
-            let mut lens = Vec::with_capacity(group.len());
-            for &i in group {
-                index.extend_from_slice(&rows[i]);
-                index.extend(std::iter::repeat_n(zero_row, t - rows[i].len()));
-                lens.push(rows[i].len());
-            }
-            let idx = Tensor::from_vec(index, group.len() * t, &self.device)?;
-            let x = table
-                .index_select(&idx, 0)?
-                .reshape((group.len(), t, hidden))?;
-            let h = self
-                .decoder
-                .forward_last_stepped(&x, &lens, between)
-                .map_err(decoder_error)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            for (&i, v) in group.iter().zip(h) {
-                out[i] = v;
-            }
-            g = end;
-        }
-        Ok(out)
+        let decode = |group: &[usize], x: &Tensor| {
+            let lens: Vec<usize> = group.iter().map(|&i| rows[i].len()).collect();
+            self.decoder.forward_last_stepped(x, &lens, between)
+        };
+        let groups = self.pass.decoder_group_tokens;
+        Ok(run_grouped(&table, &rows, zero_row, groups, decode)?)
     }
 }
 
@@ -296,11 +246,7 @@ impl Model for LlavaModel {
 
     /// Stepped before each layer of the vision tower and of the decoder: a
     /// query waits for one layer of an indexing batch, not for the batch.
-    fn embed(
-        &self,
-        batch: &[&LlavaInput],
-        between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed(&self, batch: &[&LlavaInput], between: Between<'_>) -> Embeddings {
         let ids: Vec<&[u32]> = batch.iter().map(|b| b.ids.as_slice()).collect();
         let images: Vec<Option<&LlavaImage>> = batch.iter().map(|b| b.image.as_ref()).collect();
         self.embed_ids_stepped(&ids, &images, between)

@@ -46,7 +46,7 @@ use crate::input::{Input, Role};
 use crate::preprocess::clip_image::ClipImageProcessor;
 use crate::preprocess::image::{decode_image, ImageLimits};
 use crate::preprocess::resize::{self, Filter};
-use crate::preprocess::text::TextTokenizer;
+use crate::preprocess::text::{cut_prompt_text, still_too_long, TextTokenizer};
 use crate::preprocess::{
     Key, Pixels, Prepared, PreparedData, Preprocess, PreprocessError, SetupError, Size,
 };
@@ -308,14 +308,7 @@ impl LlavaPreprocessor {
 
     /// Token ids of `text` with BOS, as the tokenizer gives them.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
-        Ok(self.encode(text)?.get_ids().to_vec())
-    }
-
-    fn encode(&self, text: &str) -> Result<tokenizers::Encoding, PreprocessError> {
-        self.tokenizer
-            .plain()
-            .encode(text, true)
-            .map_err(PreprocessError::Tokenizer)
+        Ok(self.tokenizer.encode_prompt(text)?.get_ids().to_vec())
     }
 
     /// The any-resolution tiles of an RGB image (already resized to 512x512
@@ -389,7 +382,7 @@ impl LlavaPreprocessor {
         let mut text = input.text_part().map(str::to_string);
         for _ in 0..8 {
             let prompt = build_prompt(input.role, instruction, text.as_deref(), has_image);
-            let enc = self.encode(&prompt)?;
+            let enc = self.tokenizer.encode_prompt(&prompt)?;
             let extra = if has_image {
                 self.image_tokens.saturating_sub(1)
             } else {
@@ -410,30 +403,13 @@ impl LlavaPreprocessor {
             // token that makes the prompt too long.
             let prefix = build_prompt(input.role, instruction, None, false);
             let prefix = prefix.trim_end_matches(" [/INST]").len() + 1;
-            let text_tokens: Vec<usize> = enc
-                .get_offsets()
-                .iter()
-                .filter(|(s, e)| *s >= prefix && *e <= prefix + t.len() && e > s)
-                .map(|(s, _)| s - prefix)
-                .collect();
             let excess = total - self.max_tokens;
-            if text_tokens.len() <= excess {
-                return Err(too_long);
+            match cut_prompt_text(t, enc.get_offsets(), prefix, excess) {
+                Some(kept) => text = Some(kept),
+                None => return Err(too_long),
             }
-            let cut = text_tokens[text_tokens.len() - excess];
-            let mut cut = cut.min(t.len());
-            while !t.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            if t[..cut].trim().is_empty() {
-                return Err(too_long);
-            }
-            text = Some(t[..cut].to_string());
         }
-        Err(PreprocessError::TextTooLong {
-            tokens: self.max_tokens + 1,
-            limit: self.max_tokens,
-        })
+        Err(still_too_long(self.max_tokens))
     }
 
     /// Replaces the one `<image>` id by `image_tokens` of them.

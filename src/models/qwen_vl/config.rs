@@ -101,8 +101,8 @@ pub struct QwenTextConfig {
 
 impl QwenTextConfig {
     /// The sizes of one decoder layer (Qwen2: q/k/v with biases).
-    pub fn layer_shape(&self) -> crate::models::decoder_layer::LayerShape {
-        crate::models::decoder_layer::LayerShape {
+    pub fn layer_shape(&self) -> crate::models::decoder::LayerShape {
+        crate::models::decoder::LayerShape {
             hidden: self.hidden_size,
             intermediate: self.intermediate_size,
             heads: self.num_attention_heads,

@@ -5,7 +5,7 @@
 //!
 //! Owns: the final norm and the M-RoPE tables (the layers, RMSNorm,
 //! grouped-query attention with q/k/v biases and SwiGLU MLP, are
-//! [`crate::models::decoder_layer`]'s, shared with Mistral): frequency `j` of a head rotates by
+//! [`crate::models::decoder`]'s, shared with Mistral): frequency `j` of a head rotates by
 //! the temporal, height or width position as `mrope_section` assigns it
 //! (`apply_multimodal_rotary_pos_emb`). No KV cache, no `lm_head` (never read;
 //! tied to the embeddings in the released 2B/3B models anyway).
@@ -27,20 +27,8 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 use super::config::QwenTextConfig;
 use crate::models::mask::MASKED;
 
-use crate::models::decoder_layer::{Layer, Rope};
-pub use crate::models::decoder_layer::{RmsNorm, SCORE_BUDGET};
-
-/// Why a decoder pass failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DecoderError {
-    #[error("invalid decoder input: {0}")]
-    Input(String),
-    /// The caller's `between` hook asked the pass to stop.
-    #[error("the pass was interrupted between two layers")]
-    Interrupted,
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
+use crate::models::decoder::{check_lengths, DecoderError, Layer, Rope};
+pub use crate::models::decoder::{RmsNorm, SCORE_BUDGET};
 
 /// The decoder stack without `lm_head`.
 pub struct QwenDecoder {
@@ -133,17 +121,7 @@ impl QwenDecoder {
             )));
         }
         let lens: Vec<usize> = positions.iter().map(|p| p.len()).collect();
-        if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
-            return Err(DecoderError::Input(format!(
-                "a sequence length {bad} is not in 1..={t}"
-            )));
-        }
-        if t > self.cfg.max_position_embeddings {
-            return Err(DecoderError::Input(format!(
-                "sequences of {t} tokens exceed max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            )));
-        }
+        check_lengths(&lens, t, self.cfg.max_position_embeddings)?;
         let half = self.cfg.head_dim() / 2;
         let (mut cos, mut sin) = (
             Vec::with_capacity(b * t * half),

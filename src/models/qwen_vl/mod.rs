@@ -45,7 +45,7 @@ pub use preprocess::{QwenFiles, QwenImage, QwenOptions, QwenPrepared, QwenPrepro
 pub use prompt::{PositionIds, PromptFormat};
 
 use crate::models::error::ModelError;
-use crate::models::family::{Facts, Family, FamilyModel, LoadContext, Replicas};
+use crate::models::family::{Facts, Family, FamilyModel, LoadContext, Replicas, WithPass};
 use crate::models::{ops, source};
 
 /// The longest prompt by default, image tokens included (GME's largest
@@ -151,16 +151,19 @@ fn load(generation: Generation, cx: &LoadContext<'_>) -> Result<FamilyModel, Mod
         max_text_tokens: pre.max_text_tokens(),
         uses_instructions: true,
     };
-    Ok(FamilyModel::new(facts, pre, cfg))
+    let pass = cx.opts.pass;
+    Ok(FamilyModel::new(facts, pre, WithPass { cfg, pass }))
 }
 
-impl Replicas for QwenVlConfig {
+/// The decoder groups follow the pass sizes
+/// (`PassLimits::decoder_group_tokens`).
+impl Replicas for WithPass<QwenVlConfig> {
     type Model = QwenVlModel;
 
     /// The products run on candle's own kernels on every device: the
     /// native and oneDNN backends serve the CLIP encoders (`ops`), so the
     /// CPU backend choice does not apply here.
     fn build(&self, vb: VarBuilder, _backend: ops::Backend) -> Result<QwenVlModel, ModelError> {
-        QwenVlModel::new(self, vb)
+        QwenVlModel::new(&self.cfg, self.pass, vb)
     }
 }

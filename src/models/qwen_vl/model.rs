@@ -14,22 +14,21 @@
 
 use std::ops::ControlFlow;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::QwenVlConfig;
-use super::decoder::{DecoderError, QwenDecoder};
+use super::decoder::QwenDecoder;
 use super::preprocess::QwenPrepared;
 use super::prompt::PositionIds;
 use super::vision::QwenVisionTower;
+use crate::models::decoder::{input_table, run_grouped};
 use crate::models::error::ModelError;
-use crate::models::family::{Between, Model};
+use crate::models::family::{Between, Embeddings, Model, PassLimits};
 
 /// Patches sent through the vision tower at once (an image larger than
 /// this goes alone); bounds the tower's activations.
 const VISION_CHUNK_PATCHES: usize = 16384;
-/// Padded decoder tokens per forward pass when grouping sequences.
-const GROUP_TOKENS: usize = 4096;
 
 /// The (temporal, height, width) positions of a prompt's tokens
 /// (transformers' `get_rope_index` for one unpadded sequence): text counts
@@ -63,21 +62,16 @@ pub struct QwenVlModel {
     vision: QwenVisionTower,
     decoder: QwenDecoder,
     cfg: QwenVlConfig,
+    /// Decoder tokens per group of sequences (the device's; bounds the
+    /// decoder's activation memory).
+    pass: PassLimits,
     device: Device,
-    dtype: DType,
-}
-
-fn decoder_error(e: DecoderError) -> ModelError {
-    match e {
-        DecoderError::Input(m) => ModelError::Batch(m),
-        DecoderError::Interrupted => ModelError::Interrupted,
-        DecoderError::Candle(e) => ModelError::Candle(e),
-    }
 }
 
 impl QwenVlModel {
-    /// `vb` points at the checkpoint's root.
-    pub fn new(cfg: &QwenVlConfig, vb: VarBuilder) -> Result<Self, ModelError> {
+    /// `vb` points at the checkpoint's root; `pass` sizes the decoder
+    /// groups (at least 1 token).
+    pub fn new(cfg: &QwenVlConfig, pass: PassLimits, vb: VarBuilder) -> Result<Self, ModelError> {
         let build = |e| ModelError::Build {
             family: "Qwen2-VL",
             source: Box::new(e),
@@ -95,8 +89,11 @@ impl QwenVlModel {
             vision: QwenVisionTower::new(cfg.generation, &cfg.vision, vision_vb).map_err(build)?,
             decoder: QwenDecoder::new(&cfg.text, text_vb).map_err(build)?,
             cfg: cfg.clone(),
+            pass: PassLimits {
+                decoder_group_tokens: pass.decoder_group_tokens.max(1),
+                ..pass
+            },
             device: vb.device().clone(),
-            dtype: vb.dtype(),
         })
     }
 
@@ -199,18 +196,13 @@ impl Model for QwenVlModel {
     /// decoder layer (per group of sequences); `Break` stops the pass with
     /// [`ModelError::Interrupted`]. The same layers run in the same order
     /// whatever `between` does: the result does not depend on it.
-    fn embed(
-        &self,
-        batch: &[&QwenPrepared],
-        between: Between<'_>,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed(&self, batch: &[&QwenPrepared], between: Between<'_>) -> Embeddings {
         for (i, item) in batch.iter().enumerate() {
             self.check(i, item)?;
         }
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let hidden = self.cfg.text.hidden_size;
         let feats = self.image_features(batch, between)?;
         // One table: every token embedding, then every image token, then a
         // zero row for padding; sequences are gathered from it.
@@ -222,17 +214,7 @@ impl Model for QwenVlModel {
         let tok = self
             .decoder
             .embed_tokens(&Tensor::from_vec(flat, n_flat, &self.device)?)?;
-        let mut parts = vec![tok];
-        let mut offset = n_flat;
-        let mut feat_at = Vec::with_capacity(feats.len());
-        for f in &feats {
-            feat_at.push(offset);
-            offset += f.dim(0)?;
-            parts.push(f.to_dtype(self.dtype)?);
-        }
-        let zero_row = offset as u32;
-        parts.push(Tensor::zeros((1, hidden), self.dtype, &self.device)?);
-        let table = Tensor::cat(&parts, 0)?;
+        let (table, feat_at, zero_row) = input_table(tok, &feats)?;
         let merge = self.cfg.vision.spatial_merge_size;
         let mut rows: Vec<Vec<u32>> = Vec::with_capacity(batch.len());
         let mut positions: Vec<Vec<[u32; 3]>> = Vec::with_capacity(batch.len());
@@ -253,39 +235,12 @@ impl Model for QwenVlModel {
             rows.push(r);
             positions.push(position_ids(item, merge));
         }
-        let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
-        let mut g = 0;
-        while g < order.len() {
-            let t = rows[order[g]].len();
-            let mut end = g + 1;
-            while end < order.len() && (end - g + 1) * t <= GROUP_TOKENS {
-                end += 1;
-            }
-            let group = &order[g..end];
-            let mut index = Vec::with_capacity(group.len() * t);
-            for &i in group {
-                index.extend_from_slice(&rows[i]);
-                index.extend(std::iter::repeat_n(zero_row, t - rows[i].len()));
-            }
-            let idx = Tensor::from_vec(index, group.len() * t, &self.device)?;
-            let x = table
-                .index_select(&idx, 0)?
-                .reshape((group.len(), t, hidden))?;
+        let decode = |group: &[usize], x: &Tensor| {
             let pos: Vec<&[[u32; 3]]> = group.iter().map(|&i| positions[i].as_slice()).collect();
-            let h = self
-                .decoder
-                .forward_last_stepped(&x, &pos, between)
-                .map_err(decoder_error)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            for (&i, v) in group.iter().zip(h) {
-                out[i] = v;
-            }
-            g = end;
-        }
-        Ok(out)
+            self.decoder.forward_last_stepped(x, &pos, between)
+        };
+        let groups = self.pass.decoder_group_tokens;
+        Ok(run_grouped(&table, &rows, zero_row, groups, decode)?)
     }
 }
 

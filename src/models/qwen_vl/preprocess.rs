@@ -54,7 +54,7 @@ use crate::input::{Input, Role};
 use crate::models::error::ModelError;
 use crate::preprocess::image::{decode_image, header_size, ImageLimits};
 use crate::preprocess::resize::{self, Filter};
-use crate::preprocess::text::TextTokenizer;
+use crate::preprocess::text::{cut_prompt_text, still_too_long, TextTokenizer};
 use crate::preprocess::{
     Key, PixelBounds, Prepared, PreparedData, Preprocess, PreprocessError, SetupError, Size,
 };
@@ -291,14 +291,7 @@ impl QwenPreprocessor {
     /// Token ids of `text` as the tokenizer gives them (special tokens
     /// written in the text are the special tokens).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
-        Ok(self.encode(text)?.get_ids().to_vec())
-    }
-
-    fn encode(&self, text: &str) -> Result<tokenizers::Encoding, PreprocessError> {
-        self.tokenizer
-            .plain()
-            .encode(text, true)
-            .map_err(PreprocessError::Tokenizer)
+        Ok(self.tokenizer.encode_prompt(text)?.get_ids().to_vec())
     }
 
     /// The prompt text for an input (before the image placeholder is
@@ -394,7 +387,7 @@ impl QwenPreprocessor {
         let mut text = input.text_part().map(str::to_string);
         for _ in 0..8 {
             let prompt = self.render(input.role, instruction, text.as_deref(), has_image)?;
-            let enc = self.encode(&prompt)?;
+            let enc = self.tokenizer.encode_prompt(&prompt)?;
             let total = enc.get_ids().len() + extra;
             if total <= self.max_tokens {
                 return self.expand(enc.get_ids(), image_tokens);
@@ -416,30 +409,13 @@ impl QwenPreprocessor {
                 // The template does not insert the text verbatim: no safe cut.
                 return Err(too_long);
             }
-            let end = start + t.len();
-            let text_tokens: Vec<usize> = enc
-                .get_offsets()
-                .iter()
-                .filter(|(s, e)| *s >= start && *e <= end && e > s)
-                .map(|(s, _)| s - start)
-                .collect();
             let excess = total - self.max_tokens;
-            if text_tokens.len() <= excess {
-                return Err(too_long);
+            match cut_prompt_text(t, enc.get_offsets(), start, excess) {
+                Some(kept) => text = Some(kept),
+                None => return Err(too_long),
             }
-            let mut cut = text_tokens[text_tokens.len() - excess].min(t.len());
-            while !t.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            if t[..cut].trim().is_empty() {
-                return Err(too_long);
-            }
-            text = Some(t[..cut].to_string());
         }
-        Err(PreprocessError::TextTooLong {
-            tokens: self.max_tokens + 1,
-            limit: self.max_tokens,
-        })
+        Err(still_too_long(self.max_tokens))
     }
 
     /// The error for a prompt of `total` tokens: [`PreprocessError::ImageTokens`]
@@ -462,7 +438,7 @@ impl QwenPreprocessor {
         };
         let without_text = if has_text {
             let bare = self.render(input.role, input.instruction.as_deref(), None, true)?;
-            self.encode(&bare)?.get_ids().len() + n.saturating_sub(1)
+            self.tokenizer.encode_prompt(&bare)?.get_ids().len() + n.saturating_sub(1)
         } else {
             total
         };
@@ -630,14 +606,6 @@ impl Preprocess for QwenPreprocessor {
         Ok(Prepared::new(input.modality(), text_tokens, cost, data))
     }
 
-    fn image_limits(&self) -> &ImageLimits {
-        &self.limits
-    }
-
-    fn set_image_limits(&mut self, limits: ImageLimits) {
-        self.limits = limits;
-    }
-
     /// What decides the prompt, for the model fingerprint: the format and,
     /// when it renders one, the chat template's text and the special
     /// tokens it is rendered with.
@@ -668,6 +636,16 @@ impl Preprocess for QwenPreprocessor {
             min: self.images.min_pixels(),
             max: self.images.max_pixels(),
         })
+    }
+
+    fn image_limits(&self) -> &ImageLimits {
+        &self.limits
+    }
+
+    /// Decoding limits only: the pixel bounds images are resized into
+    /// (`min_pixels`, `max_pixels`) stay the processor's.
+    fn set_image_limits(&mut self, limits: ImageLimits) {
+        self.limits = limits;
     }
 }
 

@@ -5,7 +5,7 @@
 use super::*;
 use candle_nn::VarMap;
 
-use crate::models::decoder_layer::SCORE_BUDGET;
+use crate::models::decoder::SCORE_BUDGET;
 
 #[test]
 fn config_defaults_follow_transformers() {

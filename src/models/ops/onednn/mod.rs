@@ -341,16 +341,41 @@ fn md_size(md: &sys::dnnl_memory_desc_t) -> usize {
     unsafe { sys::dnnl_memory_desc_get_size(md) }
 }
 
-/// A matmul primitive descriptor for `rows x k` by `k x n` with `weights`
-/// as the weights' descriptor (`any`: oneDNN's choice).
-fn matmul_pd(
-    rt: &Runtime,
+/// One product a primitive computes: `rows x k` by `k x n` of `shape`,
+/// with or without a bias, then `post`.
+#[derive(Debug, Clone, Copy)]
+struct Product {
     rows: usize,
     shape: Shape,
-    weights: &sys::dnnl_memory_desc_t,
     bias: bool,
     post: Post,
+}
+
+impl Product {
+    /// The primitive cache's key.
+    fn key(self) -> Key {
+        Key {
+            rows: self.rows,
+            shape: self.shape,
+            bias: self.bias,
+            post: self.post.key(),
+        }
+    }
+}
+
+/// A matmul primitive descriptor for product `p` with `weights` as the
+/// weights' descriptor (`any`: oneDNN's choice).
+fn matmul_pd(
+    rt: &Runtime,
+    p: Product,
+    weights: &sys::dnnl_memory_desc_t,
 ) -> Result<PrimitiveDesc, OnednnError> {
+    let Product {
+        rows,
+        shape,
+        bias,
+        post,
+    } = p;
     let src = md_tag([rows, shape.k], shape.dtype, sys::DNNL_AB)?;
     let dst = md_tag([rows, shape.n], Dtype::F32, sys::DNNL_AB)?;
     let bias_md = md_tag([1, shape.n], Dtype::F32, sys::DNNL_AB)?;
@@ -520,7 +545,13 @@ fn layout(rt: &Runtime, shape: Shape) -> Result<sys::dnnl_memory_desc_t, OnednnE
         return Ok(*md);
     }
     let any = md_tag([shape.k, shape.n], shape.dtype, sys::DNNL_FORMAT_TAG_ANY)?;
-    let pd = matmul_pd(rt, LAYOUT_ROWS, shape, &any, false, Post::Store)?;
+    let probe = Product {
+        rows: LAYOUT_ROWS,
+        shape,
+        bias: false,
+        post: Post::Store,
+    };
+    let pd = matmul_pd(rt, probe, &any)?;
     let md = weights_md(&pd)?;
     Ok(*map
         .lock()
@@ -554,30 +585,26 @@ const CACHE_CAPACITY: usize = 2048;
 
 fn matmul(
     rt: &Runtime,
-    rows: usize,
-    shape: Shape,
+    p: Product,
     weights: &sys::dnnl_memory_desc_t,
-    bias: bool,
-    post: Post,
 ) -> Result<Arc<Matmul>, OnednnError> {
     static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Matmul>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = Key {
-        rows,
-        shape,
-        bias,
-        post: post.key(),
-    };
+    let key = p.key();
     if let Some(m) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(Arc::clone(m));
     }
-    let (pd, reorder) = match matmul_pd(rt, rows, shape, weights, bias, post) {
+    let (pd, reorder) = match matmul_pd(rt, p, weights) {
         Ok(pd) => (pd, None),
         Err(fixed) => {
             // No implementation takes the shape's layout at this row count:
             // let oneDNN choose, and reorder the weights for it per call.
-            let any = md_tag([shape.k, shape.n], shape.dtype, sys::DNNL_FORMAT_TAG_ANY)?;
-            let pd = matmul_pd(rt, rows, shape, &any, bias, post).map_err(|_| fixed)?;
+            let any = md_tag(
+                [p.shape.k, p.shape.n],
+                p.shape.dtype,
+                sys::DNNL_FORMAT_TAG_ANY,
+            )?;
+            let pd = matmul_pd(rt, p, &any).map_err(|_| fixed)?;
             let md = weights_md(&pd)?;
             let reorder = (!md_equal(&md, weights)).then_some(md);
             (pd, reorder)
@@ -690,10 +717,20 @@ impl Weights {
         self.shape.n
     }
 
+    /// The product of `rows` rows by this weight, then `post`.
+    fn product(&self, rows: usize, post: Post) -> Product {
+        Product {
+            rows,
+            shape: self.shape,
+            bias: self.bias.is_some(),
+            post,
+        }
+    }
+
     /// oneDNN's name for the implementation a `rows`-row product runs on.
     pub fn implementation(&self, rows: usize, post: Post) -> Result<String, OnednnError> {
         let rt = runtime()?;
-        let m = matmul(rt, rows, self.shape, &self.md, self.bias.is_some(), post)?;
+        let m = matmul(rt, self.product(rows, post), &self.md)?;
         Ok(m.name.clone())
     }
 
@@ -724,7 +761,7 @@ impl Weights {
             return Ok(());
         }
         let rt = runtime()?;
-        let mm = matmul(rt, rows, self.shape, &self.md, self.bias.is_some(), post)?;
+        let mm = matmul(rt, self.product(rows, post), &self.md)?;
         let x = &x[..rows * k];
         let y = &mut y[..rows * n];
         // The activations as the weights' type (bf16: rounded like the

@@ -1,9 +1,11 @@
-//! The pre-norm decoder layer that Mistral (BGE-VL-MLLM) and Qwen2 (the
-//! Qwen2-VL family) share: RMSNorm, grouped-query attention with rotary
-//! positions over an additive mask, RMSNorm, SwiGLU MLP, both residual.
-//! Owns the layer's weights and arithmetic; each decoder keeps its own
+//! What the two multimodal decoders, Mistral (BGE-VL-MLLM) and Qwen2 (the
+//! Qwen2-VL family), share: the pre-norm decoder layer (RMSNorm,
+//! grouped-query attention with rotary positions over an additive mask,
+//! RMSNorm, SwiGLU MLP, both residual), the input table that joins token
+//! embeddings and image features, the passes over groups of sequences of
+//! similar length, and the decoder's error. Each decoder keeps its own
 //! embedding, rotary tables (1-D for Mistral, M-RoPE for Qwen2) and masks
-//! and hands them in. The two differ here only in Qwen2's q/k/v biases.
+//! and hands them in; the layers differ only in Qwen2's q/k/v biases.
 //!
 //! Attention takes its query rows a block at a time: the f32 scores of a
 //! whole prompt grow with the square of its length (a 4096-token MLLM
@@ -12,6 +14,8 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{linear_b, linear_no_bias, Linear, VarBuilder};
+
+use crate::models::error::ModelError;
 
 /// Scores held at once by one block of query rows, in f32 elements (256 MiB).
 pub const SCORE_BUDGET: usize = 1 << 26;
@@ -213,4 +217,111 @@ pub fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
     x.reshape((b * t, c))?
         .index_select(idx, 0)?
         .reshape((b, 1, c))
+}
+
+/// Why a decoder pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error("invalid decoder input: {0}")]
+    Input(String),
+    /// The caller's `between` hook asked the pass to stop.
+    #[error("the pass was interrupted between two layers")]
+    Interrupted,
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl From<DecoderError> for ModelError {
+    fn from(e: DecoderError) -> Self {
+        match e {
+            DecoderError::Input(m) => ModelError::Batch(m),
+            DecoderError::Interrupted => ModelError::Interrupted,
+            DecoderError::Candle(e) => ModelError::Candle(e),
+        }
+    }
+}
+
+/// Checks a pass's sequence lengths: each in `1..=t` (the padded length),
+/// and `t` within the decoder's `max_positions`.
+pub fn check_lengths(lens: &[usize], t: usize, max_positions: usize) -> Result<(), DecoderError> {
+    if let Some(&bad) = lens.iter().find(|&&l| l == 0 || l > t) {
+        return Err(DecoderError::Input(format!(
+            "a sequence length {bad} is not in 1..={t}"
+        )));
+    }
+    if t > max_positions {
+        return Err(DecoderError::Input(format!(
+            "sequences of {t} tokens exceed max_position_embeddings {max_positions}"
+        )));
+    }
+    Ok(())
+}
+
+/// The input table of a multimodal pass: the token embeddings `tokens`
+/// [n, hidden], then each image's features in order (cast to the tokens'
+/// dtype), then one zero row for padding. Sequences are gathered from it by
+/// row index, so an image's features are placed without copying per
+/// sequence. Returns the table, each image's first row, and the zero row.
+pub fn input_table(
+    tokens: Tensor,
+    features: &[Tensor],
+) -> candle_core::Result<(Tensor, Vec<usize>, u32)> {
+    let (n, hidden) = tokens.dims2()?;
+    let (dtype, device) = (tokens.dtype(), tokens.device().clone());
+    let mut parts = Vec::with_capacity(features.len() + 2);
+    parts.push(tokens);
+    let mut starts = Vec::with_capacity(features.len());
+    let mut offset = n;
+    for f in features {
+        starts.push(offset);
+        offset += f.dim(0)?;
+        parts.push(f.to_dtype(dtype)?);
+    }
+    parts.push(Tensor::zeros((1, hidden), dtype, &device)?);
+    Ok((Tensor::cat(&parts, 0)?, starts, offset as u32))
+}
+
+/// Runs sequences through a decoder in groups of similar length, longest
+/// first: each group is padded with `zero_row` to its longest and holds at
+/// most `group_tokens` padded tokens (a longer sequence goes alone), which
+/// bounds one pass's activations while keeping padding low. `rows[i]`: the
+/// table rows of sequence `i`; `run(group, x)` gets the group's sequence
+/// indices and their inputs [g, t, hidden] and returns [g, hidden]. The
+/// results come back in sequence order, in f32; a sequence's result does
+/// not depend on its group (it attends only to its own rows).
+pub fn run_grouped(
+    table: &Tensor,
+    rows: &[Vec<u32>],
+    zero_row: u32,
+    group_tokens: usize,
+    mut run: impl FnMut(&[usize], &Tensor) -> Result<Tensor, DecoderError>,
+) -> Result<Vec<Vec<f32>>, DecoderError> {
+    let hidden = table.dim(1)?;
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
+    let mut g = 0;
+    while g < order.len() {
+        let t = rows[order[g]].len();
+        let mut end = g + 1;
+        while end < order.len() && (end - g + 1) * t <= group_tokens {
+            end += 1;
+        }
+        let group = &order[g..end];
+        let mut index = Vec::with_capacity(group.len() * t);
+        for &i in group {
+            index.extend_from_slice(&rows[i]);
+            index.extend(std::iter::repeat_n(zero_row, t - rows[i].len()));
+        }
+        let idx = Tensor::from_vec(index, group.len() * t, table.device())?;
+        let x = table
+            .index_select(&idx, 0)?
+            .reshape((group.len(), t, hidden))?;
+        let h = run(group, &x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (&i, v) in group.iter().zip(h) {
+            out[i] = v;
+        }
+        g = end;
+    }
+    Ok(out)
 }
