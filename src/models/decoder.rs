@@ -16,6 +16,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{linear_b, linear_no_bias, Linear, VarBuilder};
 
 use crate::models::error::ModelError;
+use crate::models::mask::{self, MASKED};
 
 /// Scores held at once by one block of query rows, in f32 elements (256 MiB).
 pub const SCORE_BUDGET: usize = 1 << 26;
@@ -255,6 +256,42 @@ pub fn check_lengths(lens: &[usize], t: usize, max_positions: usize) -> Result<(
         )));
     }
     Ok(())
+}
+
+/// The additive mask (f32) of right-padded sequences of `lens` real tokens
+/// in rows of `t`: [b, 1, 1, t, t] for every query row, or [b, 1, 1, 1, t]
+/// for each sequence's last real token when `last_only`. A query sees the
+/// keys at or before it, not padding, and (with `window`) fewer than
+/// `window` positions back. Made on `device` from positions and lengths with
+/// comparison kernels: `b` integers are uploaded, never a `t x t` buffer.
+pub fn causal_mask(
+    lens: &[usize],
+    t: usize,
+    last_only: bool,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let b = lens.len();
+    let keys = mask::positions(t, device)?.reshape((1, 1, t))?;
+    let upload = |v: Vec<u32>| Tensor::from_vec(v, (b, 1, 1), device);
+    let lens_t = upload(lens.iter().map(|&l| l as u32).collect())?;
+    // Query positions: every row, or each sequence's last real token.
+    let queries = if last_only {
+        upload(lens.iter().map(|&l| l.saturating_sub(1) as u32).collect())?
+    } else {
+        mask::positions(t, device)?.reshape((1, t, 1))?
+    };
+    // Causal (key <= query) and not padding (key < len).
+    let mut keep = keys
+        .broadcast_le(&queries)?
+        .broadcast_mul(&keys.broadcast_lt(&lens_t)?)?;
+    if let Some(w) = window.filter(|&w| w < t) {
+        // Within the window: query - key < w, i.e. key + w > query.
+        let shifted = Tensor::arange(w as u32, (w + t) as u32, device)?.reshape((1, 1, t))?;
+        keep = keep.broadcast_mul(&shifted.broadcast_gt(&queries)?)?;
+    }
+    let tq = if last_only { 1 } else { t };
+    mask::additive(&keep, MASKED)?.reshape((b, 1, 1, tq, t))
 }
 
 /// The input table of a multimodal pass: the token embeddings `tokens`

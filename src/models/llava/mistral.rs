@@ -33,10 +33,10 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::models::decoder::{
-    check_lengths, gather_rows, DecoderError, Layer, LayerShape, RmsNorm, Rope,
+    causal_mask, check_lengths, gather_rows, DecoderError, Layer, LayerShape, RmsNorm, Rope,
 };
 use crate::models::error::ConfigError;
-use crate::models::mask::{self, ShapeCache, MASKED};
+use crate::models::mask::ShapeCache;
 
 fn d_vocab() -> usize {
     32000
@@ -288,28 +288,7 @@ impl MistralModel {
     /// [`attends`]) and kept by shape.
     fn mask(&self, lens: &[usize], t: usize, last_only: bool) -> candle_core::Result<Tensor> {
         self.masks.get_or_make((lens.to_vec(), t, last_only), || {
-            let dev = &self.device;
-            let b = lens.len();
-            let keys = mask::positions(t, dev)?.reshape((1, 1, t))?;
-            let upload = |v: Vec<u32>| Tensor::from_vec(v, (b, 1, 1), dev);
-            let lens_t = upload(lens.iter().map(|&l| l as u32).collect())?;
-            // Query positions: every row, or each sequence's last real token.
-            let queries = if last_only {
-                upload(lens.iter().map(|&l| l.saturating_sub(1) as u32).collect())?
-            } else {
-                mask::positions(t, dev)?.reshape((1, t, 1))?
-            };
-            // Causal (key <= query) and not padding (key < len).
-            let mut keep = keys
-                .broadcast_le(&queries)?
-                .broadcast_mul(&keys.broadcast_lt(&lens_t)?)?;
-            if let Some(w) = self.cfg.sliding_window.filter(|&w| w < t) {
-                // Within the window: query - key < w, i.e. key + w > query.
-                let shifted = Tensor::arange(w as u32, (w + t) as u32, dev)?.reshape((1, 1, t))?;
-                keep = keep.broadcast_mul(&shifted.broadcast_gt(&queries)?)?;
-            }
-            let tq = if last_only { 1 } else { t };
-            mask::additive(&keep, MASKED)?.reshape((b, 1, 1, tq, t))
+            causal_mask(lens, t, last_only, self.cfg.sliding_window, &self.device)
         })
     }
 

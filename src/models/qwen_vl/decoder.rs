@@ -15,6 +15,9 @@
 //! M-RoPE positions ignore padding there too). Masks are additive with a
 //! large finite negative ([`crate::models::mask`]) and softmax runs in
 //! `f32`, so fully masked padding rows never turn into NaN in f16/bf16.
+//! Both are made on the replica's device: the masks from the sequence
+//! lengths (kept by shape, [`ShapeCache`]), the M-RoPE tables from the
+//! positions (3 integers a token are uploaded, not the tables).
 //! Attention is computed a block of query rows at a time (at most
 //! [`SCORE_BUDGET`] `f32` scores). Speed: plain candle, like `mistral.rs`;
 //! the `models::ops` kernels are not used yet.
@@ -25,10 +28,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
 use super::config::QwenTextConfig;
-use crate::models::mask::MASKED;
 
-use crate::models::decoder::{check_lengths, DecoderError, Layer, Rope};
+use crate::models::decoder::{causal_mask, check_lengths, DecoderError, Layer, Rope};
 pub use crate::models::decoder::{RmsNorm, SCORE_BUDGET};
+use crate::models::mask::ShapeCache;
 
 /// The decoder stack without `lm_head`.
 pub struct QwenDecoder {
@@ -36,13 +39,18 @@ pub struct QwenDecoder {
     layers: Vec<Layer>,
     norm: RmsNorm,
     cfg: QwenTextConfig,
-    /// Rotary inverse frequencies, head_dim / 2 of them.
-    inv_freq: Vec<f32>,
-    /// The axis (0 temporal, 1 height, 2 width) of each frequency.
-    axis: Vec<usize>,
+    /// Rotary inverse frequencies by axis, [3, head_dim / 2] f32 on the
+    /// device: row `a` holds frequency `j`'s `inv_freq` where `mrope_section`
+    /// gives it axis `a` (0 temporal, 1 height, 2 width), else 0.
+    freq_by_axis: Tensor,
+    /// Additive masks by (sequence lengths, padded length, last row only).
+    masks: ShapeCache<(Vec<usize>, usize, bool)>,
     device: Device,
     dtype: DType,
 }
+
+/// Bytes of masks a decoder keeps: one 4096-token sequence's full mask.
+const MASK_CACHE_BYTES: usize = 64 << 20;
 
 impl QwenDecoder {
     /// `vb` points at the language model (`model` or `model.language_model`).
@@ -52,28 +60,26 @@ impl QwenDecoder {
             .collect::<candle_core::Result<_>>()?;
         let d = c.head_dim();
         let base = c.rope_theta as f32;
-        let inv_freq = (0..d / 2)
-            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / d as f32))
-            .collect();
         let [s0, s1, _] = c.mrope_section;
-        let axis = (0..d / 2)
-            .map(|j| {
-                if j < s0 {
-                    0
-                } else if j < s0 + s1 {
-                    1
-                } else {
-                    2
-                }
-            })
-            .collect();
+        let mut by_axis = vec![0f32; 3 * (d / 2)];
+        for j in 0..d / 2 {
+            let axis = if j < s0 {
+                0
+            } else if j < s0 + s1 {
+                1
+            } else {
+                2
+            };
+            by_axis[axis * (d / 2) + j] = 1.0f32 / base.powf((2 * j) as f32 / d as f32);
+        }
+        let freq_by_axis = Tensor::from_vec(by_axis, (3, d / 2), vb.device())?;
         Ok(QwenDecoder {
             embed_tokens: embedding(c.vocab_size, c.hidden_size, vb.pp("embed_tokens"))?,
             layers,
             norm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb.pp("norm"))?,
             cfg: c.clone(),
-            inv_freq,
-            axis,
+            freq_by_axis,
+            masks: ShapeCache::new(MASK_CACHE_BYTES),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -88,17 +94,47 @@ impl QwenDecoder {
         self.embed_tokens.forward(ids)
     }
 
-    /// M-RoPE angles' cos and sin for one sequence's positions, appended
-    /// to `cos`/`sin` (head_dim / 2 per position); `pad` rows of zeros'
-    /// angles follow for the padding.
-    fn tables(&self, positions: &[[u32; 3]], pad: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
-        for p in positions.iter().chain(std::iter::repeat_n(&[0u32; 3], pad)) {
-            for (f, &a) in self.inv_freq.iter().zip(&self.axis) {
-                let angle = p[a] as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+    /// M-RoPE `cos`/`sin` [b, t, head_dim / 2] (the model's dtype) of
+    /// right-padded sequences with these (temporal, height, width)
+    /// positions (padding at position 0), and the same at each sequence's
+    /// last real token, [b, 1, head_dim / 2]. Made on the device: only the
+    /// positions are uploaded (3 integers a token). Each angle is
+    /// `position[axis(j)] * inv_freq[j]` in f32, as transformers computes
+    /// it: a sum of one product and two exact zeros, elementwise (no matrix
+    /// product, which TF32 could round).
+    fn rope(&self, positions: &[&[[u32; 3]]], t: usize) -> candle_core::Result<Rope> {
+        let b = positions.len();
+        let mut flat = Vec::with_capacity(b * t * 3);
+        for p in positions {
+            for q in p.iter().chain(std::iter::repeat_n(&[0u32; 3], t - p.len())) {
+                flat.extend(q.iter().map(|&x| x as f32));
             }
         }
+        let pos = Tensor::from_vec(flat, (b * t, 3), &self.device)?;
+        let term = |a: usize| -> candle_core::Result<Tensor> {
+            pos.narrow(1, a, 1)?
+                .broadcast_mul(&self.freq_by_axis.narrow(0, a, 1)?)
+        };
+        let half = self.freq_by_axis.dim(1)?;
+        let angles = ((term(0)? + term(1)?)? + term(2)?)?.reshape((b, t, half))?;
+        let last: Vec<u32> = positions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i * t + p.len() - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, b, &self.device)?;
+        let at_last = |x: &Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b * t, half))?
+                .index_select(&last, 0)?
+                .reshape((b, 1, half))
+        };
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        Ok(Rope {
+            last_cos: at_last(&cos)?.to_dtype(self.dtype)?,
+            last_sin: at_last(&sin)?.to_dtype(self.dtype)?,
+            cos: cos.to_dtype(self.dtype)?,
+            sin: sin.to_dtype(self.dtype)?,
+        })
     }
 
     /// The final-norm hidden state of each sequence's last real token,
@@ -122,45 +158,18 @@ impl QwenDecoder {
         }
         let lens: Vec<usize> = positions.iter().map(|p| p.len()).collect();
         check_lengths(&lens, t, self.cfg.max_position_embeddings)?;
-        let half = self.cfg.head_dim() / 2;
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(b * t * half),
-            Vec::with_capacity(b * t * half),
-        );
-        let (mut lcos, mut lsin) = (Vec::with_capacity(b * half), Vec::with_capacity(b * half));
-        for p in positions {
-            self.tables(p, t - p.len(), &mut cos, &mut sin);
-            self.tables(&p[p.len() - 1..], 0, &mut lcos, &mut lsin);
-        }
-        let dev = &self.device;
-        let to = |v: Vec<f32>, n: usize| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(v, (b, n, half), dev)?.to_dtype(self.dtype)
-        };
-        let rope = Rope {
-            cos: to(cos, t)?,
-            sin: to(sin, t)?,
-            last_cos: to(lcos, 1)?,
-            last_sin: to(lsin, 1)?,
-        };
+        let rope = self.rope(positions, t)?;
         let mask_for = |last_only: bool| -> candle_core::Result<Tensor> {
-            let tq = if last_only { 1 } else { t };
-            let mut m = vec![MASKED; b * tq * t];
-            for (s, &len) in lens.iter().enumerate() {
-                for qi in 0..tq {
-                    let i = if last_only { len - 1 } else { qi };
-                    let hi = (i + 1).min(len);
-                    let row = (s * tq + qi) * t;
-                    m[row..row + hi].fill(0.0);
-                }
-            }
-            Tensor::from_vec(m, (b, 1, 1, tq, t), dev)
+            self.masks.get_or_make((lens.clone(), t, last_only), || {
+                causal_mask(&lens, t, last_only, None, &self.device)
+            })
         };
         let idx: Vec<u32> = lens
             .iter()
             .enumerate()
             .map(|(i, &l)| (i * t + l - 1) as u32)
             .collect();
-        let idx = Tensor::from_vec(idx, b, dev)?;
+        let idx = Tensor::from_vec(idx, b, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         let Some((last, rest)) = self.layers.split_last() else {
             return Err(DecoderError::Input("the decoder has no layers".into()));
@@ -219,6 +228,73 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    /// The device-made M-RoPE tables equal transformers' computation on the
+    /// host (f32 `position[axis(j)] * inv_freq[j]`, then cos/sin) bit for
+    /// bit, padding rows at position 0, the last-token rows included; the
+    /// device-made masks equal the host's causal-and-padding mask.
+    #[test]
+    fn device_tables_and_masks_equal_the_host_computation() {
+        let d = tiny();
+        let (dim, theta) = (d.cfg.head_dim(), d.cfg.rope_theta as f32);
+        let [s0, s1, _] = d.cfg.mrope_section;
+        let pa: Vec<[u32; 3]> = (0..5).map(|i| [i, 40 + i, 3 * i + 1]).collect();
+        let pb: Vec<[u32; 3]> = (0..3).map(|i| [i + 9, i, 63]).collect();
+        let t = 5;
+        let rope = d.rope(&[&pa, &pb], t).unwrap();
+        let host = |p: &[u32; 3]| -> (Vec<f32>, Vec<f32>) {
+            (0..dim / 2)
+                .map(|j| {
+                    let axis = if j < s0 {
+                        0
+                    } else if j < s0 + s1 {
+                        1
+                    } else {
+                        2
+                    };
+                    let inv = 1.0f32 / theta.powf((2 * j) as f32 / dim as f32);
+                    let a = p[axis] as f32 * inv;
+                    (a.cos(), a.sin())
+                })
+                .unzip()
+        };
+        let cos: Vec<Vec<Vec<f32>>> = rope.cos.to_vec3().unwrap();
+        let sin: Vec<Vec<Vec<f32>>> = rope.sin.to_vec3().unwrap();
+        for (s, p) in [&pa, &pb].iter().enumerate() {
+            for r in 0..t {
+                let (c, n) = host(p.get(r).unwrap_or(&[0; 3]));
+                assert_eq!(cos[s][r], c, "cos, sequence {s} row {r}");
+                assert_eq!(sin[s][r], n, "sin, sequence {s} row {r}");
+            }
+            let (c, n) = host(&p[p.len() - 1]);
+            let lc: Vec<Vec<Vec<f32>>> = rope.last_cos.to_vec3().unwrap();
+            let ls: Vec<Vec<Vec<f32>>> = rope.last_sin.to_vec3().unwrap();
+            assert_eq!((&lc[s][0], &ls[s][0]), (&c, &n), "last token of {s}");
+        }
+        let lens = [5usize, 3];
+        for last_only in [false, true] {
+            let m: Vec<f32> = causal_mask(&lens, t, last_only, None, &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let tq = if last_only { 1 } else { t };
+            for (s, &len) in lens.iter().enumerate() {
+                for qi in 0..tq {
+                    let i = if last_only { len - 1 } else { qi };
+                    for k in 0..t {
+                        let want = if k <= i && k < len {
+                            0.0
+                        } else {
+                            crate::models::mask::MASKED
+                        };
+                        assert_eq!(m[(s * tq + qi) * t + k], want, "{s} {qi} {k}");
+                    }
+                }
+            }
+        }
     }
 
     /// Right padding with per-sequence positions: a sequence's result does

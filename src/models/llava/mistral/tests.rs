@@ -6,6 +6,7 @@ use super::*;
 use candle_nn::VarMap;
 
 use crate::models::decoder::SCORE_BUDGET;
+use crate::models::mask::MASKED;
 
 #[test]
 fn config_defaults_follow_transformers() {
