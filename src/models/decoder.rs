@@ -212,6 +212,21 @@ impl Layer {
     }
 }
 
+/// The flat row of each sequence's last real token in a [b, t] batch:
+/// `i * t + lens[i] - 1`, on `device` (for [`gather_rows`]).
+pub fn last_index(
+    lens: &[usize],
+    t: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i * t + l.saturating_sub(1)) as u32)
+        .collect();
+    Tensor::from_vec(idx, lens.len(), device)
+}
+
 /// Picks row `idx[i]` of sequence `i`: [b, t, c] -> [b, 1, c].
 pub fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t, c) = x.dims3()?;

@@ -75,7 +75,7 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassLimits {
     /// Padded decoder tokens per decoder pass when sequences of a batch are
-    /// grouped (BGE-VL-MLLM); a longer sequence runs alone.
+    /// grouped (BGE-VL-MLLM, Qwen2-VL); a longer sequence runs alone.
     pub decoder_group_tokens: usize,
     /// Image tiles sent through a vision tower at once (BGE-VL-MLLM's
     /// any-resolution tiles).
@@ -103,6 +103,15 @@ impl PassLimits {
         match class {
             super::DeviceClass::Cpu => PassLimits::CPU,
             super::DeviceClass::Gpu => PassLimits::GPU,
+        }
+    }
+
+    /// These limits with every size at least 1 (a model loaded from the
+    /// library, not through the config's validation, may be given 0).
+    pub fn at_least_one(self) -> PassLimits {
+        PassLimits {
+            decoder_group_tokens: self.decoder_group_tokens.max(1),
+            vision_tile_chunk: self.vision_tile_chunk.max(1),
         }
     }
 }

@@ -33,7 +33,8 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::models::decoder::{
-    causal_mask, check_lengths, gather_rows, DecoderError, Layer, LayerShape, RmsNorm, Rope,
+    causal_mask, check_lengths, gather_rows, last_index, DecoderError, Layer, LayerShape, RmsNorm,
+    Rope,
 };
 use crate::models::error::ConfigError;
 use crate::models::mask::ShapeCache;
@@ -395,16 +396,6 @@ impl MistralModel {
         let x = last.forward(&x, Some(&idx), &rope, &mask)?;
         Ok(self.norm.forward(&x)?.reshape((b, self.cfg.hidden_size))?)
     }
-}
-
-/// Flat row indices `i * t + lens[i] - 1`.
-fn last_index(lens: &[usize], t: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let idx: Vec<u32> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i * t + l.saturating_sub(1)) as u32)
-        .collect();
-    Tensor::from_vec(idx, lens.len(), dev)
 }
 
 #[cfg(test)]

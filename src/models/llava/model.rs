@@ -62,10 +62,7 @@ impl LlavaModel {
             image_newline: vb.get(th, "image_newline")?,
             decoder: MistralModel::new(&cfg.text_config, vb.pp("language_model.model"))?,
             cfg: cfg.clone(),
-            pass: PassLimits {
-                decoder_group_tokens: pass.decoder_group_tokens.max(1),
-                vision_tile_chunk: pass.vision_tile_chunk.max(1),
-            },
+            pass: pass.at_least_one(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })

@@ -29,7 +29,7 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 
 use super::config::QwenTextConfig;
 
-use crate::models::decoder::{causal_mask, check_lengths, DecoderError, Layer, Rope};
+use crate::models::decoder::{causal_mask, check_lengths, last_index, DecoderError, Layer, Rope};
 pub use crate::models::decoder::{RmsNorm, SCORE_BUDGET};
 use crate::models::mask::ShapeCache;
 
@@ -98,11 +98,17 @@ impl QwenDecoder {
     /// right-padded sequences with these (temporal, height, width)
     /// positions (padding at position 0), and the same at each sequence's
     /// last real token, [b, 1, head_dim / 2]. Made on the device: only the
-    /// positions are uploaded (3 integers a token). Each angle is
+    /// positions are uploaded (3 integers a token); `last` is
+    /// [`last_index`] of the batch. Each angle is
     /// `position[axis(j)] * inv_freq[j]` in f32, as transformers computes
     /// it: a sum of one product and two exact zeros, elementwise (no matrix
     /// product, which TF32 could round).
-    fn rope(&self, positions: &[&[[u32; 3]]], t: usize) -> candle_core::Result<Rope> {
+    fn rope(
+        &self,
+        positions: &[&[[u32; 3]]],
+        t: usize,
+        last: &Tensor,
+    ) -> candle_core::Result<Rope> {
         let b = positions.len();
         let mut flat = Vec::with_capacity(b * t * 3);
         for p in positions {
@@ -117,15 +123,9 @@ impl QwenDecoder {
         };
         let half = self.freq_by_axis.dim(1)?;
         let angles = ((term(0)? + term(1)?)? + term(2)?)?.reshape((b, t, half))?;
-        let last: Vec<u32> = positions
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i * t + p.len() - 1) as u32)
-            .collect();
-        let last = Tensor::from_vec(last, b, &self.device)?;
         let at_last = |x: &Tensor| -> candle_core::Result<Tensor> {
             x.reshape((b * t, half))?
-                .index_select(&last, 0)?
+                .index_select(last, 0)?
                 .reshape((b, 1, half))
         };
         let (cos, sin) = (angles.cos()?, angles.sin()?);
@@ -158,18 +158,13 @@ impl QwenDecoder {
         }
         let lens: Vec<usize> = positions.iter().map(|p| p.len()).collect();
         check_lengths(&lens, t, self.cfg.max_position_embeddings)?;
-        let rope = self.rope(positions, t)?;
+        let idx = last_index(&lens, t, &self.device)?;
+        let rope = self.rope(positions, t, &idx)?;
         let mask_for = |last_only: bool| -> candle_core::Result<Tensor> {
             self.masks.get_or_make((lens.clone(), t, last_only), || {
                 causal_mask(&lens, t, last_only, None, &self.device)
             })
         };
-        let idx: Vec<u32> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i * t + l - 1) as u32)
-            .collect();
-        let idx = Tensor::from_vec(idx, b, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         let Some((last, rest)) = self.layers.split_last() else {
             return Err(DecoderError::Input("the decoder has no layers".into()));
@@ -242,7 +237,8 @@ mod tests {
         let pa: Vec<[u32; 3]> = (0..5).map(|i| [i, 40 + i, 3 * i + 1]).collect();
         let pb: Vec<[u32; 3]> = (0..3).map(|i| [i + 9, i, 63]).collect();
         let t = 5;
-        let rope = d.rope(&[&pa, &pb], t).unwrap();
+        let last = last_index(&[pa.len(), pb.len()], t, &Device::Cpu).unwrap();
+        let rope = d.rope(&[&pa, &pb], t, &last).unwrap();
         let host = |p: &[u32; 3]| -> (Vec<f32>, Vec<f32>) {
             (0..dim / 2)
                 .map(|j| {

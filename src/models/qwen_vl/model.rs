@@ -89,10 +89,7 @@ impl QwenVlModel {
             vision: QwenVisionTower::new(cfg.generation, &cfg.vision, vision_vb).map_err(build)?,
             decoder: QwenDecoder::new(&cfg.text, text_vb).map_err(build)?,
             cfg: cfg.clone(),
-            pass: PassLimits {
-                decoder_group_tokens: pass.decoder_group_tokens.max(1),
-                ..pass
-            },
+            pass: pass.at_least_one(),
             device: vb.device().clone(),
         })
     }
